@@ -1,0 +1,119 @@
+"""Tiny models and trainers shared by the tests: small enough that fp16 on CPU stays fast."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+DEVICE = "cpu"
+
+
+def loader(samples: int = 12, batch_size: int = 4, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 4, generator=gen)
+    y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(samples, 1, generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class TinyRegressor(L.LightningModule):
+    """A two-layer MLP that records what autocast looked like in each kind of step.
+
+    Args:
+        poison_steps: global steps whose loss is multiplied by ``poison`` (NaN by default), which makes
+            every gradient of that step non-finite.
+        optimizer: "sgd", "adam", "fused_adam" or "lbfgs".
+        scheduler: "step" adds a StepLR(step_size=1, gamma=0.5) stepped every optimizer step.
+    """
+
+    def __init__(self, lr=0.1, poison_steps=(), poison=float("nan"), optimizer="sgd", scheduler=None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+        self.lr, self.poison_steps, self.poison = lr, set(poison_steps), poison
+        self.optimizer_name, self.scheduler_name = optimizer, scheduler
+        self.seen: dict[str, tuple[bool, torch.dtype]] = {}
+
+    def _record(self, kind: str, out: torch.Tensor) -> None:
+        self.seen[kind] = (torch.is_autocast_enabled(DEVICE), out.dtype)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out = self(x)
+        self._record("train", out)
+        loss = F.mse_loss(out.float(), y)
+        if self.global_step in self.poison_steps:
+            loss = loss * self.poison
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._record("validate", self(batch[0]))
+
+    def test_step(self, batch, batch_idx):
+        self._record("test", self(batch[0]))
+
+    def predict_step(self, batch, batch_idx):
+        out = self(batch[0])
+        self._record("predict", out)
+        return out
+
+    def configure_optimizers(self):
+        params = self.parameters()
+        optimizer = {
+            "sgd": lambda: torch.optim.SGD(params, lr=self.lr, momentum=0.9),
+            "adam": lambda: torch.optim.Adam(params, lr=self.lr),
+            "fused_adam": lambda: torch.optim.Adam(params, lr=self.lr, fused=True),
+            "lbfgs": lambda: torch.optim.LBFGS(params, lr=self.lr),
+        }[self.optimizer_name]()
+        if self.scheduler_name == "step":
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer
+
+
+class ManualRegressor(TinyRegressor):
+    """The same model trained with manual optimization."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        loss = super().training_step(batch, batch_idx)
+        self.manual_backward(loss)
+        opt.step()
+        return loss.detach()
+
+
+def trainer(plugins=None, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(plugins=plugins, **defaults)
+
+
+def fit(plugin=None, model=None, model_cls=TinyRegressor, seed=0, data=None, **trainer_kwargs):
+    """Seeded fit of a fresh ``model_cls()`` (or of ``model``, seeded by the caller); returns (model, trainer)."""
+    torch.manual_seed(seed)
+    model = model if model is not None else model_cls()
+    t = trainer(plugins=[plugin] if plugin is not None else None, **trainer_kwargs)
+    t.fit(model, data if data is not None else loader())
+    return model, t
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
