@@ -38,10 +38,10 @@ A scale that is refused growth stays put, so the periodic failed probe of GradSc
 ``probe_after`` refused growth checks ``P`` is relaxed by one factor so a stale ``P`` can not pin the scale
 low forever (one probe every ``probe_after + 1`` growth intervals instead of every interval). When the
 recent amax rises so that ``S * a`` comes within ``shrink_headroom_bits`` of ``P``, the scale is lowered
-*before* the overflow happens. A growth that overflows while still on probation (fewer than
-``amax_history`` clean steps at the new scale) is reverted to the scale that worked, in one step, and ``P``
-is bisected: the next growth aims at the geometric mean of the good and the failed scale, so the
-threshold is found in a logarithmic number of probes instead of one skipped step per halving.
+*before* the overflow happens. Each growth covers half the remaining distance to the bound (``P`` starts
+as a loose guess), and a growth that overflows while still on probation (fewer than ``amax_history``
+clean steps at the new scale) is reverted to the scale that worked, in one step, instead of being halved
+one skipped step at a time.
 
 Hysteresis counting rule
 ------------------------
@@ -119,7 +119,9 @@ class ScalerConfig:
     growth_interval: int = 2000  # lower = faster recovery after a back-off, more probing overflows
     policy: Literal["dynamic", "predictive"] = "predictive"
     hysteresis: int = 2  # overflows within hysteresis_window needed to back off; 1 = back off on every one
-    hysteresis_window: int | None = None  # optimizer steps; None = growth_interval
+    # Optimizer steps; None = growth_interval, so overflows that recur within one growth interval (even
+    # regular spikes) back off, while rarer ones cost their one skipped step each and no back-off.
+    hysteresis_window: int | None = None
     min_scale: float | None = 1.0  # None = smallest normal float32 (never 0 or subnormal)
     max_scale: float | None = 2.0**24  # None = unbounded (growth still never reaches inf)
     amax_history: int = 16  # clean steps of gradient amax the predictive policy remembers
@@ -254,17 +256,12 @@ class ScalePolicy:
         at_floor = self.scale <= config.floor
         before_growth = self._scale_before_growth
         a_ref = max(self._amax) if self._amax else None
+        if self.predictive and a_ref is not None:
+            # The product that overflowed is at least S * (largest recent amax); remember the lowest one.
+            self.overflow_product = min(self.overflow_product, self.scale * a_ref)
         if self.predictive and not proven and before_growth is not None:
-            # Undo the growth in one step, and bisect: the overflow threshold lies between the scale that
-            # worked and the one that failed, so aim the next growth at their geometric mean.
-            if a_ref is not None:
-                middle = math.sqrt(before_growth * self.scale)
-                self.overflow_product = min(self.overflow_product, middle * a_ref * 2.0**config.headroom_bits)
-            new_scale, action = before_growth, "reverted"
+            new_scale, action = before_growth, "reverted"  # undo the failed growth in one step
         else:
-            if self.predictive and a_ref is not None:
-                # The product that overflowed is at least S * (largest recent amax); remember the lowest one.
-                self.overflow_product = min(self.overflow_product, self.scale * a_ref)
             new_scale, action = _f32(self.scale * config.backoff_factor), "backed_off"
         self._refused_growths = 0
         self._set(max(new_scale, config.floor))
@@ -323,7 +320,10 @@ class ScalePolicy:
         factor = config.growth_factor
         if self.predictive and self._amax and max(self._amax) > 0:
             room = self.overflow_product / (self.scale * max(self._amax) * 2.0**config.headroom_bits)
-            steps = math.floor(math.log(room, config.growth_factor)) if room > 0 else 0
+            allowed = math.floor(math.log(room, config.growth_factor)) if room > 0 else 0
+            # Cover half the distance to the bound per growth: P starts as a loose bound (the format max),
+            # so a long jump is a guess; halving finds the real ceiling with at most one failed probe.
+            steps = max(1, allowed // 2) if allowed >= 1 else 0
             if steps < 1:
                 self._refused_growths += 1
                 if self._refused_growths >= config.probe_after:

@@ -230,3 +230,9 @@ def test_fused_optimizer_without_clipping_skips_overflow_steps():
 def test_precision_and_plugin_together_are_refused_by_lightning():
     with pytest.raises(ValueError, match="precision"):
         L.Trainer(accelerator="cpu", precision="16-mixed", plugins=[AdaptiveMP()])
+
+
+def test_adaptive_scaler_drops_into_lightnings_own_mixed_precision():
+    ours, _ = fit(MixedPrecision("16-mixed", "cpu", scaler=AdaptiveLossScaler("cpu", **GRADSCALER, **SCALER_SETTINGS)))
+    ref, _ = fit(lightning_fp16())
+    assert same_weights(ours, ref)
