@@ -38,8 +38,9 @@ A scale that is refused growth stays put, so the periodic failed probe of GradSc
 ``probe_after`` refused growth checks ``P`` is relaxed by one factor so a stale ``P`` can not pin the scale
 low forever (one probe every ``probe_after + 1`` growth intervals instead of every interval). When the
 recent amax rises so that ``S * a`` comes within ``shrink_headroom_bits`` of ``P``, the scale is lowered
-*before* the overflow happens. Each growth covers half the remaining distance to the bound (``P`` starts
-as a loose guess), and a growth that overflows while still on probation (fewer than ``amax_history``
+*before* the overflow happens. While ``P`` is still the format's limit (a loose guess) each growth covers
+half the remaining distance to it; once an overflow has measured ``P`` growth goes straight to the
+largest scale it allows. A growth that overflows while still on probation (fewer than ``amax_history``
 clean steps at the new scale) is reverted to the scale that worked, in one step, instead of being halved
 one skipped step at a time.
 
@@ -321,9 +322,10 @@ class ScalePolicy:
         if self.predictive and self._amax and max(self._amax) > 0:
             room = self.overflow_product / (self.scale * max(self._amax) * 2.0**config.headroom_bits)
             allowed = math.floor(math.log(room, config.growth_factor)) if room > 0 else 0
-            # Cover half the distance to the bound per growth: P starts as a loose bound (the format max),
-            # so a long jump is a guess; halving finds the real ceiling with at most one failed probe.
-            steps = max(1, allowed // 2) if allowed >= 1 else 0
+            # Until an overflow has measured P it is only the format's limit, a loose guess: cover half the
+            # distance per growth (one failed probe at most). A measured P is trusted all the way.
+            measured = self.overflow_product < config.format_max
+            steps = allowed if measured or allowed < 2 else allowed // 2
             if steps < 1:
                 self._refused_growths += 1
                 if self._refused_growths >= config.probe_after:
