@@ -221,19 +221,25 @@ class ScalePolicy:
             raise ValueError(f"new_scale={scale!r} is invalid: the loss scale must be a finite number > 0.")
         self._set(_f32(self.config.clamp(float(scale))))
 
-    def update(self, found_inf: bool, amax: float | None = None) -> str:
+    def update(self, found_inf: bool, amax: float | None = None, scale_related: bool = True) -> str:
         """Advance one optimizer step and return what was done.
 
         Args:
             found_inf: whether any gradient of this step was inf or NaN (the step was skipped).
             amax: largest absolute *unscaled* gradient of the step; ``None`` when not measured.
+            scale_related: ``False`` when the non-finite value did not come from scaling (a bad batch, a
+                forward overflow, a NaN loss): lowering the scale cannot fix it, so the scale and the
+                growth tracker are left alone.
 
         Returns:
             One of ``"held"``, ``"grew"``, ``"growth_refused"``, ``"shrank_ahead"``, ``"tolerated"``
             (overflow absorbed by hysteresis), ``"backed_off"``, ``"reverted"`` (a failed growth undone) and
-            ``"floor"`` (the floor action is due).
+            ``"floor"`` (the floor action is due), ``"excused"`` (not scale related).
         """
         self.steps += 1
+        if found_inf and not scale_related:
+            self.overflows += 1
+            return "excused"
         if found_inf:
             return self._on_overflow()
         return self._on_clean(amax)
@@ -446,6 +452,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         self.track_amax = config.policy == "predictive"
         self.last_amax: float | None = None  # unscaled gradient amax of the last step, when tracked
         self.last_action: str | None = None
+        self._excused = False
 
     # ----------------------------------------------------------------------------------------- public
     @property
@@ -551,6 +558,14 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
             return None
         return optimizer.step(*args, **kwargs)
 
+    def excuse_overflow(self) -> None:
+        """Mark this iteration's overflow as not caused by the scale (call between ``step`` and ``update``).
+
+        The step is still skipped and counted, but the scale is not lowered: a forward overflow or a NaN
+        batch would otherwise drag the scale down for nothing.
+        """
+        self._excused = True
+
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
         """Update the scale from this iteration's overflow flags (and amax); see GradScaler.update.
 
@@ -585,7 +600,8 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
                 if amax_value is not None:
                     amaxes.append(amax_value)
             self.last_amax = max(amaxes) if amaxes and not found_any else None
-            action = self._policy.update(found_any, self.last_amax)
+            action = self._policy.update(found_any, self.last_amax, scale_related=not self._excused)
+        self._excused = False
         # fill_ with a Python number is an asynchronous host-to-device write: no sync.
         self._scale.fill_(self._policy.scale)
         self._growth_tracker.fill_(self._policy.growth_tracker)

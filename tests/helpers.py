@@ -117,3 +117,76 @@ def fit(plugin=None, model=None, model_cls=TinyRegressor, seed=0, data=None, **t
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+
+
+class NaiveLogSumExp(nn.Module):
+    """log(sum(exp(k * x))): finite in fp32, but exp overflows fp16 once k * x > 11 (a classic fp16 bug)."""
+
+    def __init__(self, k: float = 8.0):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return torch.log(torch.exp(self.k * x).sum(dim=-1, keepdim=True))
+
+
+class _Explode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+class ExplodingBackward(nn.Module):
+    """Identity times a learnable gain in the forward; multiplies its gradient by ``factor`` in the backward."""
+
+    def __init__(self, factor: float = 1e4):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(()))
+        self.factor = factor
+
+    def forward(self, x):
+        return _Explode.apply(x * self.gain, self.factor)
+
+
+class TroubleNet(TinyRegressor):
+    """inp -> middle -> head, where ``middle`` is the module under test."""
+
+    def __init__(self, middle: nn.Module, width: int = 8, **kwargs):
+        super().__init__(**kwargs)
+        head_in = 1 if isinstance(middle, NaiveLogSumExp) else width
+        self.net = nn.Sequential()
+        self.inp = nn.Linear(4, width)
+        self.middle = middle
+        self.head = nn.Linear(head_in, 1)
+
+    def forward(self, x):
+        return self.head(self.middle(self.inp(x)))
+
+
+class LSTMRegressor(TinyRegressor):
+    """An LSTM over a length-5 sequence: its CPU fp16 kernel does not exist (oneDNN raises)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.net = nn.Sequential()
+        self.lstm = nn.LSTM(4, 8, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        out, _ = self.lstm(x.unsqueeze(1).expand(-1, 5, -1))
+        return self.head(out[:, -1])
+
+
+def loader_with(x: torch.Tensor, y: torch.Tensor, batch_size: int = 4) -> DataLoader:
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def scaled_loader(scale: float, samples: int = 12) -> DataLoader:
+    """The default data with inputs multiplied by ``scale`` (large inputs trigger forward overflows)."""
+    x, y = loader(samples).dataset.tensors
+    return loader_with(x * scale, y)

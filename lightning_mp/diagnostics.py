@@ -1,0 +1,309 @@
+"""Overflow diagnostics: where did a non-finite value start?
+
+The cost model
+--------------
+Checking every module's output on every step makes a step 1.65x slower (measured on this project's CPU;
+each check is a reduction, and on a GPU reading it is a host sync). Overflows that matter recur, and a
+promotion needs repeated blame anyway, so attribution here is *lazy*:
+
+* always on, per step: one inf-norm over the floating tensors of the batch and one over the loss, kept on
+  the device (no sync). They are read only after the step is already known to be bad.
+* on a bad step: those two flags give the phase. ``input``: the batch was already non-finite. Loss
+  non-finite with a finite batch: the forward pass (or the loss) made it; if the forward probe was armed
+  this step it names the first module, in execution order, whose output became non-finite while its
+  inputs were finite (``forward``), or finds all module outputs finite (``loss``); if not, the event has
+  ``module=None`` and the probe is armed for the next steps. Loss finite but gradients not: ``backward``,
+  and the module is the one nearest the loss whose own parameter gradients are non-finite (read once, on
+  the bad step only).
+
+Memory is O(number of modules): the probe keeps one flag per module call of the current step, the
+execution order is a list of names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+__all__ = [
+    "ExecutionOrder",
+    "ForwardProbe",
+    "OverflowEvent",
+    "is_kernel_error",
+    "module_from_traceback",
+    "nearest_nonfinite_grad",
+    "nonfinite_code",
+]
+
+Phase = Literal["input", "forward", "loss", "backward"]
+FINITE, INF, NAN = 0, 1, 2
+KINDS = {INF: "inf", NAN: "nan"}
+
+
+@dataclass(frozen=True)
+class OverflowEvent:
+    """One non-finite event, attributed to where it started.
+
+    ``module`` is the fully qualified name of the module (``encoder.layers.3.attn``), or ``None`` when the
+    phase has no module (``input``, ``loss``) or the forward pass was not localized yet.
+    """
+
+    step: int
+    phase: Phase
+    module: str | None
+    kind: Literal["inf", "nan"]
+    dtype: str
+    scale: float | None
+    action: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _floating(values: Any) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(values) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def nonfinite_code(values: Any) -> torch.Tensor:
+    """0-d float tensor on the tensors' device: 0 all finite, 1 some inf (no NaN), 2 some NaN.
+
+    One inf-norm per tensor (it propagates NaN and inf), no host synchronisation. Non-tensors are ignored;
+    with no floating tensor at all the code is 0 on the CPU.
+    """
+    tensors = _floating(values)
+    if not tensors:
+        return torch.zeros(())
+    norms = torch.stack([torch.linalg.vector_norm(t.detach(), float("inf")).float() for t in tensors])
+    amax = norms.max()
+    return torch.where(torch.isnan(amax), 2.0, torch.where(torch.isinf(amax), 1.0, 0.0))
+
+
+def _dtype_name(values: Any) -> str:
+    tensors = _floating(values)
+    return str(tensors[0].dtype).removeprefix("torch.") if tensors else "unknown"
+
+
+class ExecutionOrder:
+    """Records, once, the order in which modules first run (forward pre-hooks, removed after one step)."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self._handles: list[Any] = []
+
+    def record(self, model: nn.Module) -> None:
+        self.stop()
+        seen: set[str] = set()
+
+        def hook(fqn: str):
+            def pre_hook(module, args):
+                if fqn not in seen:
+                    seen.add(fqn)
+                    self.names.append(fqn)
+
+            return pre_hook
+
+        self.names = []
+        self._handles = [m.register_forward_pre_hook(hook(fqn)) for fqn, m in model.named_modules() if fqn]
+
+    @property
+    def recording(self) -> bool:
+        return bool(self._handles)
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+class ForwardProbe:
+    """Forward hooks that flag, per module call, "output non-finite while inputs finite". Armed on demand."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+        self._records: list[tuple[str, torch.Tensor, torch.Tensor, str]] = []
+        self.armed_steps_left = 0
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    def arm(self, model: nn.Module, steps: int) -> None:
+        self.armed_steps_left = steps
+        if self.armed:
+            return
+
+        def hook(fqn: str):
+            def forward_hook(module, args, kwargs, output):
+                self._records.append((fqn, nonfinite_code((args, kwargs)), nonfinite_code(output), _dtype_name(output)))
+
+            return forward_hook
+
+        self._handles = [
+            m.register_forward_hook(hook(fqn), with_kwargs=True) for fqn, m in model.named_modules() if fqn
+        ]
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._records = []
+        self.armed_steps_left = 0
+
+    def first_offender(self) -> tuple[str, str, str] | None:
+        """(fqn, kind, dtype) of the first module call whose output went non-finite from finite inputs."""
+        if not self._records:
+            return None
+        codes = torch.stack([torch.stack([i.cpu(), o.cpu()]) for _, i, o, _ in self._records]).tolist()
+        for (fqn, _, _, dtype), (code_in, code_out) in zip(self._records, codes):
+            if code_out and not code_in:
+                return fqn, KINDS[int(code_out)], dtype
+        return None
+
+    def end_step(self) -> None:
+        """Forget this step's records; count down and disarm when the armed period is over."""
+        self._records = []
+        if self.armed:
+            self.armed_steps_left -= 1
+            if self.armed_steps_left <= 0:
+                self.disarm()
+
+
+def nearest_nonfinite_grad(model: nn.Module, order: Iterable[str]) -> tuple[str, str, str] | None:
+    """(fqn, kind, dtype) of the module nearest the loss whose own parameter gradients are not finite.
+
+    ``order`` is the forward execution order; the backward visits it in reverse. Modules missing from it
+    (never run, or the order was not recorded) are checked after, in registration order.
+    """
+    modules = dict(model.named_modules())
+    names = list(order)
+    names = list(reversed(names)) + [n for n in modules if n and n not in set(names)]
+    candidates = []
+    for fqn in names:
+        grads = [p.grad for p in modules[fqn].parameters(recurse=False) if p.grad is not None]
+        if grads:
+            candidates.append((fqn, grads))
+    if not candidates:
+        return None
+    codes = torch.stack([nonfinite_code(grads).cpu() for _, grads in candidates]).tolist()
+    for (fqn, grads), code in zip(candidates, codes):
+        if code:
+            return fqn, KINDS[int(code)], _dtype_name(grads)
+    return None
+
+
+_KERNEL_ERRORS = re.compile(
+    r"could not create a primitive|not implemented for '(Half|BFloat16)'|CUBLAS_STATUS_NOT_SUPPORTED"
+    r"|no kernel image is available|does not support (Half|BFloat16|float16|bfloat16)"
+)
+
+
+def is_kernel_error(error: BaseException) -> bool:
+    """Whether an exception looks like a low-precision kernel that does not exist or failed to build."""
+    return isinstance(error, (RuntimeError, NotImplementedError)) and bool(_KERNEL_ERRORS.search(str(error)))
+
+
+def module_from_traceback(error: BaseException, model: nn.Module) -> str | None:
+    """The innermost submodule of ``model`` whose ``forward`` was running when ``error`` was raised."""
+    names = {id(m): fqn for fqn, m in model.named_modules() if fqn}
+    found = None
+    tb = error.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if owner is not None and id(owner) in names:
+            found = names[id(owner)]
+        tb = tb.tb_next
+    return found
+
+
+@dataclass(frozen=True)
+class Finding:
+    """Where a bad step's non-finite value started (before we know what the plugin did about it)."""
+
+    phase: Phase
+    module: str | None
+    kind: Literal["inf", "nan"]
+    dtype: str
+
+
+def _all_reduce(values: list[float], op: str) -> list[float]:
+    """Combine host numbers across ranks (no-op without an initialised process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    backend = torch.distributed.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor, op=getattr(torch.distributed.ReduceOp, op))
+    return tensor.tolist()
+
+
+class OverflowTracker:
+    """The attribution state machine of one training run: cheap flags, the armed probe, the order.
+
+    Args:
+        watch_steps: how many optimizer steps the forward probe stays armed after an unlocalized event.
+    """
+
+    def __init__(self, watch_steps: int = 20) -> None:
+        self.watch_steps = watch_steps
+        self.order = ExecutionOrder()
+        self.probe = ForwardProbe()
+        self._input_code: torch.Tensor | None = None
+        self._loss_code: torch.Tensor | None = None
+
+    # Per step, always on: device-side flags, never read unless the step turns out bad.
+    def observe_input(self, batch: Any) -> None:
+        code = nonfinite_code(batch)
+        self._input_code = (
+            code if self._input_code is None else torch.maximum(self._input_code, code.to(self._input_code.device))
+        )
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        code = nonfinite_code(loss)
+        self._loss_code = (
+            code if self._loss_code is None else torch.maximum(self._loss_code, code.to(self._loss_code.device))
+        )
+
+    def start_micro_step(self) -> None:
+        self.probe._records = []
+
+    def end_step(self) -> None:
+        self._input_code = self._loss_code = None
+        self.order.stop()  # the first step has recorded the execution order
+        self.probe.end_step()
+
+    def attribute(self, model: nn.Module) -> Finding:
+        """Classify a bad step. Call only after the step is known to be bad; collective under DDP."""
+        flags = [float(c.item()) if c is not None else 0.0 for c in (self._input_code, self._loss_code)]
+        input_code, loss_code = (int(v) for v in _all_reduce(flags, "MAX"))
+        if input_code:
+            return Finding("input", None, KINDS[input_code], "input")
+        if loss_code:
+            return self._attribute_forward(model, loss_code)
+        found = nearest_nonfinite_grad(model, self.order.names)
+        if found is None:
+            return Finding("backward", None, "nan", "unknown")
+        return Finding("backward", found[0], found[1], found[2])
+
+    def _attribute_forward(self, model: nn.Module, loss_code: int) -> Finding:
+        if not self.probe.armed:
+            self.probe.arm(model, self.watch_steps)
+            return Finding("forward", None, KINDS[loss_code], "unknown")
+        names = [fqn for fqn, _ in model.named_modules()]
+        offender = self.probe.first_offender()
+        # Combine across ranks: the lowest module index any rank blamed, with that rank's kind.
+        index = float(names.index(offender[0])) if offender else float(len(names))
+        (index,) = _all_reduce([index], "MIN")
+        kind_code = (
+            float({"inf": INF, "nan": NAN}[offender[1]]) if offender and names.index(offender[0]) == index else 0.0
+        )
+        (kind_code,) = _all_reduce([kind_code], "MAX")
+        if int(index) >= len(names):
+            return Finding("loss", None, KINDS[loss_code], "loss")
+        dtype = offender[2] if offender else "unknown"
+        return Finding("forward", names[int(index)], KINDS[int(kind_code)] if kind_code else "nan", dtype)

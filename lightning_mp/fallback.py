@@ -1,0 +1,276 @@
+"""Layer-wise FP32 fallback: choose modules, run them as fp32 islands inside autocast, promote at run time.
+
+An *fp32 island* is a module whose forward runs with autocast disabled and its floating inputs cast to fp32.
+Its parameters are fp32 already (autocast keeps master weights in fp32), so everything recorded for autograd
+inside it is fp32: the backward runs in fp32 too, and its outputs are fp32. The rest of the model keeps its
+low-precision kernels.
+
+Which modules? A *filter* ``(module, fqn) -> bool`` decides, in the torchao float8 shape. ``fp32_filter``
+builds one from what users naturally write: module classes, fqn glob patterns, or a filter. ``by_type`` and
+``by_name`` are the two helpers underneath.
+
+Why islands are applied in place: Lightning's DDP strategy discards the return value of
+``Precision.convert_module``, so the plugin changes the model it is given (``module.forward`` becomes an
+instance attribute) and ``remove_fp32`` undoes it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DEFAULT_FP32_MODULES",
+    "ModuleFilter",
+    "Promotion",
+    "PromotionPolicy",
+    "apply_fp32",
+    "by_name",
+    "by_type",
+    "fp32_filter",
+    "is_fp32_island",
+    "remove_fp32",
+]
+
+ModuleFilter = Callable[[nn.Module, str], bool]
+
+# What runs in fp32 by default, per precision. CUDA autocast already upcasts layer_norm, group_norm, softmax
+# and log_softmax to fp32; CPU autocast does not, and in fp16 a LayerNorm's variance overflows as soon as
+# |x| > 256 (x**2 > 65504). bf16 has fp32's exponent range, so nothing is forced by default there. Each
+# island costs two casts and fp32 math for that module only; models without these modules are untouched
+# (bitwise equal to Lightning's MixedPrecision).
+DEFAULT_FP32_MODULES: dict[str, tuple[type[nn.Module], ...]] = {
+    "16-mixed": (
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.InstanceNorm1d,
+        nn.InstanceNorm2d,
+        nn.InstanceNorm3d,
+        nn.Softmax,
+        nn.LogSoftmax,
+    ),
+    "bf16-mixed": (),
+    "32-true": (),
+}
+
+
+def by_type(*types: type[nn.Module]) -> ModuleFilter:
+    """A filter selecting modules that are instances of any of ``types``."""
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, nn.Module)):
+            raise ValueError(f"by_type({t!r}) is invalid: expected nn.Module subclasses.")
+    return lambda module, fqn: isinstance(module, types)
+
+
+def by_name(*patterns: str) -> ModuleFilter:
+    """A filter selecting modules whose fully qualified name matches any glob pattern (``encoder.*.attn``)."""
+    for p in patterns:
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"by_name({p!r}) is invalid: expected non-empty fqn glob patterns.")
+    return lambda module, fqn: any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
+
+
+def fp32_filter(spec: Any) -> ModuleFilter:
+    """Build one filter from what a user wrote: a class, a glob pattern, a filter, or a sequence of those.
+
+    Raises:
+        ValueError: an entry is none of the accepted kinds (names the entry and what is allowed).
+    """
+    items = list(spec) if isinstance(spec, (list, tuple, set, frozenset)) else [spec]
+    filters: list[ModuleFilter] = []
+    for item in items:
+        if isinstance(item, type) and issubclass(item, nn.Module):
+            filters.append(by_type(item))
+        elif isinstance(item, str):
+            filters.append(by_name(item))
+        elif callable(item):
+            filters.append(item)
+        else:
+            raise ValueError(
+                f"fp32_modules entry {item!r} is invalid: expected an nn.Module class, an fqn glob pattern"
+                " string, or a (module, fqn) -> bool filter."
+            )
+    return lambda module, fqn: any(f(module, fqn) for f in filters)
+
+
+def pattern_misses(spec: Any, model: nn.Module) -> list[str]:
+    """Glob patterns in ``spec`` that match no module of ``model`` (usually a typo)."""
+    items = list(spec) if isinstance(spec, (list, tuple, set, frozenset)) else [spec]
+    names = [fqn for fqn, _ in model.named_modules() if fqn]
+    return [p for p in items if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
+def _to_fp32(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() and value.dtype != torch.float64 else value
+    if isinstance(value, (list, tuple)):
+        converted = [_to_fp32(v) for v in value]
+        return type(value)(converted) if not hasattr(value, "_fields") else type(value)(*converted)
+    if isinstance(value, dict):
+        return {k: _to_fp32(v) for k, v in value.items()}
+    return value
+
+
+class _Fp32Forward:
+    """Replacement ``forward``: autocast off, floating inputs cast to fp32, then the original forward."""
+
+    def __init__(self, original: Callable[..., Any], device_type: str) -> None:
+        self.original = original
+        self.device_type = device_type
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(self.device_type, enabled=False):
+            return self.original(*_to_fp32(args), **_to_fp32(kwargs))
+
+
+def is_fp32_island(module: nn.Module) -> bool:
+    return isinstance(module.__dict__.get("forward"), _Fp32Forward)
+
+
+def apply_fp32(model: nn.Module, selected: ModuleFilter | Iterable[str], device_type: str) -> list[str]:
+    """Turn the selected submodules of ``model`` into fp32 islands, in place.
+
+    Args:
+        model: the root module; fqns are relative to it. The root itself is never selected.
+        selected: a filter, or an iterable of exact fqns.
+        device_type: the autocast device type to disable inside the islands.
+
+    Returns:
+        The fqns that became islands by this call, in module order.
+    """
+    if not callable(selected):
+        wanted = set(selected)
+        selected = lambda module, fqn: fqn in wanted  # noqa: E731
+    converted = []
+    for fqn, module in model.named_modules():
+        if fqn and not is_fp32_island(module) and selected(module, fqn):
+            module.forward = _Fp32Forward(module.forward, device_type)
+            converted.append(fqn)
+    return converted
+
+
+def remove_fp32(model: nn.Module, fqns: Iterable[str] | None = None) -> list[str]:
+    """Undo ``apply_fp32`` for ``fqns`` (all islands when ``None``); returns what was removed."""
+    wanted = None if fqns is None else set(fqns)
+    removed = []
+    for fqn, module in model.named_modules():
+        if is_fp32_island(module) and (wanted is None or fqn in wanted):
+            del module.forward
+            removed.append(fqn)
+    return removed
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """One module running in fp32 and why."""
+
+    module: str
+    reason: str  # "static", "default", "overflow", "kernel error", "escalation"
+    step: int | None = None
+    detail: str = ""
+
+
+class PromotionPolicy:
+    """Decides when blame turns into promotion: ``promote_after`` blames within ``window`` optimizer steps.
+
+    Pure bookkeeping over fqns and step numbers, so every rank that feeds it the same combined evidence
+    reaches the same decision.
+    """
+
+    def __init__(self, promote_after: int = 2, window: int = 100) -> None:
+        if not isinstance(promote_after, int) or isinstance(promote_after, bool) or promote_after < 1:
+            raise ValueError(f"promote_after={promote_after!r} is invalid: must be an integer >= 1.")
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"promote_window={window!r} is invalid: must be an integer >= 1.")
+        self.promote_after = promote_after
+        self.window = window
+        self._blames: dict[str, deque[int]] = {}
+
+    def blame(self, fqn: str, step: int) -> bool:
+        """Record one blame; True when the module should be promoted now."""
+        history = self._blames.setdefault(fqn, deque())
+        history.append(step)
+        while history and history[0] <= step - self.window:
+            history.popleft()
+        if len(history) >= self.promote_after:
+            del self._blames[fqn]
+            return True
+        return False
+
+    def blame_counts(self) -> dict[str, int]:
+        return {fqn: len(steps) for fqn, steps in self._blames.items()}
+
+
+def enclosing(fqn: str, names: Sequence[str]) -> str | None:
+    """The nearest proper ancestor of ``fqn`` among ``names`` (the enclosing block), if any."""
+    parts = fqn.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        parent = ".".join(parts[:cut])
+        if parent in names:
+            return parent
+    return None
+
+
+class FallbackManager:
+    """Which modules run in fp32 and why: static selection, per-precision defaults, run-time promotions.
+
+    Args:
+        fp32_modules: classes, fqn glob patterns or filters (see ``fp32_filter``) that always run in fp32.
+        defaults: also run ``DEFAULT_FP32_MODULES[precision]`` in fp32.
+        promote_after: blames within ``promote_window`` optimizer steps that promote a module.
+        promote_window: see ``promote_after``.
+    """
+
+    def __init__(
+        self, fp32_modules: Any = (), defaults: bool = True, promote_after: int = 2, promote_window: int = 100
+    ):
+        self.spec = fp32_modules
+        self.filter = fp32_filter(fp32_modules) if fp32_modules else None
+        self.defaults = defaults
+        self.policy = PromotionPolicy(promote_after, promote_window)
+        self.promotions: dict[str, Promotion] = {}
+
+    def setup(self, model: nn.Module, precision: str, device_type: str) -> None:
+        """Apply the static selection and the defaults. Raises if a glob pattern matches nothing."""
+        if self.spec:
+            misses = pattern_misses(self.spec, model)
+            if misses:
+                names = [fqn for fqn, _ in model.named_modules() if fqn]
+                shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+                raise ValueError(
+                    f"AdaptiveMP(fp32_modules=...) pattern(s) {misses} match no module of"
+                    f" {type(model).__name__}; its modules are: {shown}."
+                )
+            for fqn in apply_fp32(model, self.filter, device_type):
+                self.promotions[fqn] = Promotion(fqn, "static")
+        default_types = DEFAULT_FP32_MODULES.get(precision, ()) if self.defaults else ()
+        if default_types:
+            for fqn in apply_fp32(model, by_type(*default_types), device_type):
+                self.promotions[fqn] = Promotion(fqn, "default")
+
+    def promote(
+        self, model: nn.Module, fqn: str, reason: str, device_type: str, step: int | None = None, detail: str = ""
+    ) -> bool:
+        """Make ``fqn`` an fp32 island now; False if it already was one."""
+        if fqn in self.promotions or not apply_fp32(model, [fqn], device_type):
+            return False
+        self.promotions[fqn] = Promotion(fqn, reason, step, detail)
+        return True
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [vars(p).copy() for p in self.promotions.values() if p.reason not in ("static", "default")]
+
+    def load_state_dict(self, model: nn.Module, promotions: list[dict[str, Any]], device_type: str) -> None:
+        """Re-apply run-time promotions from a checkpoint, so a resumed run does not repeat their overflows."""
+        names = {fqn for fqn, _ in model.named_modules()}
+        for entry in promotions:
+            if entry["module"] in names:
+                self.promote(
+                    model, entry["module"], entry["reason"], device_type, entry.get("step"), entry.get("detail", "")
+                )

@@ -1,0 +1,55 @@
+"""Two-process DDP run on CPU (gloo) where only rank 1's data overflows fp16; each rank writes what it decided.
+
+Run by tests/integration/test_ddp.py as ``python -m tests.integration.ddp_worker OUT_DIR``; Lightning
+re-launches the same command for rank 1.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lightning_mp import AdaptiveLossScaler, AdaptiveMP
+from tests.helpers import NaiveLogSumExp, TroubleNet, loader, loader_with
+
+
+class RankData(L.LightningDataModule):
+    """Rank 0 gets small inputs, rank 1 inputs large enough for exp() to overflow fp16 in the forward pass."""
+
+    def train_dataloader(self):
+        x, y = loader(samples=16).dataset.tensors
+        factor = 1.5 if self.trainer.global_rank == 1 else 0.2
+        return loader_with(x * factor, y, batch_size=2)
+
+
+def main(out: Path) -> None:
+    torch.manual_seed(0)
+    model = TroubleNet(NaiveLogSumExp(), lr=1e-4)
+    plugin = AdaptiveMP("16-mixed", scaler=AdaptiveLossScaler("cpu", init_scale=16.0))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        plugins=[plugin],
+        use_distributed_sampler=False,  # each rank keeps its own data
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=RankData())
+    result = {
+        "fp32_modules": plugin.fp32_modules,
+        "skipped_steps": plugin.skipped_steps,
+        "scale": plugin.scaler.get_scale(),
+        "events": [(e.step, e.phase, e.module) for e in plugin.overflow_events],
+        "weights": [v for p in model.parameters() for v in p.detach().flatten().tolist()],
+    }
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

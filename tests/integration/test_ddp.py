@@ -1,0 +1,32 @@
+"""AdaptiveMP under Lightning's DDP on CPU: decisions are identical on every rank."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_overflow_on_one_rank_gives_identical_promotions_and_weights(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.integration.ddp_worker", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["fp32_modules"] == rank1["fp32_modules"] == ["middle"]
+    assert rank0["events"] == rank1["events"]
+    assert [phase for _, phase, _ in rank0["events"]] == ["forward"] * 3
+    assert rank0["skipped_steps"] == rank1["skipped_steps"] == 3
+    assert rank0["scale"] == rank1["scale"] == 16.0
+    assert rank0["weights"] == rank1["weights"]

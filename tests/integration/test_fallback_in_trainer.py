@@ -1,0 +1,190 @@
+"""Attribution and fp32 fallback inside a real Trainer (CPU fp16 and bf16)."""
+
+import lightning as L
+import pytest
+import torch
+
+from lightning_mp import AdaptiveLossScaler, AdaptiveMP
+from lightning_mp.fallback import is_fp32_island
+from tests.helpers import (
+    ExplodingBackward,
+    LSTMRegressor,
+    NaiveLogSumExp,
+    TinyRegressor,
+    TroubleNet,
+    fit,
+    loader,
+    loader_with,
+    same_weights,
+    scaled_loader,
+    trainer,
+)
+
+
+def fp16(init_scale=256.0, **kwargs):
+    # 256 keeps the tiny models' backward clean, so every overflow below is the one under test.
+    return AdaptiveMP("16-mixed", scaler=AdaptiveLossScaler("cpu", init_scale=init_scale), **kwargs)
+
+
+def lse_net():
+    return TroubleNet(NaiveLogSumExp(), lr=1e-4)
+
+
+def test_forward_overflow_is_named_promoted_and_training_continues():
+    plugin = fp16(init_scale=16.0)  # low enough that the backward never overflows here
+    model, _ = fit(plugin, model_cls=lse_net, data=scaled_loader(1.5), max_steps=9)
+    forward = [e for e in plugin.overflow_events if e.phase == "forward"]
+    assert forward[0].module is None, "the first one arms the probe"
+    assert [e.module for e in forward[1:]] == ["middle", "middle"]
+    assert forward[1].kind == "inf" and forward[1].dtype == "float16"
+    assert "promoted middle to fp32" in forward[-1].action
+    assert "middle" in plugin.fp32_modules and is_fp32_island(model.middle)
+    assert plugin.skipped_steps == 3, "after the promotion the remaining steps train"
+    assert plugin.scaler.get_scale() == 16.0, "a forward overflow must not drag the scale down"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_forward_overflow_module_is_finite_in_fp32():
+    # The premise of the test above: the same data and model train cleanly in fp32.
+    plugin = AdaptiveMP("32-true")
+    fit(plugin, model_cls=lse_net, data=scaled_loader(1.5), max_steps=9)
+    assert plugin.skipped_steps == 0
+
+
+def test_exploding_backward_is_named_as_backward_and_handled_by_the_scale():
+    plugin = fp16()
+    fit(plugin, model_cls=lambda: TroubleNet(ExplodingBackward(1e4)), max_steps=5)
+    backward = [e for e in plugin.overflow_events if e.phase == "backward"]
+    assert backward and {e.module for e in backward} == {"middle"}
+    assert all("scale backed off" in e.action for e in backward)
+    assert plugin.scaler.get_scale() < 256.0
+    assert "middle" not in plugin.fp32_modules, "the scale could still fix it: no promotion"
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"], ids=["fp16", "bf16"])
+def test_nan_in_a_batch_is_an_input_event_and_blames_no_layer(precision):
+    x, y = loader().dataset.tensors
+    x = x.clone()
+    x[4:8, 0] = float("nan")  # the second batch, every epoch
+    plugin = fp16() if precision == "16-mixed" else AdaptiveMP(precision)
+    fit(plugin, data=loader_with(x, y), max_steps=6)
+    assert [(e.step, e.phase, e.module, e.kind) for e in plugin.overflow_events] == [
+        (2, "input", None, "nan"),
+        (5, "input", None, "nan"),
+    ]
+    assert plugin.fp32_modules == []
+    if plugin.scaler is not None:
+        assert plugin.scaler.get_scale() == 256.0
+
+
+def test_nan_loss_is_a_loss_event_and_blames_no_layer():
+    plugin = fp16()
+    fit(plugin, model_cls=lambda: TinyRegressor(poison_steps={1, 2, 3}), max_steps=6)
+    phases = [(e.phase, e.module) for e in plugin.overflow_events]
+    assert phases == [("forward", None), ("loss", None), ("loss", None)], "first unlocalized, then localized"
+    assert plugin.fp32_modules == []
+    assert plugin.scaler.get_scale() == 256.0
+
+
+def test_lstm_trains_under_cpu_fp16_via_fallback(recwarn):
+    plugin = AdaptiveMP("16-mixed")
+    model, _ = fit(plugin, model_cls=LSTMRegressor, max_steps=4)
+    assert plugin.fp32_modules == ["lstm"]
+    assert plugin.promotions[0].reason == "kernel error"
+    assert "primitive descriptor" in plugin.promotions[0].detail
+    assert model.seen["train"] == (True, torch.float16), "the rest of the model stays in fp16"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any("lstm runs in fp32" in str(w.message) for w in recwarn)
+
+
+def test_lstm_kernel_error_is_raised_without_auto_fallback():
+    with pytest.raises(RuntimeError, match="primitive descriptor"):
+        fit(AdaptiveMP("16-mixed", auto_fallback=False), model_cls=LSTMRegressor, max_steps=1)
+
+
+def test_lstm_in_sanity_validation_is_promoted_and_the_batch_skipped():
+    plugin = AdaptiveMP("16-mixed")
+    torch.manual_seed(0)
+    t = trainer(plugins=[plugin], max_steps=2, num_sanity_val_steps=1, limit_val_batches=1)
+    model = LSTMRegressor()
+    t.fit(model, loader(), loader())
+    assert plugin.fp32_modules == ["lstm"]
+
+
+def test_static_fallback_runs_fp32_in_forward_and_backward():
+    seen = {}
+
+    def record(name):
+        def forward_hook(module, args, output):
+            seen[f"{name}.in"], seen[f"{name}.out"] = args[0].dtype, output.dtype
+
+        def backward_hook(module, grad_input, grad_output):
+            seen[f"{name}.grad"] = grad_output[0].dtype
+
+        return forward_hook, backward_hook
+
+    class Hooked(TinyRegressor):
+        def __init__(self):
+            super().__init__()
+            for name, idx in (("first", 0), ("last", 2)):
+                forward_hook, backward_hook = record(name)
+                self.net[idx].register_forward_hook(forward_hook)
+                self.net[idx].register_full_backward_hook(backward_hook)
+
+    plugin = fp16(fp32_modules=["net.0"])
+    fit(plugin, model_cls=Hooked, max_steps=2)
+    assert plugin.fp32_modules == ["net.0"] and plugin.promotions[0].reason == "static"
+    assert seen["first.out"] == seen["first.grad"] == torch.float32
+    assert seen["last.out"] == seen["last.grad"] == torch.float16
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"], ids=["fp16", "bf16"])
+def test_every_layer_in_fallback_equals_an_fp32_run_bitwise(precision):
+    plugin = AdaptiveMP(precision, fp32_modules=[lambda module, fqn: True])
+    ours, _ = fit(plugin, max_steps=6)
+    ref, _ = fit(None, max_steps=6)
+    assert plugin.fp32_modules == ["net", "net.0", "net.1", "net.2"]
+    assert same_weights(ours, ref)
+
+
+def test_fp16_defaults_put_layernorm_in_fp32_and_leave_other_models_alone():
+    class WithNorm(TinyRegressor):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 1))
+
+    plugin = fp16()
+    fit(plugin, model_cls=WithNorm, max_steps=1)
+    assert plugin.fp32_modules == ["net.1"] and plugin.promotions[0].reason == "default"
+    plugin = fp16(fp32_defaults=False)
+    fit(plugin, model_cls=WithNorm, max_steps=1)
+    assert plugin.fp32_modules == []
+    plugin = AdaptiveMP("bf16-mixed")
+    fit(plugin, model_cls=WithNorm, max_steps=1)
+    assert plugin.fp32_modules == []
+
+
+def test_resume_reapplies_promotions_before_the_first_step(tmp_path):
+    plugin = fp16()
+    _, t = fit(plugin, model_cls=lse_net, data=scaled_loader(1.5), max_steps=-1, max_epochs=2)
+    assert "middle" in plugin.fp32_modules
+    t.save_checkpoint(tmp_path / "promoted.ckpt")
+
+    seen = {}
+
+    class FirstStep(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.setdefault("islands", [n for n, m in module.named_modules() if is_fp32_island(m)])
+
+    resumed = fp16()
+    torch.manual_seed(0)
+    t2 = trainer(plugins=[resumed], max_steps=-1, max_epochs=4, callbacks=[FirstStep()])
+    t2.fit(lse_net(), scaled_loader(1.5), ckpt_path=tmp_path / "promoted.ckpt")
+    assert seen["islands"] == ["middle"]
+    assert resumed.fp32_modules == ["middle"] and resumed.promotions[0].reason == "overflow"
+    assert resumed.overflow_events == plugin.overflow_events, "no new overflow after the resume"
+
+
+def test_fp32_modules_pattern_that_matches_nothing_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"\['encoderr\.\*'\] match no module of TinyRegressor.*net\.0"):
+        fit(AdaptiveMP("bf16-mixed", fp32_modules=["encoderr.*"]), max_steps=1)
