@@ -20,6 +20,7 @@ step order, so weights match ``MixedPrecision`` bitwise.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import platform
 from collections import deque
 from collections.abc import Callable, Generator
@@ -178,6 +179,7 @@ class AdaptiveMP(Precision):
         self._guard_skipped = 0
         self._steps = 0  # optimizer steps attempted (skipped ones included)
         self._consecutive_skips = 0
+        self._floor_reached = False
         self._switch_to_bf16 = False  # requested by the escalation ladder, applied at the end of the step
         self._switched_to_bf16 = False
         self._last_step_skipped: dict[int, bool] = {}
@@ -234,7 +236,9 @@ class AdaptiveMP(Precision):
                     f" {device!r}; pass AdaptiveLossScaler(device={device!r}, ...)."
                 )
             if self.scaler.on_floor is None:
-                self.scaler.on_floor = lambda scaler: self._escalate("the loss scale is at its floor")
+                # Only note it here (we are inside scaler.update()); _after_step escalates once the event
+                # of this step is recorded, so the ladder sees what this step blamed.
+                self.scaler.on_floor = lambda scaler: setattr(self, "_floor_reached", True)
 
     @override
     def connect(
@@ -432,8 +436,14 @@ class AdaptiveMP(Precision):
         )
         self._events.append(event)
         self.overflow_counts[finding.phase] = self.overflow_counts.get(finding.phase, 0) + 1
-        if self._consecutive_skips >= self.max_consecutive_skips:
-            self._escalate(f"{self._consecutive_skips} optimizer steps in a row were skipped")
+        rung = None
+        if self._floor_reached:
+            self._floor_reached = False
+            rung = self._escalate("the loss scale is at its floor")
+        elif self._consecutive_skips >= self.max_consecutive_skips:
+            rung = self._escalate(f"{self._consecutive_skips} optimizer steps in a row were skipped")
+        if rung is not None:
+            self._events[-1] = dataclasses.replace(event, action=f"{event.action}; escalation: {rung}")
 
     def _should_blame(self, finding: Finding) -> bool:
         """Blame layers, never bad batches or bad losses; a backward overflow only when scaling cannot help."""
@@ -443,7 +453,7 @@ class AdaptiveMP(Precision):
             return self.scaler.get_scale() <= self.scaler.config.floor
         return True
 
-    def _escalate(self, why: str) -> None:
+    def _escalate(self, why: str) -> str:
         """The escalation ladder, one rung per call: promote the blamed module or its enclosing block, then
         switch fp16 to bf16 where the device runs bf16 natively, then stop with a diagnosis."""
         self._consecutive_skips = 0
@@ -457,11 +467,11 @@ class AdaptiveMP(Precision):
                 self._model, target, "escalation", self.device, self._steps, why
             ):
                 rank_zero_warn(f"AdaptiveMP escalation: {why}; {target} runs in fp32 from now on.")
-                return
+                return f"promoted {target} to fp32"
         if self.precision == "16-mixed" and resolve_auto_precision(self.device) == "bf16-mixed":
             self._switch_to_bf16 = True
             rank_zero_warn(f"AdaptiveMP escalation: {why}; switching from fp16 to bf16 (same range as fp32).")
-            return
+            return "switched fp16 to bf16"
         recent = ", ".join(f"step {e.step} {e.phase} {e.module or '-'} {e.kind}" for e in list(self._events)[-5:])
         raise LossScaleFloorError(
             f"AdaptiveMP gave up: {why}, and neither fp32 promotion nor a switch to bf16 helped. Recent events:"

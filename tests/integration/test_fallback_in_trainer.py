@@ -4,7 +4,7 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_mp import AdaptiveLossScaler, AdaptiveMP
+from lightning_mp import AdaptiveLossScaler, AdaptiveMP, LossScaleFloorError
 from lightning_mp.fallback import is_fp32_island
 from tests.helpers import (
     ExplodingBackward,
@@ -188,3 +188,24 @@ def test_resume_reapplies_promotions_before_the_first_step(tmp_path):
 def test_fp32_modules_pattern_that_matches_nothing_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\['encoderr\.\*'\] match no module of TinyRegressor.*net\.0"):
         fit(AdaptiveMP("bf16-mixed", fp32_modules=["encoderr.*"]), max_steps=1)
+
+
+def test_escalation_promotes_when_the_scale_sits_at_its_floor():
+    scaler = AdaptiveLossScaler("cpu", init_scale=4.0, min_scale=1.0, floor_patience=2)
+    plugin = AdaptiveMP("16-mixed", scaler=scaler)
+    model, _ = fit(plugin, model_cls=lambda: TroubleNet(ExplodingBackward(1e6), lr=1e-9), max_steps=12)
+    escalated = [p for p in plugin.promotions if p.reason == "escalation"]
+    assert escalated and "floor" in escalated[0].detail
+    assert any(f"escalation: promoted {escalated[0].module} to fp32" in e.action for e in plugin.overflow_events)
+    assert plugin.overflow_events[-1].step < 12, "after the escalation the run trains again"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_escalation_ladder_switches_fp16_to_bf16_then_stops_with_a_diagnosis(monkeypatch, recwarn):
+    monkeypatch.setattr("lightning_mp.plugin.cpu_has_native_bf16", lambda: True)
+    plugin = fp16(max_consecutive_skips=3)
+    with pytest.raises(LossScaleFloorError, match=r"gave up: 3 optimizer steps in a row were skipped.*loss"):
+        fit(plugin, model_cls=lambda: TinyRegressor(poison_steps=set(range(20))), max_steps=20)
+    assert plugin.precision == "bf16-mixed" and plugin.scaler is None
+    assert plugin.skipped_steps == 6, "the scaler's count survives the switch"
+    assert any("switching from fp16 to bf16" in str(w.message) for w in recwarn)
