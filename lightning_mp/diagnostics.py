@@ -6,8 +6,8 @@ Checking every module's output on every step makes a step 1.65x slower (measured
 each check is a reduction, and on a GPU reading it is a host sync). Overflows that matter recur, and a
 promotion needs repeated blame anyway, so attribution here is *lazy*:
 
-* always on, per step: one inf-norm over the floating tensors of the batch and one over the loss, kept on
-  the device (no sync). They are read only after the step is already known to be bad.
+* always on, per step: one inf-norm per floating tensor of the batch, kept on the device (no sync), and a
+  reference to the loss. Both are read only after the step is already known to be bad.
 * on a bad step: those two flags give the phase. ``input``: the batch was already non-finite. Loss
   non-finite with a finite batch: the forward pass (or the loss) made it; if the forward probe was armed
   this step it names the first module, in execution order, whose output became non-finite while its
@@ -22,6 +22,7 @@ execution order is a list of names.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -82,6 +83,10 @@ def nonfinite_code(values: Any) -> torch.Tensor:
     norms = torch.stack([torch.linalg.vector_norm(t.detach(), float("inf")).float() for t in tensors])
     amax = norms.max()
     return torch.where(torch.isnan(amax), 2.0, torch.where(torch.isinf(amax), 1.0, 0.0))
+
+
+def _code(value: float) -> int:
+    return NAN if math.isnan(value) else INF if math.isinf(value) else FINITE
 
 
 def _dtype_name(values: Any) -> str:
@@ -253,34 +258,35 @@ class OverflowTracker:
         self.watch_steps = watch_steps
         self.order = ExecutionOrder()
         self.probe = ForwardProbe()
-        self._input_code: torch.Tensor | None = None
-        self._loss_code: torch.Tensor | None = None
+        self._input_amax: torch.Tensor | None = None
+        self._losses: list[torch.Tensor] = []  # one per micro-batch since the last optimizer step
 
-    # Per step, always on: device-side flags, never read unless the step turns out bad.
+    # Per step, always on: one inf-norm per floating input tensor, kept on the device and never read unless
+    # the step turns out bad. The loss is kept as it is (a detached scalar): its code is derived when read.
     def observe_input(self, batch: Any) -> None:
-        code = nonfinite_code(batch)
-        self._input_code = (
-            code if self._input_code is None else torch.maximum(self._input_code, code.to(self._input_code.device))
-        )
+        for tensor in _floating(batch):
+            norm = torch.linalg.vector_norm(tensor.detach(), float("inf"))
+            self._input_amax = norm if self._input_amax is None else torch.maximum(self._input_amax, norm)
 
     def observe_loss(self, loss: torch.Tensor) -> None:
-        code = nonfinite_code(loss)
-        self._loss_code = (
-            code if self._loss_code is None else torch.maximum(self._loss_code, code.to(self._loss_code.device))
-        )
+        self._losses.append(loss.detach())
 
     def start_micro_step(self) -> None:
         self.probe._records = []
 
     def end_step(self) -> None:
-        self._input_code = self._loss_code = None
+        self._input_amax = None
+        self._losses = []
         self.order.stop()  # the first step has recorded the execution order
         self.probe.end_step()
 
     def attribute(self, model: nn.Module) -> Finding:
         """Classify a bad step. Call only after the step is known to be bad; collective under DDP."""
-        flags = [float(c.item()) if c is not None else 0.0 for c in (self._input_code, self._loss_code)]
-        input_code, loss_code = (int(v) for v in _all_reduce(flags, "MAX"))
+        codes = [
+            _code(self._input_amax.item()) if self._input_amax is not None else FINITE,
+            max((_code(loss.float().sum().item()) for loss in self._losses), default=FINITE),
+        ]
+        input_code, loss_code = (int(v) for v in _all_reduce([float(c) for c in codes], "MAX"))
         if input_code:
             return Finding("input", None, KINDS[input_code], "input")
         if loss_code:

@@ -126,8 +126,10 @@ class ScalerConfig:
     min_scale: float | None = 1.0  # None = smallest normal float32 (never 0 or subnormal)
     max_scale: float | None = 2.0**24  # None = unbounded (growth still never reaches inf)
     amax_history: int = 16  # clean steps of gradient amax the predictive policy remembers
-    headroom_bits: float = 1.0  # growth must leave S*amax this many bits below the overflow product
-    shrink_headroom_bits: float = 0.25  # shrink ahead when S*amax comes this close to the overflow product
+    # Growth must leave S*amax this many bits below the overflow product. Lower = the scale follows shrinking
+    # gradients sooner (less underflow), at the price of an occasional failed growth on a noisy amax.
+    headroom_bits: float = 0.25
+    shrink_headroom_bits: float = 0.0625  # shrink ahead when S*amax comes this close to the overflow product
     probe_after: int = 32  # refused growth checks before the learned overflow product is relaxed
     floor_patience: int = 8  # confirmed overflows at the floor before on_floor / LossScaleFloorError
     format_max: float = FP16_MAX  # largest finite value of the low-precision format

@@ -1,0 +1,186 @@
+"""Step time of AdaptiveMP against Lightning's MixedPrecision on the same model, interleaved in one process.
+
+Each round fits every variant for the same number of steps, in an order that rotates from round to
+round, and takes the median step time (steps after a warm-up, timed from on_train_batch_start to
+on_train_batch_end). The figure reported is the median over rounds of (variant / reference) measured in
+the same round; ``noise`` is the reference measured against a second copy of itself the same way, so a
+ratio inside 1 +- noise is not distinguishable from 1 on this machine.
+
+    python -m benchmarks.overhead            # bf16 CNN and Transformer, fp16 tiny MLP (a few minutes)
+    python -m benchmarks.overhead --quick    # CI-sized smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.plugins import MixedPrecision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_mp import AdaptiveLossScaler, AdaptiveMP
+
+
+class Timer(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self._start)
+
+
+class Task(L.LightningModule):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x).float(), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+def cnn() -> nn.Module:
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+    return nn.Sequential(
+        block(3, 32),
+        block(32, 32),
+        nn.MaxPool2d(2),
+        block(32, 64),
+        block(64, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
+
+
+class Transformer(nn.Module):
+    def __init__(self, vocab=1000, dim=128, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, tokens):
+        return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def data(kind: str, batches: int) -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    n = 32 * batches
+    if kind == "cnn":
+        x = torch.randn(n, 3, 32, 32, generator=gen)
+    elif kind == "transformer":
+        x = torch.randint(0, 1000, (n, 64), generator=gen)
+    else:
+        x = torch.randn(n, 64, generator=gen)
+    return DataLoader(TensorDataset(x, torch.randint(0, 10, (n,), generator=gen)), batch_size=32)
+
+
+def step_time(make_plugin, make_net, kind: str, steps: int, warmup: int) -> float:
+    torch.manual_seed(0)
+    timer = Timer()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        plugins=[make_plugin()],
+        max_steps=steps + warmup,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    trainer.fit(Task(make_net()), data(kind, steps + warmup))
+    return statistics.median(timer.times[warmup:])
+
+
+def compare(name, kind, make_net, variants, rounds, steps, warmup) -> list[dict]:
+    names = list(variants)
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate who runs first
+        times = {n: step_time(variants[n], make_net, kind, steps, warmup) for n in order}
+        for n in names:
+            per_round[n].append(times[n] / times[names[0]])
+    noise = max(abs(statistics.median(per_round[names[1]]) - 1), 1e-4)
+    rows = []
+    for n in names[1:]:
+        ratio = statistics.median(per_round[n])
+        rows.append({"model": name, "variant": n, "ratio": ratio, "noise": noise})
+        print(f"{name:18} {n:42} {ratio:7.3f}   (noise floor +-{noise:.3f})", flush=True)
+    return rows
+
+
+def armed_probe(precision, **kwargs):
+    """AdaptiveMP with its forward probe armed on every step: the cost attribution pays after a bad step."""
+
+    class Armed(AdaptiveMP):
+        def train_step_context(self):
+            if self._model is not None and not self.tracker.probe.armed:
+                self.tracker.probe.arm(self._model, steps=10**9)
+            return super().train_step_context()
+
+    return Armed(precision, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = least noise)")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.steps = 2, 5
+    torch.set_num_threads(args.threads)
+    warmup = 3
+    bf16 = {
+        "Lightning MixedPrecision bf16 (reference)": lambda: MixedPrecision("bf16-mixed", "cpu"),
+        "Lightning MixedPrecision bf16 (again)": lambda: MixedPrecision("bf16-mixed", "cpu"),
+        "AdaptiveMP bf16, default": lambda: AdaptiveMP("bf16-mixed"),
+        "AdaptiveMP bf16, guard off": lambda: AdaptiveMP("bf16-mixed", guard_nonfinite=False),
+        "AdaptiveMP bf16, probe armed (after a bad step)": lambda: armed_probe("bf16-mixed"),
+    }
+    fp16 = {
+        "Lightning MixedPrecision fp16 (reference)": lambda: MixedPrecision(
+            "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu")
+        ),
+        "Lightning MixedPrecision fp16 (again)": lambda: MixedPrecision(
+            "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu")
+        ),
+        "AdaptiveMP fp16, default (predictive)": lambda: AdaptiveMP("16-mixed"),
+        "AdaptiveMP fp16, classic scaler": lambda: AdaptiveMP(
+            "16-mixed", scaler=AdaptiveLossScaler("cpu", policy="dynamic", hysteresis=1, min_scale=None, max_scale=None)
+        ),
+    }
+    print(
+        f"median step-time ratio vs Lightning, {args.rounds} interleaved rounds x {args.steps} steps, "
+        f"{args.threads} thread(s)"
+    )
+    rows = []
+    rows += compare("CNN bf16", "cnn", cnn, bf16, args.rounds, args.steps, warmup)
+    rows += compare("Transformer bf16", "transformer", Transformer, bf16, args.rounds, args.steps, warmup)
+    rows += compare("MLP fp16", "mlp", mlp, fp16, args.rounds, args.steps, warmup)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
