@@ -41,7 +41,7 @@ from torch.nn import Module
 from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
 
-from lightning_mp._grads import amax, optimizer_grads
+from lightning_mp._grads import finite_sum, optimizer_grads
 from lightning_mp.diagnostics import (
     Finding,
     OverflowEvent,
@@ -402,8 +402,8 @@ class AdaptiveMP(Precision):
         grads = optimizer_grads(optimizer)
         if not grads:
             return False
-        # One reduction (inf-norm propagates inf and NaN), one flag read on the host.
-        return not bool(torch.isfinite(amax(grads, grads[0].device)))
+        # One streaming sum per gradient (inf and NaN propagate), one flag read on the host.
+        return not bool(torch.isfinite(finite_sum(grads, grads[0].device)))
 
     # -------------------------------------------------------------------------- attribution, fallback
     def _attribute(self) -> Finding | None:
