@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from lightning_mp._grads import finite_sum
+from lightning_mp._grads import amax, finite_sum
 
 __all__ = [
     "ExecutionOrder",
@@ -316,3 +316,150 @@ class OverflowTracker:
             return Finding("loss", None, KINDS[loss_code], "loss")
         dtype = offender[2] if offender else "unknown"
         return Finding("forward", names[int(index)], KINDS[int(kind_code)] if kind_code else "nan", dtype)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def headroom_bits(amax: float, dtype: torch.dtype) -> float:
+    """How many doublings ``amax`` can take before it overflows ``dtype``: ``log2(max(dtype) / amax)``.
+
+    Negative means it already overflows; ``inf`` for an all-zero tensor.
+    """
+    if amax != amax or amax == math.inf:  # NaN or inf: it already overflowed
+        return float("-inf")
+    if amax == 0:
+        return float("inf")
+    return math.log2(torch.finfo(dtype).max / amax)
+
+
+def underflow_fraction(values: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Fraction of elements that are non-zero in fp32 but zero or subnormal once scaled into ``dtype``.
+
+    A proxy for the gradient lost to underflow: it counts ``0 < |x * scale| < smallest normal of dtype``,
+    i.e. elements that the low-precision format can only hold with reduced precision, or not at all. The
+    result is a 0-d tensor (no host sync).
+    """
+    if values.numel() == 0:
+        return torch.zeros((), device=values.device)
+    magnitude = values.detach().abs().float() * scale
+    lost = (magnitude > 0) & (magnitude < torch.finfo(dtype).tiny)
+    return lost.float().mean()
+
+
+@dataclass
+class ModuleStat:
+    """Running per-module figures over the sampled steps (host floats)."""
+
+    activation_amax: float = 0.0
+    grad_amax: float = 0.0  # as the low-precision backward saw it, loss scale included
+    underflow_fraction: float = 0.0  # of the module's own parameter gradients, at the last sample
+    samples: int = 0
+
+    def summary(self, dtype: torch.dtype) -> dict[str, float]:
+        return {
+            "activation_amax": self.activation_amax,
+            "activation_headroom_bits": headroom_bits(self.activation_amax, dtype),
+            "grad_amax": self.grad_amax,
+            "grad_headroom_bits": headroom_bits(self.grad_amax, dtype),
+            "underflow_fraction": self.underflow_fraction,
+            "samples": self.samples,
+        }
+
+
+LEVELS = ("off", "cheap", "full")
+
+
+class ModuleStatistics:
+    """Per-module headroom and underflow, sampled on chosen steps. Memory O(number of modules).
+
+    Levels: ``"cheap"`` records each module's output amax (forward hooks) and, after backward, the amax and
+    underflow fraction of its own parameter gradients; ``"full"`` also records the amax of the gradient
+    flowing into each module's output (a tensor hook), which is what overflows first in an fp16 backward.
+    Hooks exist only during a sampled step; values stay on the device until ``collect`` reads them once.
+    """
+
+    def __init__(self, level: str = "cheap") -> None:
+        if level not in LEVELS:
+            raise ValueError(f"statistics level {level!r} is invalid: must be one of {LEVELS}.")
+        self.level = level
+        self.stats: dict[str, ModuleStat] = {}
+        self._handles: list[Any] = []
+        self._pending: dict[str, list[torch.Tensor]] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def start(self, model: nn.Module) -> None:
+        """Arm the hooks for one step."""
+        if self.level == "off" or self.active:
+            return
+        full = self.level == "full"
+
+        def hook(fqn: str):
+            def forward_hook(module, args, output):
+                tensors = _floating(output)
+                if not tensors:
+                    return
+                self._pending.setdefault(f"act:{fqn}", []).append(_amax(tensors))
+                if full and torch.is_grad_enabled():
+                    for tensor in tensors:
+                        if tensor.requires_grad:
+                            tensor.register_hook(
+                                lambda grad, key=f"grad:{fqn}": self._pending.setdefault(key, []).append(_amax([grad]))
+                            )
+
+            return forward_hook
+
+        self._handles = [m.register_forward_hook(hook(fqn)) for fqn, m in model.named_modules() if fqn]
+
+    def collect(self, model: nn.Module, scale: float, dtype: torch.dtype) -> None:
+        """After backward (before the optimizer step): fold this step's values into the running stats.
+
+        Args:
+            model: the model the hooks were armed on; its parameter gradients must be unscaled already.
+            scale: the loss scale the backward ran with (1.0 without a scaler).
+            dtype: the low-precision dtype headroom and underflow are judged against.
+        """
+        if not self.active:
+            return
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        keys, tensors = [], []
+        for key, values in self._pending.items():
+            keys.append(key)
+            tensors.append(torch.stack([v.float().to(values[0].device) for v in values]).max())
+        for fqn, module in model.named_modules():
+            grads = [p.grad for p in module.parameters(recurse=False) if p.grad is not None]
+            if fqn and grads:
+                keys += [f"pgrad:{fqn}", f"under:{fqn}"]
+                numel = sum(g.numel() for g in grads)
+                under = sum(underflow_fraction(g, dtype, scale) * g.numel() for g in grads) / numel
+                tensors += [_amax(grads), under]
+        self._pending = {}
+        if not tensors:
+            return
+        device = tensors[0].device
+        values = torch.stack([t.to(device) for t in tensors]).tolist()  # the one read of this sample
+        touched = set()
+        for key, value in zip(keys, values):
+            kind, fqn = key.split(":", 1)
+            stat = self.stats.setdefault(fqn, ModuleStat())
+            touched.add(fqn)
+            if kind == "act":
+                stat.activation_amax = max(stat.activation_amax, value)
+            elif kind == "grad":  # captured during backward: already carries the loss scale
+                stat.grad_amax = max(stat.grad_amax, value)
+            elif kind == "pgrad":  # read after unscale_: put the scale back to compare with the format
+                stat.grad_amax = max(stat.grad_amax, value * scale)
+            else:
+                stat.underflow_fraction = value
+        for fqn in touched:
+            self.stats[fqn].samples += 1
+
+    def summary(self, dtype: torch.dtype) -> dict[str, dict[str, float]]:
+        return {fqn: stat.summary(dtype) for fqn, stat in self.stats.items()}
+
+
+def _amax(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return amax([t.detach() for t in tensors], tensors[0].device)

@@ -43,7 +43,9 @@ from typing_extensions import override
 
 from lightning_mp._grads import finite_sum, optimizer_grads
 from lightning_mp.diagnostics import (
+    LEVELS,
     Finding,
+    ModuleStatistics,
     OverflowEvent,
     OverflowTracker,
     is_kernel_error,
@@ -140,6 +142,11 @@ class AdaptiveMP(Precision):
         watch_steps: optimizer steps the forward probe stays armed after an overflow it could not localize.
         max_consecutive_skips: skipped steps in a row that trigger the next rung of the escalation ladder.
         max_events: overflow events kept in memory (oldest dropped; ``overflow_counts`` keeps the totals).
+        stats: per-module headroom/underflow statistics: ``"off"``, ``"cheap"`` (module outputs and parameter
+            gradients) or ``"full"`` (also the gradients flowing into every module output).
+        stats_every: sample the statistics on one optimizer step out of this many.
+        attach_callbacks: add ``LossScaleMonitor``, ``OverflowDiagnostics`` and ``PrecisionReport`` to the
+            Trainer at setup unless it already has them.
 
     Raises:
         ValueError: an unknown ``precision``, a ``scaler`` that is not an ``AdaptiveLossScaler``, a scaler
@@ -161,6 +168,9 @@ class AdaptiveMP(Precision):
         watch_steps: int = 20,
         max_consecutive_skips: int = 50,
         max_events: int = 10_000,
+        stats: str = "cheap",
+        stats_every: int = 25,
+        attach_callbacks: bool = True,
     ) -> None:
         _check_arguments(locals())
         self.precision = precision
@@ -173,6 +183,9 @@ class AdaptiveMP(Precision):
         self.max_consecutive_skips = max_consecutive_skips
         self.fallback = FallbackManager(fp32_modules, fp32_defaults, promote_after, promote_window)
         self.tracker = OverflowTracker(watch_steps)
+        self.statistics = ModuleStatistics(stats)
+        self.stats_every = stats_every
+        self.attach_callbacks = attach_callbacks
         self._events: deque[OverflowEvent] = deque(maxlen=max_events)
         self.overflow_counts: dict[str, int] = {}  # phase -> events, never truncated
         self._model: pl.LightningModule | None = None
@@ -197,6 +210,11 @@ class AdaptiveMP(Precision):
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return _AUTOCAST_DTYPES.get(self.precision)
+
+    @property
+    def stats_dtype(self) -> torch.dtype:
+        """The format headroom and underflow are judged against: the autocast dtype, fp32 without one."""
+        return self.autocast_dtype or torch.float32
 
     @property
     def overflow_events(self) -> list[OverflowEvent]:
@@ -251,6 +269,8 @@ class AdaptiveMP(Precision):
             self._resolve(self.device or (param.device.type if param is not None else "cpu"))
         self._model = _unwrap(model)
         self.fallback.setup(self._model, self.precision, self.device)
+        if self.attach_callbacks and self._model._trainer is not None:
+            _attach_default_callbacks(self._model.trainer)
         self.tracker.order.record(self._model)
         lr_schedulers = [self._skip_aware(config) for config in lr_schedulers]
         return model, optimizers, lr_schedulers
@@ -286,6 +306,8 @@ class AdaptiveMP(Precision):
     @contextlib.contextmanager
     def train_step_context(self) -> Generator[None, None, None]:
         self.tracker.start_micro_step()
+        if self._model is not None and self._steps % self.stats_every == 0:
+            self.statistics.start(self._model)  # a sampled step: hooks live for this step only
         with self.forward_context():
             yield
 
@@ -323,14 +345,15 @@ class AdaptiveMP(Precision):
         closure: Callable[[], Any],
         **kwargs: Any,
     ) -> Any:
-        if isinstance(optimizer, LBFGS):
-            if self.scaler is not None:
-                raise MisconfigurationException("AMP and the LBFGS optimizer are not compatible.")
-            # LBFGS re-evaluates the closure inside step(): there is no point between backward and the update
-            # where a guard could look, so bf16/fp32 LBFGS runs unguarded, exactly as in Lightning.
-            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
-        if self.scaler is None and not self.guard_nonfinite:
-            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+        if isinstance(optimizer, LBFGS) and self.scaler is not None:
+            raise MisconfigurationException("AMP and the LBFGS optimizer are not compatible.")
+        if isinstance(optimizer, LBFGS) or (self.scaler is None and not self.guard_nonfinite):
+            # Lightning's own path. LBFGS re-evaluates the closure inside step(): there is no point between
+            # backward and the update where a guard could look, so bf16/fp32 LBFGS runs unguarded, as in Lightning.
+            try:
+                return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
+            finally:
+                self._collect_statistics(scale=1.0)
         self._steps += 1
         try:
             return self._optimizer_step(optimizer, model, closure, **kwargs)
@@ -347,6 +370,8 @@ class AdaptiveMP(Precision):
             # Unscale before on_before_optimizer_step and clipping, so both see true gradients.
             # Optimizers that unscale inside step() (fused Adam) cannot be clipped; see clip_gradients.
             self.scaler.unscale_(optimizer)
+        # Before clipping: the statistics describe the gradients the backward produced.
+        self._collect_statistics(scale=self.scaler.get_scale() if self.scaler is not None else 1.0)
         self._after_closure(model, optimizer)
         if skip_backward:
             return closure_result
@@ -374,6 +399,10 @@ class AdaptiveMP(Precision):
         self._after_step(optimizer, finding)
         # What optimizer.step(closure) would have returned: the closure's result.
         return closure_result
+
+    def _collect_statistics(self, scale: float) -> None:
+        if self.statistics.active and self._model is not None:
+            self.statistics.collect(self._model, scale, self.stats_dtype)
 
     def _run_closure(self, closure: Callable[[], Any]) -> Any:
         """Run the closure; a low-precision kernel failure promotes its module to fp32 and retries."""
@@ -564,6 +593,19 @@ _SCALER_ACTIONS = {
 }
 
 
+def _attach_default_callbacks(trainer: pl.Trainer) -> None:
+    """Give a Trainer that only has AdaptiveMP the monitor, the diagnostics and the report.
+
+    Strategies call ``connect`` after the callbacks' ``setup`` but before ``on_fit_start``, so callbacks
+    added here receive every hook they use.
+    """
+    from lightning_mp.callbacks import LossScaleMonitor, OverflowDiagnostics, PrecisionReport
+
+    for cls in (LossScaleMonitor, OverflowDiagnostics, PrecisionReport):
+        if not any(isinstance(cb, cls) for cb in trainer.callbacks):
+            trainer.callbacks.append(cls())
+
+
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
 
@@ -595,10 +637,19 @@ def _check_arguments(args: dict[str, Any]) -> None:
             f"AdaptiveMP(precision={precision!r}, scaler=...) is invalid: a loss scaler is only used with"
             " precision='16-mixed' (or 'auto'); pass scaler=None."
         )
-    for name in ("auto_fallback", "fp32_defaults", "guard_nonfinite"):
+    if args["stats"] not in LEVELS:
+        raise ValueError(f"AdaptiveMP(stats={args['stats']!r}) is invalid: must be one of {LEVELS}.")
+    for name in ("auto_fallback", "fp32_defaults", "guard_nonfinite", "attach_callbacks"):
         if not isinstance(args[name], bool):
             raise ValueError(f"AdaptiveMP({name}={args[name]!r}) is invalid: must be True or False.")
-    for name in ("promote_after", "promote_window", "watch_steps", "max_consecutive_skips", "max_events"):
+    for name in (
+        "promote_after",
+        "promote_window",
+        "watch_steps",
+        "max_consecutive_skips",
+        "max_events",
+        "stats_every",
+    ):
         value = args[name]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"AdaptiveMP({name}={value!r}) is invalid: must be an integer >= 1.")

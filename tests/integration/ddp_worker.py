@@ -39,6 +39,7 @@ def main(out: Path) -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        default_root_dir=out,
     )
     trainer.fit(model, datamodule=RankData())
     result = {

@@ -1,0 +1,148 @@
+"""Thin Lightning callbacks over what ``AdaptiveMP`` decides and measures. Each works alone; the plugin adds
+all three to a Trainer that has none of them.
+
+Logged names (stable; any Lightning logger):
+
+``precision/loss_scale``, ``precision/skipped_steps``, ``precision/overflow_events``, ``precision/fp32_modules``
+    by ``LossScaleMonitor``, every ``log_every_n_steps`` optimizer steps;
+``precision/headroom_bits/<fqn>`` (lowest of activation and gradient), ``precision/underflow/<fqn>``
+    by ``OverflowDiagnostics``, for the ``top_k`` modules with the least headroom, after each sampled step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from typing_extensions import override
+
+from lightning_mp.plugin import AdaptiveMP
+from lightning_mp.report import build_report, render_table, write_report
+
+__all__ = ["LossScaleMonitor", "OverflowDiagnostics", "PrecisionReport"]
+
+
+def _plugin(trainer: pl.Trainer) -> AdaptiveMP | None:
+    plugin = trainer.precision_plugin
+    return plugin if isinstance(plugin, AdaptiveMP) else None
+
+
+def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
+class LossScaleMonitor(pl.Callback):
+    """Logs the loss scale, skipped steps, overflow events and fp32 modules; keeps the scale history."""
+
+    def __init__(self) -> None:
+        self.scale_history: list[tuple[int, float]] = []
+        self._steps_seen = 0
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        plugin = _plugin(trainer)
+        if plugin is None or plugin._steps == self._steps_seen:
+            return  # not our plugin, or no optimizer step happened (gradient accumulation)
+        self._steps_seen = plugin._steps
+        scale = plugin.scaler.get_scale() if plugin.scaler is not None else None  # a host float: no sync
+        if scale is not None:
+            self.scale_history.append((plugin._steps, scale))
+        if plugin._steps % max(trainer.log_every_n_steps, 1) == 0:
+            metrics = {
+                "precision/skipped_steps": plugin.skipped_steps,
+                "precision/overflow_events": sum(plugin.overflow_counts.values()),
+                "precision/fp32_modules": len(plugin.fp32_modules),
+            }
+            if scale is not None:
+                metrics["precision/loss_scale"] = scale
+            _log(trainer, metrics)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale_history": [list(p) for p in self.scale_history], "steps_seen": self._steps_seen}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scale_history = [tuple(p) for p in state_dict.get("scale_history", [])]
+        self._steps_seen = state_dict.get("steps_seen", 0)
+
+
+class OverflowDiagnostics(pl.Callback):
+    """Logs per-module headroom and underflow after each sampled step; warns once per newly blamed module.
+
+    Args:
+        top_k: how many modules (least headroom first) to log each time; the report keeps all of them.
+    """
+
+    def __init__(self, top_k: int = 10) -> None:
+        self.top_k = top_k
+        self._warned: set[str] = set()
+        self._events_seen = 0
+        self._samples_seen = 0
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
+        plugin = _plugin(trainer)
+        if plugin is None:
+            return
+        events = plugin.overflow_events
+        for event in events[self._events_seen :]:
+            if event.module is not None and event.module not in self._warned:
+                self._warned.add(event.module)
+                rank_zero_warn(
+                    f"lightning-mp: {event.module} produced a non-finite {event.phase} value ({event.kind},"
+                    f" {event.dtype}) at step {event.step}; action: {event.action}."
+                )
+        self._events_seen = len(events)
+        samples = sum(s.samples for s in plugin.statistics.stats.values())
+        if samples == self._samples_seen:
+            return
+        self._samples_seen = samples
+        summary = plugin.statistics.summary(plugin.stats_dtype)
+
+        def lowest(item: tuple[str, dict[str, float]]) -> float:
+            return min(item[1]["activation_headroom_bits"], item[1]["grad_headroom_bits"])
+
+        metrics = {}
+        for fqn, stats in sorted(summary.items(), key=lowest)[: self.top_k]:
+            metrics[f"precision/headroom_bits/{fqn}"] = lowest((fqn, stats))
+            metrics[f"precision/underflow/{fqn}"] = stats["underflow_fraction"]
+        metrics = {k: v for k, v in metrics.items() if v == v and abs(v) != float("inf")}
+        if metrics:
+            _log(trainer, metrics)
+
+
+class PrecisionReport(pl.Callback):
+    """At the end of fit, writes ``precision_report.{json,md,png}`` into the log dir and prints a summary.
+
+    Args:
+        dirpath: where to write; ``None`` uses ``trainer.log_dir`` (or ``default_root_dir`` without a logger).
+        console: print the rich summary table.
+    """
+
+    def __init__(self, dirpath: str | None = None, console: bool = True) -> None:
+        self.dirpath = dirpath
+        self.console = console
+        self.paths: dict[str, Any] = {}
+        self.report: dict[str, Any] | None = None
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        plugin = _plugin(trainer)
+        if plugin is None:
+            return
+        monitor = next((cb for cb in trainer.callbacks if isinstance(cb, LossScaleMonitor)), None)
+        self.report = build_report(plugin, monitor.scale_history if monitor is not None else [])
+        # trainer.log_dir is a collective under DDP (a broadcast): every rank asks, only rank zero writes.
+        self._write(self.dirpath or trainer.log_dir or trainer.default_root_dir)
+
+    @rank_zero_only
+    def _write(self, directory: str) -> None:
+        self.paths = write_report(self.report, directory)
+        if self.console:
+            from rich.console import Console
+
+            Console().print(render_table(self.report))
+        rank_zero_info(f"lightning-mp: precision report written to {self.paths['markdown']}")

@@ -1,0 +1,226 @@
+"""A run's precision report: one JSON document, rendered as markdown, a PNG plot and a rich console table.
+
+Schema (``schema: "lightning-mp/precision-report/1"``):
+
+``run``
+    ``precision``, ``device``, ``optimizer_steps``, ``skipped_steps``, ``overflow_counts`` (events per phase),
+    ``scaler`` (``policy``, ``final_scale``, ``stats`` counters; ``null`` without a scaler), ``versions``.
+``scale_history``
+    ``[[step, scale], ...]`` after every optimizer step (at most ``MAX_POINTS``, evenly thinned); empty
+    without a scaler.
+``events``
+    every kept ``OverflowEvent`` as a dict: ``step, phase, module, kind, dtype, scale, action``.
+``promotions``
+    ``[{module, reason, step, detail}]`` for every module running in fp32 at the end, with why.
+``modules``
+    ``{fqn: {activation_amax, activation_headroom_bits, grad_amax, grad_headroom_bits, underflow_fraction,
+    samples}}`` from the sampled statistics; headroom is in bits below the low-precision format's max
+    (``grad_amax`` includes the loss scale, as the fp16 backward saw it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "lightning-mp/precision-report/1"
+MAX_POINTS = 2000
+
+__all__ = ["SCHEMA", "build_report", "render_markdown", "render_png", "render_table", "write_report"]
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def build_report(plugin: Any, scale_history: list[tuple[int, float]]) -> dict[str, Any]:
+    """Collect everything an ``AdaptiveMP`` decided and measured into the report document."""
+    import lightning
+    import torch
+
+    import lightning_mp
+
+    if len(scale_history) > MAX_POINTS:
+        stride = math.ceil(len(scale_history) / MAX_POINTS)
+        scale_history = scale_history[::stride] + [scale_history[-1]]
+    modules = {
+        fqn: {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in stats.items()}
+        for fqn, stats in plugin.statistics.summary(plugin.stats_dtype).items()
+    }
+    scaler = plugin.scaler
+    return {
+        "schema": SCHEMA,
+        "run": {
+            "precision": plugin.precision,
+            "device": plugin.device,
+            "optimizer_steps": plugin._steps,
+            "skipped_steps": plugin.skipped_steps,
+            "overflow_counts": dict(plugin.overflow_counts),
+            "scaler": None
+            if scaler is None
+            else {"policy": scaler.config.policy, "final_scale": scaler.get_scale(), "stats": scaler.stats},
+            "versions": {
+                "lightning_mp": lightning_mp.__version__,
+                "torch": torch.__version__,
+                "lightning": lightning.__version__,
+            },
+        },
+        "scale_history": [[int(step), float(scale)] for step, scale in scale_history],
+        "events": [e.to_dict() for e in plugin.overflow_events],
+        "promotions": [vars(p).copy() for p in plugin.promotions],
+        "modules": modules,
+    }
+
+
+def _lowest_headroom(report: dict[str, Any], limit: int) -> list[tuple[str, dict[str, Any]]]:
+    def key(item: tuple[str, dict[str, Any]]) -> float:
+        stats = item[1]
+        values = [stats.get("activation_headroom_bits"), stats.get("grad_headroom_bits")]
+        values = [v for v in values if v is not None]
+        return min(values) if values else math.inf
+
+    return sorted(report["modules"].items(), key=key)[:limit]
+
+
+def render_markdown(report: dict[str, Any], limit: int = 10) -> str:
+    run = report["run"]
+    lines = [
+        "# Precision report",
+        "",
+        f"- precision: `{run['precision']}` on `{run['device']}`",
+        f"- optimizer steps: {run['optimizer_steps']}, skipped: {run['skipped_steps']}",
+        f"- overflow events by phase: {run['overflow_counts'] or 'none'}",
+    ]
+    if run["scaler"]:
+        stats = run["scaler"]["stats"]
+        lines.append(
+            f"- loss scale: `{run['scaler']['policy']}` policy, final {run['scaler']['final_scale']:g},"
+            f" {stats['backoffs']} back-offs, {stats['growths']} growths"
+        )
+    lines += ["", "## Modules in fp32", ""]
+    if report["promotions"]:
+        lines += ["| module | reason | step | detail |", "|---|---|---|---|"]
+        lines += [
+            f"| `{p['module']}` | {p['reason']} | {p['step'] if p['step'] is not None else ''} | {p['detail']} |"
+            for p in report["promotions"]
+        ]
+    else:
+        lines.append("none")
+    lines += ["", "## Overflow events", ""]
+    if report["events"]:
+        lines += ["| step | phase | module | kind | dtype | scale | action |", "|---|---|---|---|---|---|---|"]
+        for e in report["events"][-limit:]:
+            scale = f"{e['scale']:g}" if e["scale"] is not None else ""
+            lines.append(
+                f"| {e['step']} | {e['phase']} | `{e['module'] or '-'}` | {e['kind']} | {e['dtype']} | {scale}"
+                f" | {e['action']} |"
+            )
+        if len(report["events"]) > limit:
+            lines.append(f"\n(last {limit} of {len(report['events'])} kept events)")
+    else:
+        lines.append("none")
+    lines += ["", f"## Lowest headroom (bits below the {run['precision']} format's max)", ""]
+    if report["modules"]:
+        lines += ["| module | activation bits | gradient bits | underflow | samples |", "|---|---|---|---|---|"]
+        for fqn, s in _lowest_headroom(report, limit):
+            act, grad = s["activation_headroom_bits"], s["grad_headroom_bits"]
+            lines.append(f"| `{fqn}` | {_fmt(act)} | {_fmt(grad)} | {s['underflow_fraction']:.2%} | {s['samples']} |")
+    else:
+        lines.append("no statistics sampled")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(bits: float | None) -> str:
+    return "-" if bits is None else f"{bits:.1f}"
+
+
+def render_png(report: dict[str, Any], path: Path, limit: int = 15) -> Path:
+    """Loss scale over steps with overflow events marked, and per-module headroom bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (ax_scale, ax_head) = plt.subplots(1, 2, figsize=(13, 4.5))
+    history = report["scale_history"]
+    if history:
+        steps, scales = zip(*history)
+        ax_scale.step(steps, scales, where="post", label="loss scale")
+        ax_scale.set_yscale("log", base=2)
+    phases = sorted({e["phase"] for e in report["events"]})
+    for phase, marker in zip(phases, "ovsx^"):
+        events = [e for e in report["events"] if e["phase"] == phase]
+        y = [e["scale"] if e["scale"] is not None else 1.0 for e in events]
+        ax_scale.scatter([e["step"] for e in events], y, marker=marker, label=f"{phase} overflow", zorder=3)
+    ax_scale.set(xlabel="optimizer step", ylabel="loss scale", title=f"Loss scale ({report['run']['precision']})")
+    if history or report["events"]:
+        ax_scale.legend(loc="best", fontsize=8)
+    rows = _lowest_headroom(report, limit)
+    if rows:
+        names = [fqn for fqn, _ in rows][::-1]
+        act = [s["activation_headroom_bits"] or 0.0 for _, s in rows][::-1]
+        grad = [s["grad_headroom_bits"] or 0.0 for _, s in rows][::-1]
+        pos = range(len(names))
+        ax_head.barh([p + 0.2 for p in pos], act, height=0.4, label="activations")
+        ax_head.barh([p - 0.2 for p in pos], grad, height=0.4, label="gradients")
+        ax_head.set_yticks(list(pos), names, fontsize=7)
+        ax_head.legend(loc="best", fontsize=8)
+    ax_head.set(xlabel="headroom (bits below the format's max)", title="Lowest per-module headroom")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def render_table(report: dict[str, Any], limit: int = 8) -> Any:
+    """A rich Table summarising the run, for the console."""
+    from rich.table import Table
+
+    run = report["run"]
+    table = Table(title=f"lightning-mp precision report ({run['precision']})", show_lines=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    table.add_row("optimizer steps / skipped", f"{run['optimizer_steps']} / {run['skipped_steps']}")
+    if run["scaler"]:
+        table.add_row("final loss scale", f"{run['scaler']['final_scale']:g} ({run['scaler']['policy']})")
+    table.add_row("overflow events", ", ".join(f"{k}: {v}" for k, v in run["overflow_counts"].items()) or "none")
+    table.add_row(
+        "fp32 modules",
+        ", ".join(f"{p['module']} ({p['reason']})" for p in report["promotions"][:limit]) or "none",
+    )
+    for fqn, s in _lowest_headroom(report, 3):
+        table.add_row(
+            f"low headroom: {fqn}",
+            f"act {_fmt(s['activation_headroom_bits'])} bits, grad {_fmt(s['grad_headroom_bits'])} bits,"
+            f" underflow {s['underflow_fraction']:.2%}",
+        )
+    return table
+
+
+def write_report(report: dict[str, Any], directory: str | Path) -> dict[str, Path]:
+    """Write ``precision_report.json``, ``.md`` and ``.png`` into ``directory``; return their paths.
+
+    Each file is written to a temporary name first and renamed, so an interrupted write never leaves a
+    truncated report behind.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": directory / "precision_report.json",
+        "markdown": directory / "precision_report.md",
+        "png": directory / "precision_report.png",
+    }
+    _atomic_text(paths["json"], json.dumps(report, indent=2, allow_nan=False))
+    _atomic_text(paths["markdown"], render_markdown(report))
+    tmp = paths["png"].with_suffix(".tmp.png")
+    render_png(report, tmp)
+    tmp.replace(paths["png"])
+    return paths
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

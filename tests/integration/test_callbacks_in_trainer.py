@@ -1,0 +1,105 @@
+"""The monitor, the diagnostics and the report, from a real tiny fit."""
+
+import csv
+import json
+
+import matplotlib.image
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_mp import AdaptiveLossScaler, AdaptiveMP, LossScaleMonitor, OverflowDiagnostics, PrecisionReport
+from tests.helpers import NaiveLogSumExp, TinyRegressor, TroubleNet, fit, scaled_loader
+
+
+def overflowing_fit(tmp_path, **plugin_kwargs):
+    plugin = AdaptiveMP("16-mixed", scaler=AdaptiveLossScaler("cpu", init_scale=16.0), stats_every=2, **plugin_kwargs)
+    logger = CSVLogger(tmp_path, name="run")
+    _, trainer = fit(
+        plugin,
+        model_cls=lambda: TroubleNet(NaiveLogSumExp(), lr=1e-4),
+        data=scaled_loader(1.5),
+        max_steps=8,
+        logger=logger,
+        log_every_n_steps=1,
+    )
+    return plugin, trainer
+
+
+def test_only_the_plugin_gives_all_three_callbacks_once(tmp_path):
+    plugin, trainer = overflowing_fit(tmp_path)
+    kinds = [type(cb) for cb in trainer.callbacks]
+    for cls in (LossScaleMonitor, OverflowDiagnostics, PrecisionReport):
+        assert kinds.count(cls) == 1
+    plugin = AdaptiveMP("bf16-mixed")
+    mine = PrecisionReport(dirpath=str(tmp_path / "mine"), console=False)
+    _, trainer = fit(plugin, max_steps=2, callbacks=[mine])
+    assert [cb for cb in trainer.callbacks if isinstance(cb, PrecisionReport)] == [mine]
+    assert (tmp_path / "mine" / "precision_report.json").exists()
+
+
+def test_report_holds_the_events_and_promotions_the_run_produced(tmp_path):
+    plugin, trainer = overflowing_fit(tmp_path)
+    path = tmp_path / "run" / "version_0" / "precision_report.json"
+    report = json.loads(path.read_text())
+    assert report["schema"] == "lightning-mp/precision-report/1"
+    assert report["events"] == [e.to_dict() for e in plugin.overflow_events]
+    assert report["promotions"] == [vars(p) for p in plugin.promotions]
+    assert {"middle"} <= {p["module"] for p in report["promotions"]}
+    assert report["run"]["skipped_steps"] == plugin.skipped_steps
+    assert report["run"]["scaler"]["final_scale"] == plugin.scaler.get_scale()
+    assert [s for _, s in report["scale_history"]][-1] == plugin.scaler.get_scale()
+    assert len(report["scale_history"]) == 8
+    assert set(report["modules"]) >= {"inp", "middle", "head"}
+    markdown = (path.parent / "precision_report.md").read_text()
+    assert "| `middle` | overflow |" in markdown
+
+
+def test_png_is_a_valid_image(tmp_path):
+    _, trainer = overflowing_fit(tmp_path)
+    png = tmp_path / "run" / "version_0" / "precision_report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(png)
+    assert image.shape[0] > 200 and image.shape[1] > 500
+
+
+def test_logged_metric_names_appear_in_the_csv_logger_file(tmp_path):
+    plugin, trainer = overflowing_fit(tmp_path)
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    columns = set(rows[0])
+    assert {
+        "precision/loss_scale",
+        "precision/skipped_steps",
+        "precision/overflow_events",
+        "precision/fp32_modules",
+    } <= columns
+    assert any(c.startswith("precision/headroom_bits/") for c in columns)
+    assert any(c.startswith("precision/underflow/") for c in columns)
+    skipped = [float(r["precision/skipped_steps"]) for r in rows if r.get("precision/skipped_steps")]
+    assert skipped[-1] == plugin.skipped_steps
+
+
+def test_first_blame_of_a_module_warns_once(tmp_path, recwarn):
+    overflowing_fit(tmp_path)
+    warnings = [str(w.message) for w in recwarn if "lightning-mp: middle produced" in str(w.message)]
+    assert len(warnings) == 1
+
+
+def test_bf16_run_reports_events_and_headroom_without_scaler_fields(tmp_path):
+    plugin = AdaptiveMP("bf16-mixed", stats_every=1)
+    fit(plugin, model_cls=lambda: TinyRegressor(poison_steps={2}), max_steps=4, default_root_dir=tmp_path)
+    report = json.loads((tmp_path / "precision_report.json").read_text())
+    assert report["run"]["scaler"] is None and report["scale_history"] == []
+    assert [e["phase"] for e in report["events"]] == ["forward"]
+    assert report["modules"]["net.0"]["activation_headroom_bits"] == pytest.approx(
+        torch.log2(torch.tensor(torch.finfo(torch.bfloat16).max)).item()
+        - torch.log2(torch.tensor(report["modules"]["net.0"]["activation_amax"])).item(),
+        rel=1e-4,
+    )
+
+
+def test_statistics_off_leaves_modules_empty(tmp_path):
+    plugin = AdaptiveMP("bf16-mixed", stats="off")
+    fit(plugin, max_steps=3, default_root_dir=tmp_path)
+    assert json.loads((tmp_path / "precision_report.json").read_text())["modules"] == {}
