@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import lightning as L
@@ -101,6 +102,7 @@ def step_time(make_plugin, make_net, kind: str, steps: int, warmup: int) -> floa
         accelerator="cpu",
         devices=1,
         plugins=[make_plugin()],
+        default_root_dir=tempfile.mkdtemp(prefix="lmp-overhead-"),  # the report goes here, not into the repo
         max_steps=steps + warmup,
         logger=False,
         enable_checkpointing=False,
@@ -125,7 +127,7 @@ def compare(name, kind, make_net, variants, rounds, steps, warmup) -> list[dict]
     for n in names[1:]:
         ratio = statistics.median(per_round[n])
         rows.append({"model": name, "variant": n, "ratio": ratio, "noise": noise})
-        print(f"{name:18} {n:42} {ratio:7.3f}   (noise floor +-{noise:.3f})", flush=True)
+        print(f"{name:18} {n:55} {ratio:7.3f}   (noise floor +-{noise:.3f})", flush=True)
     return rows
 
 
@@ -155,9 +157,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bf16 = {
         "Lightning MixedPrecision bf16 (reference)": lambda: MixedPrecision("bf16-mixed", "cpu"),
         "Lightning MixedPrecision bf16 (again)": lambda: MixedPrecision("bf16-mixed", "cpu"),
-        "AdaptiveMP bf16, default": lambda: AdaptiveMP("bf16-mixed"),
-        "AdaptiveMP bf16, guard off": lambda: AdaptiveMP("bf16-mixed", guard_nonfinite=False),
-        "AdaptiveMP bf16, probe armed (after a bad step)": lambda: armed_probe("bf16-mixed"),
+        "AdaptiveMP bf16, default (stats cheap/25)": lambda: AdaptiveMP("bf16-mixed"),
+        "AdaptiveMP bf16, stats off": lambda: AdaptiveMP("bf16-mixed", stats="off"),
+        "AdaptiveMP bf16, stats full/25": lambda: AdaptiveMP("bf16-mixed", stats="full"),
+        "AdaptiveMP bf16, stats full every step": lambda: AdaptiveMP("bf16-mixed", stats="full", stats_every=1),
+        "AdaptiveMP bf16, probe armed (after a bad step)": lambda: armed_probe("bf16-mixed", stats="off"),
     }
     fp16 = {
         "Lightning MixedPrecision fp16 (reference)": lambda: MixedPrecision(
@@ -166,9 +170,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "Lightning MixedPrecision fp16 (again)": lambda: MixedPrecision(
             "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu")
         ),
-        "AdaptiveMP fp16, default (predictive)": lambda: AdaptiveMP("16-mixed"),
-        "AdaptiveMP fp16, classic scaler": lambda: AdaptiveMP(
-            "16-mixed", scaler=AdaptiveLossScaler("cpu", policy="dynamic", hysteresis=1, min_scale=None, max_scale=None)
+        "AdaptiveMP fp16, default (predictive, stats cheap/25)": lambda: AdaptiveMP("16-mixed"),
+        "AdaptiveMP fp16, stats off": lambda: AdaptiveMP("16-mixed", stats="off"),
+        "AdaptiveMP fp16, stats full/25": lambda: AdaptiveMP("16-mixed", stats="full"),
+        "AdaptiveMP fp16, classic scaler, stats off": lambda: AdaptiveMP(
+            "16-mixed",
+            scaler=AdaptiveLossScaler("cpu", policy="dynamic", hysteresis=1, min_scale=None, max_scale=None),
+            stats="off",
         ),
     }
     print(

@@ -76,13 +76,20 @@ def by_name(*patterns: str) -> ModuleFilter:
     return lambda module, fqn: any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
 
 
+def _entries(spec: Any) -> list[Any]:
+    """A single entry or any collection of entries (lists, tuples, sets, Hydra's ListConfig) as a list."""
+    if isinstance(spec, (str, type)) or callable(spec) or not isinstance(spec, Iterable):
+        return [spec]
+    return list(spec)
+
+
 def fp32_filter(spec: Any) -> ModuleFilter:
     """Build one filter from what a user wrote: a class, a glob pattern, a filter, or a sequence of those.
 
     Raises:
         ValueError: an entry is none of the accepted kinds (names the entry and what is allowed).
     """
-    items = list(spec) if isinstance(spec, (list, tuple, set, frozenset)) else [spec]
+    items = _entries(spec)
     filters: list[ModuleFilter] = []
     for item in items:
         if isinstance(item, type) and issubclass(item, nn.Module):
@@ -101,7 +108,7 @@ def fp32_filter(spec: Any) -> ModuleFilter:
 
 def pattern_misses(spec: Any, model: nn.Module) -> list[str]:
     """Glob patterns in ``spec`` that match no module of ``model`` (usually a typo)."""
-    items = list(spec) if isinstance(spec, (list, tuple, set, frozenset)) else [spec]
+    items = _entries(spec)
     names = [fqn for fqn, _ in model.named_modules() if fqn]
     return [p for p in items if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n in names)]
 

@@ -23,7 +23,7 @@ import contextlib
 import dataclasses
 import platform
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -127,8 +127,9 @@ class AdaptiveMP(Precision):
         precision: ``"auto"`` (resolved at setup: bf16 where the device runs it natively, else fp16 on
             CUDA, else fp32), ``"16-mixed"``, ``"bf16-mixed"`` or ``"32-true"``.
         device: device type for autocast; ``None`` takes it from the model at setup.
-        scaler: the :class:`AdaptiveLossScaler` for ``"16-mixed"``; ``None`` builds a default one. Must be
-            ``None`` for ``"bf16-mixed"`` and ``"32-true"``.
+        scaler: the :class:`AdaptiveLossScaler` for ``"16-mixed"``, or a dict of its arguments (built for the
+            device at setup; what a YAML config gives); ``None`` builds a default one. Must be ``None`` for
+            ``"bf16-mixed"`` and ``"32-true"``.
         fp32_modules: modules that always run in fp32: classes, fqn glob patterns (``"encoder.*.norm"``) or
             ``(module, fqn) -> bool`` filters. A pattern that matches nothing is an error at setup.
         auto_fallback: promote a module to fp32 when it is blamed for ``promote_after`` overflows within
@@ -175,9 +176,11 @@ class AdaptiveMP(Precision):
         _check_arguments(locals())
         self.precision = precision
         self.device = device.split(":")[0] if device else None
-        self.scaler = scaler
+        # A dict of scaler arguments (what a YAML config can say) is built for the device at setup.
+        self._scaler_knobs = dict(scaler) if isinstance(scaler, Mapping) else {}
+        self.scaler = scaler if isinstance(scaler, AdaptiveLossScaler) else None
         # A scaler we built ourselves may be rebuilt for the model's device at setup; the user's may not.
-        self._own_scaler = scaler is None
+        self._own_scaler = self.scaler is None
         self.auto_fallback = auto_fallback
         self.guard_nonfinite = guard_nonfinite
         self.max_consecutive_skips = max_consecutive_skips
@@ -196,8 +199,8 @@ class AdaptiveMP(Precision):
         self._switch_to_bf16 = False  # requested by the escalation ladder, applied at the end of the step
         self._switched_to_bf16 = False
         self._last_step_skipped: dict[int, bool] = {}
-        if precision == "16-mixed" and scaler is None:
-            self.scaler = AdaptiveLossScaler(device=self.device or _default_device())
+        if precision == "16-mixed" and self.scaler is None:
+            self.scaler = AdaptiveLossScaler(device=self.device or _default_device(), **self._scaler_knobs)
         if precision != "auto":
             self._resolve(self.device)
 
@@ -246,7 +249,7 @@ class AdaptiveMP(Precision):
         self.device = device
         if self.precision == "16-mixed":
             if self.scaler is None or (self._own_scaler and self.scaler._device != device):
-                self.scaler = AdaptiveLossScaler(device=device)
+                self.scaler = AdaptiveLossScaler(device=device, **self._scaler_knobs)
                 self._own_scaler = True
             elif self.scaler._device != device:
                 raise ValueError(
@@ -626,12 +629,16 @@ def _check_arguments(args: dict[str, Any]) -> None:
             f"AdaptiveMP(device={device!r}) is invalid: device must be None or a device type string"
             " such as 'cuda' or 'cpu'."
         )
-    if scaler is not None and not isinstance(scaler, AdaptiveLossScaler):
+    if scaler is not None and not isinstance(scaler, (AdaptiveLossScaler, Mapping)):
         raise ValueError(
-            f"AdaptiveMP(scaler={scaler!r}) is invalid: scaler must be None or an AdaptiveLossScaler"
+            f"AdaptiveMP(scaler={scaler!r}) is invalid: scaler must be None, an AdaptiveLossScaler"
             " (AdaptiveLossScaler(policy='dynamic', hysteresis=1, min_scale=None, max_scale=None)"
-            " reproduces torch.amp.GradScaler)."
+            " reproduces torch.amp.GradScaler) or a dict of its arguments."
         )
+    if isinstance(scaler, Mapping):
+        if "device" in scaler:
+            raise ValueError("AdaptiveMP(scaler={'device': ...}) is invalid: the device is taken from AdaptiveMP.")
+        AdaptiveLossScaler("cpu", **scaler)  # validate every knob now, naming the bad one
     if scaler is not None and precision in ("bf16-mixed", "32-true"):
         raise ValueError(
             f"AdaptiveMP(precision={precision!r}, scaler=...) is invalid: a loss scaler is only used with"

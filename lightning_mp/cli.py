@@ -1,0 +1,331 @@
+"""The ``lightning-mp`` command: ``train``, ``compare`` and ``ls`` over the Hydra configs in ``conf/``.
+
+    lightning-mp train recipe=speech precision=fp16 precision.scaler.growth_interval=500
+    lightning-mp compare recipe=vision precisions=fp32,bf16,fp16 trainer.max_epochs=3
+    lightning-mp ls
+
+Configs are composed with Hydra's compose API from ``pkg://lightning_mp.conf`` (shipped inside the package),
+so the command works from any directory after a plain ``pip install``. Errors in what the user wrote
+(an unknown option, a knob of the wrong type, an invalid scaler setting, a missing data folder) print one
+line and exit with status 2 (``LIGHTNING_MP_DEBUG=1`` shows the traceback); nothing already written is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+CONFIG_MODULE = "lightning_mp.conf"
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+USAGE = """usage: lightning-mp train [key=value ...]
+       lightning-mp compare [precisions=fp32,bf16,fp16] [key=value ...]
+       lightning-mp ls
+
+Keys are Hydra overrides of conf/train.yaml, e.g. recipe=nlp precision=fp16 trainer.max_epochs=3
+precision.scaler.growth_interval=500 logger=csv callbacks.early_stopping=null experiment=quick."""
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------- compose
+def compose(overrides: list[str]) -> DictConfig:
+    """The training config for these overrides (Hydra's compose API; no working-directory change)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = hydra_compose(config_name="train", overrides=overrides)
+    _validate(cfg)
+    return cfg
+
+
+_TRAINER_NUMBERS = ("max_epochs", "max_steps", "log_every_n_steps", "accumulate_grad_batches", "devices")
+
+
+def _validate(cfg: DictConfig) -> None:
+    if "precision" in cfg.trainer:
+        raise UsageError(
+            f"trainer.precision={cfg.trainer.precision!r} is not allowed: choose precision="
+            f"{'|'.join(PRECISIONS)} (the precision group sets the AdaptiveMP plugin)."
+        )
+    for key in _TRAINER_NUMBERS:
+        value = cfg.trainer.get(key)
+        if value is not None and not isinstance(value, int) and not (key == "devices" and value == "auto"):
+            raise UsageError(f"trainer.{key}={value!r} is invalid: must be an integer.")
+    for key in ("batch_size", "train_size", "val_size"):
+        value = cfg.data.get(key)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UsageError(f"data.{key}={value!r} is invalid: must be an integer >= 1.")
+
+
+# ------------------------------------------------------------------------------------------------- train
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one recipe under one precision; write and return its ``result.json``. Reads top to bottom."""
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    output_dir = Path(cfg.output_dir)
+    data = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    plugin = instantiate(cfg.precision)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    throughput = Throughput()
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [throughput]
+    trainer = instantiate(cfg.trainer, plugins=[plugin], logger=logger, callbacks=callbacks)
+
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path == "last":
+        ckpt_path = output_dir / "checkpoints" / "last.ckpt"
+        if not ckpt_path.exists():
+            raise UsageError(f"ckpt_path=last but {ckpt_path} does not exist; train once without ckpt_path first.")
+    elif ckpt_path is not None and not Path(ckpt_path).exists():
+        raise UsageError(f"ckpt_path={str(ckpt_path)!r} does not exist.")
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    if torch.cuda.is_available():
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is in KiB on Linux: the peak resident memory of this process
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {
+        "recipe": cfg.recipe_name,
+        "precision": cfg.precision_name,
+        "resolved_precision": plugin.precision,
+        "val_acc": metrics.get("val/acc"),
+        "val_loss": metrics.get("val/loss"),
+        "samples_per_s": throughput.samples_per_second,
+        "peak_memory_mb": peak_mb,
+        "skipped_steps": plugin.skipped_steps,
+        "fp32_promotions": [p.module for p in plugin.promotions if p.reason not in ("static", "default")],
+        "optimizer_steps": plugin._steps,
+        "output_dir": str(output_dir),
+    }
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def Throughput():  # noqa: N802 - a factory, so importing this module does not import Lightning
+    import time as _time
+
+    import lightning as L
+
+    class _Throughput(L.Callback):
+        """Training samples per second, counting only time spent inside training batches."""
+
+        def __init__(self) -> None:
+            self.samples, self.seconds = 0, 0.0
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            self._start = _time.perf_counter()
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.seconds += _time.perf_counter() - self._start
+            self.samples += len(batch[0])
+
+        @property
+        def samples_per_second(self) -> float | None:
+            return self.samples / self.seconds if self.seconds else None
+
+    return _Throughput()
+
+
+# ----------------------------------------------------------------------------------------------- compare
+def compare(overrides: list[str]) -> list[dict[str, Any]]:
+    """Train the same recipe under each precision (one process each, so peak memory is per run) and print
+    and save a table with the difference to fp32."""
+    precisions, rest = _split_precisions(overrides)
+    cfg = compose(rest)  # fail fast on a bad override, before the first run
+    out = Path(cfg.output_dir).parent / "compare"
+    rows = []
+    for index, name in enumerate(precisions, start=1):
+        run_dir = out / name
+        print(f"[{index}/{len(precisions)}] {cfg.recipe_name} under {name} -> {run_dir}", flush=True)
+        command = [
+            sys.executable,
+            "-m",
+            "lightning_mp.cli",
+            "train",
+            *rest,
+            f"precision={name}",
+            f"output_dir={run_dir}",
+        ]
+        proc = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode != 0:
+            raise UsageError(f"the {name} run failed with exit status {proc.returncode}; see its output above.")
+        rows.append(json.loads((run_dir / "result.json").read_text()))
+    table = comparison_table(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(rows, indent=2))
+    (out / "compare.md").write_text(comparison_markdown(table))
+    _print_table(table, title=f"{cfg.recipe_name}: precision comparison ({out})")
+    return rows
+
+
+def _split_precisions(overrides: list[str]) -> tuple[list[str], list[str]]:
+    precisions, rest = ["fp32", "bf16", "fp16"], []
+    for item in overrides:
+        if item.startswith("precisions="):
+            precisions = [p.strip() for p in item.split("=", 1)[1].strip("[]").split(",") if p.strip()]
+        elif item.startswith("precision="):
+            raise UsageError("compare runs several precisions: use precisions=fp32,bf16,fp16, not precision=.")
+        else:
+            rest.append(item)
+    unknown = [p for p in precisions if p not in PRECISIONS]
+    if unknown or not precisions:
+        raise UsageError(f"precisions={','.join(precisions)!r} is invalid: choose from {', '.join(PRECISIONS)}.")
+    return precisions, rest
+
+
+COLUMNS = (
+    ("precision", "precision"),
+    ("val_acc", "val acc"),
+    ("d_acc", "vs fp32"),
+    ("val_loss", "val loss"),
+    ("samples_per_s", "samples/s"),
+    ("speedup", "speed vs fp32"),
+    ("peak_memory_mb", "peak MB"),
+    ("skipped_steps", "skipped"),
+    ("fp32_promotions", "fp32 promotions"),
+)
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Rows of display strings, with accuracy and speed relative to the fp32 run (or the first run)."""
+    base = next((r for r in rows if r["precision"] == "fp32"), rows[0])
+    table = []
+    for r in rows:
+        acc, base_acc = r.get("val_acc"), base.get("val_acc")
+        speed, base_speed = r.get("samples_per_s"), base.get("samples_per_s")
+        table.append(
+            {
+                "precision": r["precision"] + (f" ({r['resolved_precision']})" if r["precision"] == "auto" else ""),
+                "val_acc": _num(acc, "{:.3f}"),
+                "d_acc": _num(acc - base_acc if acc is not None and base_acc is not None else None, "{:+.3f}"),
+                "val_loss": _num(r.get("val_loss"), "{:.3f}"),
+                "samples_per_s": _num(speed, "{:.0f}"),
+                "speedup": _num(speed / base_speed if speed and base_speed else None, "{:.2f}x"),
+                "peak_memory_mb": _num(r.get("peak_memory_mb"), "{:.0f}"),
+                "skipped_steps": str(r.get("skipped_steps")),
+                "fp32_promotions": ", ".join(r.get("fp32_promotions") or []) or "-",
+            }
+        )
+    return table
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return fmt.format(value) if value is not None else "-"
+
+
+def comparison_markdown(table: list[dict[str, str]]) -> str:
+    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
+    rule = "|" + "---|" * len(COLUMNS)
+    lines = ["| " + " | ".join(row[key] for key, _ in COLUMNS) + " |" for row in table]
+    return "\n".join([header, rule, *lines]) + "\n"
+
+
+def _print_table(table: list[dict[str, str]], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rich_table = Table(title=title)
+    for _, name in COLUMNS:
+        rich_table.add_column(name)
+    for row in table:
+        rich_table.add_row(*(row[key] for key, _ in COLUMNS))
+    Console().print(rich_table)
+
+
+# ------------------------------------------------------------------------------------------------------ ls
+def list_configs() -> dict[str, list[tuple[str, str]]]:
+    """Recipes, precisions and experiments found in the shipped conf/, each with its one-line header."""
+    found = {}
+    root = resources.files(CONFIG_MODULE)
+    for group in ("recipe", "precision", "experiment", "trainer", "logger", "callbacks"):
+        entries = []
+        for item in sorted(root.joinpath(group).iterdir(), key=lambda p: p.name):
+            if item.name.endswith(".yaml"):
+                header = [ln.lstrip("# ").strip() for ln in item.read_text().splitlines() if ln.startswith("#")]
+                header = [h for h in header if h and not h.startswith("@package")]
+                entries.append((item.name.removesuffix(".yaml"), header[0] if header else ""))
+        found[group] = entries
+    return found
+
+
+def _print_configs() -> None:
+    for group, entries in list_configs().items():
+        print(f"{group}:")
+        for name, header in entries:
+            print(f"  {name:12} {header}")
+
+
+# ------------------------------------------------------------------------------------------------------ main
+def _one_line(error: BaseException) -> str:
+    """Reduce Hydra/OmegaConf/instantiate errors (often multi-line and wrapped) to the line that matters."""
+    from hydra.errors import InstantiationException
+
+    key = ""
+    if isinstance(error, InstantiationException):
+        text = str(error)
+        for line in text.splitlines():
+            if line.startswith("full_key:"):
+                key = line.split(":", 1)[1].strip() + ": "
+        cause = error.__cause__ or error.__context__
+        if cause is not None:
+            return key + _one_line(cause)
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    if "Config search path:" in lines:
+        lines = lines[: lines.index("Config search path:")]
+    text = "; ".join(lines) or type(error).__name__
+    return key + text.replace("\t", "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, overrides = argv[0], argv[1:]
+    try:
+        if command == "train":
+            train(compose(overrides))
+        elif command == "compare":
+            compare(overrides)
+        elif command == "ls":
+            _print_configs()
+        else:
+            raise UsageError(f"unknown command {command!r}: expected train, compare or ls.")
+    except KeyboardInterrupt:
+        print("lightning-mp: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - user input errors become one line; others keep their trace
+        if not _is_user_error(error) or os.environ.get("LIGHTNING_MP_DEBUG"):
+            raise
+        print(f"lightning-mp: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _is_user_error(error: BaseException) -> bool:
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    user = (UsageError, HydraException, OmegaConfBaseException, ValueError, TypeError, FileNotFoundError)
+    return isinstance(error, user)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""What every recipe shares: a classification LightningModule and a seeded train/val split helper."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class Classifier(L.LightningModule):
+    """Cross-entropy classification of ``net(inputs)`` with accuracy from torchmetrics.
+
+    Args:
+        net: the network; called on the batch's inputs, returns logits.
+        num_classes: number of classes.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up of the learning rate (a step-interval scheduler, so skipped steps show).
+    """
+
+    def __init__(
+        self, net: nn.Module, num_classes: int, lr: float = 3e-3, weight_decay: float = 1e-4, warmup_steps: int = 50
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net
+        self.train_acc = MulticlassAccuracy(num_classes)
+        self.val_acc = MulticlassAccuracy(num_classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.net(inputs)
+
+    def training_step(self, batch, batch_idx):
+        inputs, target = batch
+        logits = self(inputs)
+        loss = F.cross_entropy(logits.float(), target)
+        self.train_acc(logits, target)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        inputs, target = batch
+        logits = self(inputs)
+        self.val_acc(logits, target)
+        self.log("val/loss", F.cross_entropy(logits.float(), target), prog_bar=True)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0]).argmax(dim=-1)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        warmup = max(self.hparams.warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def check_root(root, field: str = "data.root"):
+    """A real-data root must exist; say which field and what was given."""
+    from pathlib import Path
+
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{field}={str(root)!r} does not exist; give an existing directory or null for the built-in data."
+        )
+    return path

@@ -1,0 +1,164 @@
+"""Text for the NLP recipe: generated sentences (default) or a CSV/TSV of label and text (AG News layout).
+
+Generated sentences carry a sentiment that single words do not decide: "not" flips an adjective, and in
+"A but B" only the clause after "but" counts. Tokens come from a word-level tokenizer trained on the
+training texts with Hugging Face ``tokenizers`` (no download).
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_mp.recipes.common import check_root
+
+SUBJECTS = [
+    "the movie",
+    "this film",
+    "the book",
+    "the show",
+    "my meal",
+    "the service",
+    "the hotel",
+    "the game",
+    "the album",
+    "the lecture",
+    "our trip",
+    "the ending",
+]
+VERBS = ["was", "is", "seemed", "felt", "looked", "turned out"]
+POSITIVE = ["good", "great", "excellent", "wonderful", "fun", "brilliant", "lovely", "enjoyable"]
+NEGATIVE = ["bad", "awful", "boring", "terrible", "dull", "poor", "painful", "disappointing"]
+INTENSIFIERS = ["", "", "really", "very", "quite", "rather"]
+NEGATIONS = ["not", "never", "hardly"]
+
+
+def _clause(rng: random.Random) -> tuple[str, int]:
+    positive = rng.random() < 0.5
+    negated = rng.random() < 0.5
+    words = [rng.choice(SUBJECTS), rng.choice(VERBS)]
+    if negated:
+        words.append(rng.choice(NEGATIONS))
+    words += [rng.choice(INTENSIFIERS), rng.choice(POSITIVE if positive else NEGATIVE)]
+    return " ".join(w for w in words if w), int(positive != negated)
+
+
+def generate_sentences(count: int, seed: int) -> tuple[list[str], list[int]]:
+    """Deterministic sentences and binary sentiment labels (1 = positive)."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(count):
+        first, label = _clause(rng)
+        if rng.random() < 0.5:
+            second, label = _clause(rng)  # "A but B": the label is B's
+            first = f"{first} but {second}"
+        texts.append(first)
+        labels.append(label)
+    return texts, labels
+
+
+def read_text_csv(path) -> tuple[list[str], list[int]]:
+    """Rows of ``label, text[, more text]`` (AG News: class 1..4, title, description); ``.tsv`` is tab-separated.
+
+    Labels are mapped to 0..K-1 in sorted order of their values.
+    """
+    delimiter = "\t" if str(path).endswith(".tsv") else ","
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        for line_number, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
+            if not row:
+                continue
+            if len(row) < 2 or not row[1].strip():
+                raise ValueError(f"{path}:{line_number}: expected 'label, text', got {row!r}.")
+            rows.append((row[0].strip(), " ".join(part.strip() for part in row[1:])))
+    if not rows:
+        raise ValueError(f"{path} has no rows.")
+    classes = sorted({label for label, _ in rows}, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else v))
+    index = {label: i for i, label in enumerate(classes)}
+    return [text for _, text in rows], [index[label] for label, _ in rows]
+
+
+class TextData(L.LightningDataModule):
+    """Generated sentences by default; ``root/train.csv`` and ``root/test.csv`` (or ``.tsv``) when given.
+
+    Args:
+        root: directory with the CSV/TSV files, or ``None`` for generated sentences.
+        num_classes: 2 for the generated sentences, 4 for AG News (checked against the data).
+        vocab_size: tokenizer vocabulary cap (the model's embedding uses the same number).
+        max_length: tokens per text (padded or truncated).
+        batch_size: per step.
+        train_size: generated training sentences.
+        val_size: generated validation sentences.
+        seed: data seed.
+    """
+
+    def __init__(
+        self,
+        root=None,
+        num_classes: int = 2,
+        vocab_size: int = 2000,
+        max_length: int = 24,
+        batch_size: int = 64,
+        train_size: int = 4000,
+        val_size: int = 800,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.root, self.num_classes, self.vocab_size, self.max_length = root, num_classes, vocab_size, max_length
+        self.batch_size, self.train_size, self.val_size, self.seed = batch_size, train_size, val_size, seed
+
+    def _files(self):
+        path = check_root(self.root)
+        for suffix in (".csv", ".tsv"):
+            train, test = path / f"train{suffix}", path / f"test{suffix}"
+            if train.exists() and test.exists():
+                return train, test
+        raise FileNotFoundError(
+            f"data.root={str(self.root)!r} needs train.csv and test.csv (or .tsv) with rows 'label, text'."
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.root is None:
+            train, val = (
+                generate_sentences(self.train_size, self.seed),
+                generate_sentences(self.val_size, self.seed + 1),
+            )
+        else:
+            train_file, test_file = self._files()
+            train, val = read_text_csv(train_file), read_text_csv(test_file)
+        found = max(train[1]) + 1
+        if found != self.num_classes:
+            raise ValueError(
+                f"data.num_classes={self.num_classes} but the data has {found} classes; set data.num_classes={found}."
+            )
+        self.tokenizer = self._train_tokenizer(train[0])
+        self.train_set, self.val_set = self._encode(*train), self._encode(*val)
+
+    def _train_tokenizer(self, texts):
+        from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+        tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.Lowercase()
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer.train_from_iterator(
+            texts, trainers.WordLevelTrainer(vocab_size=self.vocab_size, special_tokens=["[PAD]", "[UNK]"])
+        )
+        tokenizer.enable_padding(pad_id=0, pad_token="[PAD]", length=self.max_length)
+        tokenizer.enable_truncation(self.max_length)
+        return tokenizer
+
+    def _encode(self, texts, labels) -> TensorDataset:
+        ids = torch.tensor([e.ids for e in self.tokenizer.encode_batch(texts)], dtype=torch.long)
+        return TensorDataset(ids, torch.tensor(labels, dtype=torch.long))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed)
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size * 2)

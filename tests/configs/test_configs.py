@@ -1,0 +1,108 @@
+"""Every shipped config composes and instantiates; the CLI turns bad input into one line."""
+
+from importlib import resources
+
+import pytest
+from hydra.utils import instantiate
+
+from lightning_mp import AdaptiveMP
+from lightning_mp.cli import compose, list_configs, main
+
+GROUPS = {
+    "recipe": ["nlp", "speech", "vision"],
+    "precision": ["auto", "bf16", "fp16", "fp32"],
+    "trainer": ["default"],
+    "logger": ["csv", "tensorboard"],
+    "callbacks": ["default"],
+    "experiment": ["long", "quick"],
+}
+
+
+def shipped_yaml():
+    root = resources.files("lightning_mp.conf")
+    found = []
+
+    def walk(folder, prefix=""):
+        for item in folder.iterdir():
+            if item.is_dir() and not item.name.startswith("__"):
+                walk(item, f"{prefix}{item.name}/")
+            elif item.name.endswith(".yaml"):
+                found.append(f"{prefix}{item.name}")
+
+    walk(root)
+    return sorted(found)
+
+
+def test_discovers_every_shipped_config():
+    files = shipped_yaml()
+    assert len(files) == 1 + sum(len(v) for v in GROUPS.values()) == 14
+    assert {g: [n for n, _ in entries] for g, entries in list_configs().items()} == GROUPS
+
+
+def test_every_yaml_opens_with_a_header_saying_how_to_run_it():
+    root = resources.files("lightning_mp.conf")
+    for name in shipped_yaml():
+        text = root.joinpath(name).read_text()
+        comments = [ln for ln in text.splitlines()[:6] if ln.startswith("#") and "@package" not in ln]
+        assert comments, f"{name} has no header"
+        assert "lightning-mp " in text, f"{name} does not say how to run it"
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts if g != "recipe"])
+@pytest.mark.parametrize("recipe", GROUPS["recipe"])
+def test_every_option_composes_and_instantiates(recipe, group, option, tmp_path):
+    cfg = compose([f"recipe={recipe}", f"{group}={option}", f"output_dir={tmp_path}"])
+    plugin = instantiate(cfg.precision)
+    assert isinstance(plugin, AdaptiveMP)
+    data, model = instantiate(cfg.data), instantiate(cfg.model)
+    assert data.num_classes == model.hparams.num_classes
+    trainer = instantiate(cfg.trainer, plugins=[plugin], logger=instantiate(cfg.logger), callbacks=[])
+    assert trainer.precision_plugin is plugin
+    for callback in cfg.callbacks.values():
+        if callback is not None:
+            instantiate(callback)
+
+
+def test_scaler_knobs_reach_the_scaler():
+    cfg = compose(["precision=fp16", "precision.scaler.growth_interval=500", "precision.scaler.hysteresis=3"])
+    plugin = instantiate(cfg.precision)
+    assert plugin.scaler.config.growth_interval == 500 and plugin.scaler.config.hysteresis == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["recipe=vizion"], "Could not find 'recipe/vizion'"),
+        (["precision=fp8"], "Could not find 'precision/fp8'"),
+        (
+            ["precision=fp16", "precision.scaler.growth_interval=abc"],
+            "AdaptiveLossScaler(growth_interval='abc') is invalid",
+        ),
+        (["precision=fp16", "precision.scaler.backoff_factor=2"], "AdaptiveLossScaler(backoff_factor=2) is invalid"),
+        (["precision=fp16", "precision.scaler.growth_factor=1"], "AdaptiveLossScaler(growth_factor=1) is invalid"),
+        (["precision=fp16", "precision.scaler.min_scale=8", "precision.scaler.max_scale=2"], "min_scale must be <="),
+        (["precision=fp16", "precision.scaler.polcy=dynamic"], "Could not override 'precision.scaler.polcy'"),
+        (["+trainer.precision=16-mixed"], "trainer.precision='16-mixed' is not allowed"),
+        (["trainer.max_epochs=three"], "trainer.max_epochs='three' is invalid"),
+        (["data.batch_size=0"], "data.batch_size=0 is invalid"),
+        (["precision.stats=most"], "AdaptiveMP(stats='most') is invalid"),
+        (["precision.fp32_modules=[encoderr.*]", "experiment=quick"], "match no module"),
+        (["data.root=/does/not/exist", "experiment=quick"], "data.root='/does/not/exist' does not exist"),
+        (["ckpt_path=/nope.ckpt", "experiment=quick"], "ckpt_path='/nope.ckpt' does not exist"),
+        (["notakey"], "notakey"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_bad_input_is_one_line_and_exit_status_2(overrides, message, capsys, tmp_path):
+    assert main(["train", *overrides, f"output_dir={tmp_path}", "logger=csv"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lightning-mp: error: ") and "\n" not in err, err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_unknown_command_and_usage(capsys):
+    assert main(["fit"]) == 2
+    assert "unknown command 'fit'" in capsys.readouterr().err
+    assert main(["--help"]) == 0
+    assert "lightning-mp train" in capsys.readouterr().out

@@ -1,0 +1,193 @@
+"""Each recipe trains a few steps under every precision; the real-data loaders read tiny files written here."""
+
+import csv
+import json
+import pickle
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from lightning_mp.cli import compare, compose, main, train
+from lightning_mp.recipes.nlp import TextData, generate_sentences, read_text_csv
+from lightning_mp.recipes.speech import SpeechData, load_wav_folder
+from lightning_mp.recipes.speech.model import LogMel
+from lightning_mp.recipes.vision import VisionData, load_cifar10
+
+TINY = {
+    # fp16 matmul on CPU is 10-300x slower than fp32: keep every network tiny here. Three batches per
+    # epoch, so trainer.max_steps=3 ends on an epoch boundary and validation (early stopping's metric) runs.
+    "vision": ["model.net.width=8", "data.train_size=48", "data.val_size=32", "data.batch_size=16"],
+    "nlp": ["model.net.dim=16", "model.net.layers=1", "data.train_size=48", "data.val_size=32", "data.batch_size=16"],
+    "speech": ["model.net.width=8", "data.train_size=24", "data.val_size=16", "data.batch_size=8"],
+}
+COMMON = ["trainer.max_steps=3", "trainer.max_epochs=1", "callbacks.progress_bar=null", "logger=csv"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("recipe", ["vision", "nlp", "speech"])
+def test_recipe_trains_under_each_precision(recipe, precision, tmp_path):
+    cfg = compose([f"recipe={recipe}", f"precision={precision}", f"output_dir={tmp_path}", *COMMON, *TINY[recipe]])
+    result = train(cfg)
+    assert result["optimizer_steps"] == 3
+    assert result["val_acc"] is not None and 0.0 <= result["val_acc"] <= 1.0
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert list(tmp_path.glob("csv/version_0/precision_report.json"))
+
+
+def test_resume_from_last_checkpoint_continues(tmp_path):
+    args = ["recipe=nlp", "precision=bf16", f"output_dir={tmp_path}", *COMMON, *TINY["nlp"], "trainer.max_steps=-1"]
+    train(compose(args))  # one epoch: 3 steps
+    result = train(compose([*args, "trainer.max_epochs=2", "ckpt_path=last"]))
+    assert result["optimizer_steps"] == 6, "the step count continues from the checkpoint (3 + 3)"
+
+
+def test_speech_frontend_overflows_fp16_and_is_promoted():
+    # A loud clip's power spectrum exceeds fp16's range inside the mel projection: the case for fallback.
+    wave = torch.sin(torch.linspace(0, 2000, 8000)).unsqueeze(0) * 40
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not torch.isfinite(LogMel()(wave)).all()
+    assert torch.isfinite(LogMel()(wave)).all()
+
+
+# ------------------------------------------------------------------------------------------- data
+def test_generated_sentences_need_more_than_single_words():
+    texts, labels = generate_sentences(400, seed=0)
+    assert generate_sentences(400, seed=0) == (texts, labels), "deterministic"
+    by_word = {}
+    for text, label in zip(texts, labels):
+        for word in set(text.split()):
+            by_word.setdefault(word, set()).add(label)
+    assert by_word["good"] == {0, 1} and by_word["awful"] == {0, 1}, "negation and 'but' flip single words"
+    assert 0.35 < sum(labels) / len(labels) < 0.65
+
+
+def write_cifar(root, per_batch=8):
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), b"labels": list(range(per_batch))}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+def test_cifar10_loader_reads_python_batches(tmp_path):
+    write_cifar(tmp_path)
+    (train_x, train_y), (test_x, test_y) = load_cifar10(tmp_path)
+    assert train_x.shape == (40, 3, 32, 32) and test_x.shape == (8, 3, 32, 32)
+    assert train_y.tolist() == list(range(8)) * 5
+    assert train_x.mean(dim=(0, 2, 3)).abs().max() < 1e-5, "normalised per channel"
+    data = VisionData(root=str(tmp_path), num_classes=10)
+    data.setup()
+    assert len(data.train_set) == 40
+
+
+def test_corrupt_cifar_batch_is_a_clear_error(tmp_path):
+    write_cifar(tmp_path)
+    (tmp_path / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="test_batch is not a CIFAR-10 python batch"):
+        load_cifar10(tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_text_loader_reads_ag_news_layout(tmp_path, suffix):
+    delimiter = "\t" if suffix == ".tsv" else ","
+    rows = [
+        ("3", "Wall St. Bears Claw Back", "Short-sellers are seeing green again."),
+        ("1", "Talks", "Peace talks resume."),
+    ]
+    for name in ("train", "test"):
+        with open(tmp_path / f"{name}{suffix}", "w", newline="") as f:
+            csv.writer(f, delimiter=delimiter).writerows(rows * 4)
+    texts, labels = read_text_csv(tmp_path / f"train{suffix}")
+    assert texts[0] == "Wall St. Bears Claw Back Short-sellers are seeing green again."
+    assert labels[:2] == [1, 0], "labels mapped to 0..K-1 in sorted order"
+    data = TextData(root=str(tmp_path), num_classes=2, max_length=8)
+    data.setup()
+    ids, target = data.train_set[0]
+    assert ids.shape == (8,) and ids[0] > 1 and target == 1
+
+
+def test_corrupt_csv_is_a_clear_error(tmp_path):
+    (tmp_path / "train.csv").write_text("3\n")
+    with pytest.raises(ValueError, match=r"train.csv:1: expected 'label, text'"):
+        read_text_csv(tmp_path / "train.csv")
+
+
+def write_wavs(root, rate=16000):
+    for label, freq in (("yes", 300.0), ("no", 600.0)):
+        (root / label).mkdir(parents=True)
+        for i in range(5):
+            t = np.arange(int(rate * 0.5)) / rate
+            soundfile.write(root / label / f"clip{i}.wav", 0.5 * np.sin(2 * np.pi * freq * t), rate)
+    (root / "validation_list.txt").write_text("yes/clip0.wav\nno/clip0.wav\n")
+
+
+def test_wav_folder_loader_resamples_pads_and_splits(tmp_path):
+    write_wavs(tmp_path)
+    (train_x, train_y), (val_x, val_y), labels = load_wav_folder(tmp_path, sample_rate=8000)
+    assert labels == ["no", "yes"]
+    assert train_x.shape == (8, 8000) and val_x.shape == (2, 8000)
+    assert train_x[:, 4000:].abs().max() == 0, "half a second padded to one"
+    assert sorted(val_y.tolist()) == [0, 1]
+    data = SpeechData(root=str(tmp_path), num_classes=2)
+    data.setup()
+    assert len(data.val_set) == 2
+
+
+def test_corrupt_wav_and_empty_folder_are_clear_errors(tmp_path):
+    write_wavs(tmp_path)
+    (tmp_path / "yes" / "clip1.wav").write_bytes(b"RIFF garbage")
+    with pytest.raises(ValueError, match=r"clip1.wav is not a readable WAV file"):
+        load_wav_folder(tmp_path)
+    empty = tmp_path / "empty"
+    (empty / "yes").mkdir(parents=True)
+    with pytest.raises(ValueError, match="has no .wav files"):
+        load_wav_folder(empty)
+
+
+def test_num_classes_must_match_the_data(tmp_path):
+    write_wavs(tmp_path)
+    with pytest.raises(ValueError, match=r"data.num_classes=6 but the data has 2 classes"):
+        SpeechData(root=str(tmp_path)).setup()
+
+
+# ---------------------------------------------------------------------------------------- compare, CLI
+@pytest.mark.slow
+def test_compare_produces_the_table(tmp_path, capsys):
+    rows = compare(["recipe=nlp", "precisions=fp32,bf16", f"output_dir={tmp_path}/run", *COMMON, *TINY["nlp"]])
+    assert [r["precision"] for r in rows] == ["fp32", "bf16"]
+    table = (tmp_path / "compare" / "compare.md").read_text()
+    assert table.splitlines()[0].startswith("| precision | val acc | vs fp32 |")
+    assert "| fp32 |" in table and "| bf16 |" in table and "+0.000" in table
+    assert json.loads((tmp_path / "compare" / "compare.json").read_text()) == rows
+    assert "precision comparison" in capsys.readouterr().out
+
+
+def test_compare_refuses_unknown_precisions(capsys):
+    assert main(["compare", "precisions=fp32,fp8"]) == 2
+    assert "precisions='fp32,fp8' is invalid" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("lightning-mp") is None, reason="console script not installed")
+def test_console_script_runs_from_an_unrelated_directory(tmp_path):
+    command = [
+        "lightning-mp",
+        "train",
+        "experiment=quick",
+        "recipe=nlp",
+        "precision=bf16",
+        *TINY["nlp"],
+        "callbacks.progress_bar=null",
+        "logger=csv",
+    ]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "outputs" / "nlp" / "bf16" / "result.json").read_text())["precision"] == "bf16"
+    bad = subprocess.run(["lightning-mp", "train", "recipe=vizion"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
