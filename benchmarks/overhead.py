@@ -6,7 +6,7 @@ on_train_batch_end). The figure reported is the median over rounds of (variant /
 the same round; ``noise`` is the reference measured against a second copy of itself the same way, so a
 ratio inside 1 +- noise is not distinguishable from 1 on this machine.
 
-    python -m benchmarks.overhead            # bf16 CNN and Transformer, fp16 tiny MLP (a few minutes)
+    python -m benchmarks.overhead            # bf16 CNN and Transformer, fp16 MLPs (about 6 minutes)
     python -m benchmarks.overhead --quick    # CI-sized smoke run
 """
 
@@ -24,7 +24,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mp import AdaptiveLossScaler, AdaptiveMP
+from lightning_mp import AdaptiveLossScaler, AdaptiveMP, PrecisionReport
 
 
 class Timer(L.Callback):
@@ -79,8 +79,12 @@ class Transformer(nn.Module):
         return self.head(self.encoder(self.embed(tokens)).mean(dim=1))
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+def mlp(width: int = 64) -> nn.Module:
+    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
+def wide_mlp() -> nn.Module:
+    return mlp(512)
 
 
 def data(kind: str, batches: int) -> DataLoader:
@@ -108,7 +112,8 @@ def step_time(make_plugin, make_net, kind: str, steps: int, warmup: int) -> floa
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        # The report is written at the end of fit, outside the timed steps; keep the console quiet.
+        callbacks=[timer, PrecisionReport(console=False)],
     )
     trainer.fit(Task(make_net()), data(kind, steps + warmup))
     return statistics.median(timer.times[warmup:])
@@ -186,7 +191,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     rows += compare("CNN bf16", "cnn", cnn, bf16, args.rounds, args.steps, warmup)
     rows += compare("Transformer bf16", "transformer", Transformer, bf16, args.rounds, args.steps, warmup)
-    rows += compare("MLP fp16", "mlp", mlp, fp16, args.rounds, args.steps, warmup)
+    rows += compare("MLP-64 fp16", "mlp", mlp, fp16, args.rounds, args.steps, warmup)
+    rows += compare("MLP-512 fp16", "mlp", wide_mlp, fp16, args.rounds, args.steps, warmup)
     return rows
 
 
