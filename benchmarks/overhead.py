@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = least noise)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="*", default=None, help="model rows to run, e.g. --only 'MLP-512 fp16'")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 2, 5
@@ -188,11 +189,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"median step-time ratio vs Lightning, {args.rounds} interleaved rounds x {args.steps} steps, "
         f"{args.threads} thread(s)"
     )
+    suites = [
+        ("CNN bf16", "cnn", cnn, bf16),
+        ("Transformer bf16", "transformer", Transformer, bf16),
+        ("MLP-64 fp16", "mlp", mlp, fp16),
+        ("MLP-512 fp16", "mlp", wide_mlp, fp16),
+    ]
     rows = []
-    rows += compare("CNN bf16", "cnn", cnn, bf16, args.rounds, args.steps, warmup)
-    rows += compare("Transformer bf16", "transformer", Transformer, bf16, args.rounds, args.steps, warmup)
-    rows += compare("MLP-64 fp16", "mlp", mlp, fp16, args.rounds, args.steps, warmup)
-    rows += compare("MLP-512 fp16", "mlp", wide_mlp, fp16, args.rounds, args.steps, warmup)
+    for name, kind, make_net, variants in suites:
+        if args.only is None or name in args.only:
+            rows += compare(name, kind, make_net, variants, args.rounds, args.steps, warmup)
     return rows
 
 

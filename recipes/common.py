@@ -6,6 +6,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 
@@ -56,6 +57,35 @@ class Classifier(L.LightningModule):
         warmup = max(self.hparams.warmup_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class TensorDataModule(L.LightningDataModule):
+    """What every recipe's datamodule shares: the class-count check and seeded loaders over in-memory tensors.
+
+    Subclasses implement ``load() -> (train, val, classes_found)`` with train/val as tuples of tensors.
+    """
+
+    num_classes: int
+    batch_size: int
+    seed: int
+
+    def load(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], int]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        train, val, found = self.load()
+        if found != self.num_classes:
+            raise ValueError(
+                f"data.num_classes={self.num_classes} but the data has {found} classes; set data.num_classes={found}."
+            )
+        self.train_set, self.val_set = TensorDataset(*train), TensorDataset(*val)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)  # the same order for every precision
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size * 2)
 
 
 def check_root(root, field: str = "data.root"):

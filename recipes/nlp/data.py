@@ -10,11 +10,9 @@ from __future__ import annotations
 import csv
 import random
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mp.recipes.common import check_root
+from lightning_mp.recipes.common import TensorDataModule, check_root
 
 SUBJECTS = [
     "the movie",
@@ -82,7 +80,7 @@ def read_text_csv(path) -> tuple[list[str], list[int]]:
     return [text for _, text in rows], [index[label] for label, _ in rows]
 
 
-class TextData(L.LightningDataModule):
+class TextData(TensorDataModule):
     """Generated sentences by default; ``root/train.csv`` and ``root/test.csv`` (or ``.tsv``) when given.
 
     Args:
@@ -121,22 +119,16 @@ class TextData(L.LightningDataModule):
             f"data.root={str(self.root)!r} needs train.csv and test.csv (or .tsv) with rows 'label, text'."
         )
 
-    def setup(self, stage: str | None = None) -> None:
+    def load(self):
         if self.root is None:
-            train, val = (
-                generate_sentences(self.train_size, self.seed),
-                generate_sentences(self.val_size, self.seed + 1),
-            )
+            train = generate_sentences(self.train_size, self.seed)
+            val = generate_sentences(self.val_size, self.seed + 1)
         else:
             train_file, test_file = self._files()
             train, val = read_text_csv(train_file), read_text_csv(test_file)
-        found = max(train[1]) + 1
-        if found != self.num_classes:
-            raise ValueError(
-                f"data.num_classes={self.num_classes} but the data has {found} classes; set data.num_classes={found}."
-            )
+        # The tokenizer learns its vocabulary from the training texts only.
         self.tokenizer = self._train_tokenizer(train[0])
-        self.train_set, self.val_set = self._encode(*train), self._encode(*val)
+        return self._encode(*train), self._encode(*val), max(train[1]) + 1
 
     def _train_tokenizer(self, texts):
         from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -151,14 +143,6 @@ class TextData(L.LightningDataModule):
         tokenizer.enable_truncation(self.max_length)
         return tokenizer
 
-    def _encode(self, texts, labels) -> TensorDataset:
+    def _encode(self, texts, labels) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.tensor([e.ids for e in self.tokenizer.encode_batch(texts)], dtype=torch.long)
-        return TensorDataset(ids, torch.tensor(labels, dtype=torch.long))
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed)
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size * 2)
+        return ids, torch.tensor(labels, dtype=torch.long)

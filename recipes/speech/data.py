@@ -10,12 +10,10 @@ from __future__ import annotations
 import math
 import zlib
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mp.recipes.common import check_root
+from lightning_mp.recipes.common import TensorDataModule, check_root
 
 KEYWORDS = 6
 
@@ -95,7 +93,7 @@ def load_wav_folder(root, sample_rate: int = 8000, seconds: float = 1.0):
     return stack("train"), stack("val"), labels
 
 
-class SpeechData(L.LightningDataModule):
+class SpeechData(TensorDataModule):
     """Synthesized keywords by default; a WAV folder per label when ``root`` is given.
 
     Args:
@@ -122,24 +120,9 @@ class SpeechData(L.LightningDataModule):
         self.root, self.num_classes, self.sample_rate, self.batch_size = root, num_classes, sample_rate, batch_size
         self.train_size, self.val_size, self.seed = train_size, val_size, seed
 
-    def setup(self, stage: str | None = None) -> None:
+    def load(self):
         if self.root is None:
             train = synthesize_keywords(self.train_size, self.seed, self.sample_rate)
-            val = synthesize_keywords(self.val_size, self.seed + 1, self.sample_rate)
-            found = KEYWORDS
-        else:
-            train, val, labels = load_wav_folder(self.root, self.sample_rate)
-            found = len(labels)
-        if found != self.num_classes:
-            raise ValueError(
-                f"data.num_classes={self.num_classes} but the data has {found} classes; set data.num_classes={found}."
-            )
-        self.train_set, self.val_set = TensorDataset(*train), TensorDataset(*val)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed)
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size * 2)
+            return train, synthesize_keywords(self.val_size, self.seed + 1, self.sample_rate), KEYWORDS
+        train, val, labels = load_wav_folder(self.root, self.sample_rate)
+        return train, val, len(labels)

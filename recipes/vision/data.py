@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pickle
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_mp.recipes.common import check_root
+from lightning_mp.recipes.common import TensorDataModule, check_root
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 
@@ -78,7 +76,7 @@ def load_cifar10(root) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.T
     return ((train[0] - mean) / std, train[1]), ((test[0] - mean) / std, test[1])
 
 
-class VisionData(L.LightningDataModule):
+class VisionData(TensorDataModule):
     """Shapes by default; CIFAR-10 python batches when ``root`` is given.
 
     Args:
@@ -103,23 +101,8 @@ class VisionData(L.LightningDataModule):
         self.root, self.num_classes, self.batch_size = root, num_classes, batch_size
         self.train_size, self.val_size, self.seed = train_size, val_size, seed
 
-    def setup(self, stage: str | None = None) -> None:
+    def load(self):
         if self.root is None:
-            train, val = draw_shapes(self.train_size, self.seed), draw_shapes(self.val_size, self.seed + 1)
-            found = len(SHAPES)
-        else:
-            train, val = load_cifar10(self.root)
-            found = 10
-        if found != self.num_classes:
-            raise ValueError(
-                f"data.num_classes={self.num_classes} but the data has {found} classes; set data.num_classes={found}."
-            )
-        self.train_set, self.val_set = TensorDataset(*train), TensorDataset(*val)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set, batch_size=self.batch_size, shuffle=True, generator=torch.Generator().manual_seed(self.seed)
-        )
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size * 2)
+            return draw_shapes(self.train_size, self.seed), draw_shapes(self.val_size, self.seed + 1), len(SHAPES)
+        train, val = load_cifar10(self.root)
+        return train, val, 10
