@@ -31,10 +31,16 @@ class Timer(L.Callback):
     def __init__(self) -> None:
         self.times: list[float] = []
 
+    def _sync(self, module) -> None:
+        if module.device.type == "cuda":  # GPU work is asynchronous: time it to completion
+            torch.cuda.synchronize(module.device)
+
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._sync(module)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._sync(module)
         self.times.append(time.perf_counter() - self._start)
 
 
@@ -87,23 +93,23 @@ def wide_mlp() -> nn.Module:
     return mlp(512)
 
 
-def data(kind: str, batches: int) -> DataLoader:
+def data(kind: str, batches: int, batch_size: int = 32, seq: int = 64) -> DataLoader:
     gen = torch.Generator().manual_seed(0)
-    n = 32 * batches
+    n = batch_size * batches
     if kind == "cnn":
         x = torch.randn(n, 3, 32, 32, generator=gen)
     elif kind == "transformer":
-        x = torch.randint(0, 1000, (n, 64), generator=gen)
+        x = torch.randint(0, 1000, (n, seq), generator=gen)
     else:
         x = torch.randn(n, 64, generator=gen)
-    return DataLoader(TensorDataset(x, torch.randint(0, 10, (n,), generator=gen)), batch_size=32)
+    return DataLoader(TensorDataset(x, torch.randint(0, 10, (n,), generator=gen)), batch_size=batch_size)
 
 
-def step_time(make_plugin, make_net, kind: str, steps: int, warmup: int) -> float:
+def step_time(make_plugin, make_net, kind: str, steps: int, warmup: int, accelerator="cpu", batch_size=32) -> float:
     torch.manual_seed(0)
     timer = Timer()
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         plugins=[make_plugin()],
         default_root_dir=tempfile.mkdtemp(prefix="lmp-overhead-"),  # the report goes here, not into the repo
@@ -115,16 +121,16 @@ def step_time(make_plugin, make_net, kind: str, steps: int, warmup: int) -> floa
         # The report is written at the end of fit, outside the timed steps; keep the console quiet.
         callbacks=[timer, PrecisionReport(console=False)],
     )
-    trainer.fit(Task(make_net()), data(kind, steps + warmup))
+    trainer.fit(Task(make_net()), data(kind, steps + warmup, batch_size))
     return statistics.median(timer.times[warmup:])
 
 
-def compare(name, kind, make_net, variants, rounds, steps, warmup) -> list[dict]:
+def compare(name, kind, make_net, variants, rounds, steps, warmup, **run) -> list[dict]:
     names = list(variants)
     per_round: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate who runs first
-        times = {n: step_time(variants[n], make_net, kind, steps, warmup) for n in order}
+        times = {n: step_time(variants[n], make_net, kind, steps, warmup, **run) for n in order}
         for n in names:
             per_round[n].append(times[n] / times[names[0]])
     noise = max(abs(statistics.median(per_round[names[1]]) - 1), 1e-4)

@@ -1,0 +1,29 @@
+"""The benchmarks' --quick modes run (CI keeps them from rotting); they print figures and assert no timing."""
+
+import pytest
+
+from benchmarks import overhead, scaler_real, scaler_streams
+
+
+@pytest.mark.slow
+def test_scaler_streams_quick_reports_every_scaler_on_every_stream():
+    rows = scaler_streams.main(["--quick"])
+    assert {(r["stream"], r["scaler"]) for r in rows} == {
+        (stream, scaler) for stream in scaler_streams.STREAMS for scaler in scaler_streams.scalers(200)
+    }
+    gradscaler = [r for r in rows if r["scaler"] == "GradScaler"]
+    assert all(r["skipped_vs_gradscaler"] == 1.0 for r in gradscaler)
+
+
+@pytest.mark.slow
+def test_overhead_quick_measures_ratios_against_lightning():
+    rows = overhead.main(["--quick", "--only", "MLP-64 fp16"])
+    assert {r["variant"] for r in rows} >= {"Lightning MixedPrecision fp16 (again)", "AdaptiveMP fp16, stats off"}
+    assert all(r["ratio"] > 0 and r["noise"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_scaler_real_quick_compares_both_scalers():
+    rows = scaler_real.main(["--quick"])
+    assert [r["scaler"] for r in rows] == ["GradScaler", "AdaptiveLossScaler"]
+    assert all(r["skipped"] >= 0 and sum(r["time_at_scale"].values()) == pytest.approx(1.0, abs=0.01) for r in rows)
