@@ -22,24 +22,12 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
-from benchmarks.overhead import Transformer, compare, step_time
+from benchmarks.overhead import Transformer, cnn, compare, step_time
 from lightning_mp import AdaptiveMP
 
 
 def wide_cnn() -> nn.Module:
-    def block(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
-
-    return nn.Sequential(
-        block(3, 128),
-        block(128, 128),
-        nn.MaxPool2d(2),
-        block(128, 256),
-        block(256, 256),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(256, 10),
-    )
+    return cnn(width=128)
 
 
 def big_transformer() -> nn.Module:

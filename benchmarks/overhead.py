@@ -57,19 +57,19 @@ class Task(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
 
-def cnn() -> nn.Module:
+def cnn(width: int = 32) -> nn.Module:
     def block(cin, cout):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
 
     return nn.Sequential(
-        block(3, 32),
-        block(32, 32),
+        block(3, width),
+        block(width, width),
         nn.MaxPool2d(2),
-        block(32, 64),
-        block(64, 64),
+        block(width, 2 * width),
+        block(2 * width, 2 * width),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(64, 10),
+        nn.Linear(2 * width, 10),
     )
 
 
