@@ -140,3 +140,15 @@ def test_injected_faults_are_skipped_and_attributed(precision, steps):
     print(f"{precision}: {len(plan)} faults, phase right {right_phase}, module right {right_module}/{located}")
     assert right_phase >= len(plan) - 1
     assert right_module >= 0.95 * located
+
+
+def test_events_are_kept_in_a_bounded_buffer_with_running_counts():
+    plan = schedule(200, rate=0.5, seed=1)
+    plugin = AdaptiveMP("bf16-mixed", auto_fallback=False, attach_callbacks=False, stats="off", max_events=20)
+    t = trainer(plugins=[plugin], max_steps=200)
+    t.fit(FaultyNet(plan), DataLoader(Batches(plan, 200), batch_size=None))
+    assert len(plugin.overflow_events) == 20
+    assert [e.step for e in plugin.overflow_events] == sorted(plan)[-20:], "the newest events are kept"
+    assert sum(plugin.overflow_counts.values()) == len(plan) > 20, "the counts cover every event"
+    assert len(plugin.state_dict()["events"]) == 20
+    assert not plugin.tracker.order.recording and not plugin.statistics.active, "no hooks left behind"
