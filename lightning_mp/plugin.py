@@ -274,9 +274,19 @@ class AdaptiveMP(Precision):
         self.fallback.setup(self._model, self.precision, self.device)
         if self.attach_callbacks and self._model._trainer is not None:
             _attach_default_callbacks(self._model.trainer)
-        self.tracker.order.record(self._model)
+        if self._model._trainer is None or self._model.trainer.training:
+            self.tracker.order.record(self._model)  # removed after the first optimizer step (or at teardown)
         lr_schedulers = [self._skip_aware(config) for config in lr_schedulers]
         return model, optimizers, lr_schedulers
+
+    @override
+    def teardown(self) -> None:
+        """Remove every hook we may still hold (an interrupted run, or a run with no optimizer step)."""
+        self.tracker.order.stop()
+        self.tracker.probe.disarm()
+        if self.statistics.active and self._model is not None:
+            self.statistics.collect(self._model, 1.0, self.stats_dtype)
+        super().teardown()
 
     def _skip_aware(self, config: Any) -> Any:
         if not isinstance(config, LRSchedulerConfig) or config.interval != "step" or config.reduce_on_plateau:

@@ -209,3 +209,12 @@ def test_escalation_ladder_switches_fp16_to_bf16_then_stops_with_a_diagnosis(mon
     assert plugin.precision == "bf16-mixed" and plugin.scaler is None
     assert plugin.skipped_steps == 6, "the scaler's count survives the switch"
     assert any("switching from fp16 to bf16" in str(w.message) for w in recwarn)
+
+
+def test_no_hooks_are_left_after_fit_validate_and_predict():
+    plugin = fp16(stats="full", stats_every=1)
+    model, t = fit(plugin, model_cls=lse_net, data=scaled_loader(1.5), max_steps=4)  # arms the probe too
+    t.validate(model, loader(), verbose=False)
+    t.predict(model, loader())
+    hooks = [m._forward_hooks or m._forward_pre_hooks for m in model.modules() if not isinstance(m, TroubleNet)]
+    assert not any(hooks), "forward hooks left on the model"
