@@ -15,6 +15,27 @@ from torch.optim import Optimizer
 _INF = float("inf")
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2 / ModelParallelStrategy gradients); other tensors unchanged."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if callable(to_local) else tensor
+
+
+def is_sharded(tensors: Iterable[torch.Tensor]) -> bool:
+    return any(callable(getattr(t, "to_local", None)) for t in tensors)
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise max across ranks, in place (a no-op without an initialised process group).
+
+    Sharded gradients make found-inf flags and amax local to each rank's shard: every rank must see the
+    same values, or they would skip different steps and pick different scales.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return values
+
+
 def optimizer_grads(optimizer: Optimizer) -> list[torch.Tensor]:
     """The gradients an optimizer would apply, as dense tensors (sparse gradients contribute their values)."""
     grads = []
@@ -45,7 +66,7 @@ def amax(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     on CPU the infinity norm takes the slow scalar path and is 8x slower for the same answer.
     """
     partial = []
-    for tensor in tensors:
+    for tensor in map(local, tensors):
         if tensor.numel():
             low, high = torch.aminmax(tensor)
             partial.append(torch.maximum(high, -low).float().to(device, non_blocking=True))
@@ -58,7 +79,7 @@ def finite_sum(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
     """Sum of all elements in float32 as a 0-d tensor: finite exactly when every element is (inf and NaN
     propagate through a sum; finite values would need to exceed 3e38 to overflow it). The cheapest
     non-finite check there is: one streaming pass, no temporary."""
-    partial = [t.sum(dtype=torch.float32).to(device, non_blocking=True) for t in tensors if t.numel()]
+    partial = [t.sum(dtype=torch.float32).to(device, non_blocking=True) for t in map(local, tensors) if t.numel()]
     if not partial:
         return torch.zeros((), dtype=torch.float32, device=device)
     return torch.stack(partial).sum()

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from lightning_mp._grads import amax, finite_sum
+from lightning_mp._grads import amax, finite_sum, local
 
 __all__ = [
     "ExecutionOrder",
@@ -250,6 +250,20 @@ def _all_reduce(values: list[float], op: str) -> list[float]:
     return tensor.tolist()
 
 
+def _agree(model: nn.Module, found: tuple[str, str, str] | None) -> tuple[str, str, str] | None:
+    """Combine one rank's (fqn, kind, dtype) finding across ranks: the lowest module index any rank found,
+    with that rank's kind. Every rank gets the same answer, so every rank blames the same module."""
+    names = [fqn for fqn, _ in model.named_modules()]
+    mine = float(names.index(found[0])) if found else float(len(names))
+    (index,) = _all_reduce([mine], "MIN")
+    kind_code = float({"inf": INF, "nan": NAN}[found[1]]) if found and mine == index else 0.0
+    (kind_code,) = _all_reduce([kind_code], "MAX")
+    if int(index) >= len(names):
+        return None
+    dtype = found[2] if found and mine == index else "unknown"
+    return names[int(index)], KINDS[int(kind_code)] if kind_code else "nan", dtype
+
+
 class OverflowTracker:
     """The attribution state machine of one training run: cheap flags, the armed probe, the order.
 
@@ -294,28 +308,20 @@ class OverflowTracker:
             return Finding("input", None, KINDS[input_code], "input")
         if loss_code:
             return self._attribute_forward(model, loss_code)
-        found = nearest_nonfinite_grad(model, self.order.names)
+        # With sharded (FSDP2) gradients each rank sees only its shard: agree on one module.
+        found = _agree(model, nearest_nonfinite_grad(model, self.order.names))
         if found is None:
             return Finding("backward", None, "nan", "unknown")
-        return Finding("backward", found[0], found[1], found[2])
+        return Finding("backward", *found)
 
     def _attribute_forward(self, model: nn.Module, loss_code: int) -> Finding:
         if not self.probe.armed:
             self.probe.arm(model, self.watch_steps)
             return Finding("forward", None, KINDS[loss_code], "unknown")
-        names = [fqn for fqn, _ in model.named_modules()]
-        offender = self.probe.first_offender()
-        # Combine across ranks: the lowest module index any rank blamed, with that rank's kind.
-        index = float(names.index(offender[0])) if offender else float(len(names))
-        (index,) = _all_reduce([index], "MIN")
-        kind_code = (
-            float({"inf": INF, "nan": NAN}[offender[1]]) if offender and names.index(offender[0]) == index else 0.0
-        )
-        (kind_code,) = _all_reduce([kind_code], "MAX")
-        if int(index) >= len(names):
+        found = _agree(model, self.probe.first_offender())
+        if found is None:
             return Finding("loss", None, KINDS[loss_code], "loss")
-        dtype = offender[2] if offender else "unknown"
-        return Finding("forward", names[int(index)], KINDS[int(kind_code)] if kind_code else "nan", dtype)
+        return Finding("forward", *found)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -430,7 +436,7 @@ class ModuleStatistics:
             keys.append(key)
             tensors.append(torch.stack([v.float().to(values[0].device) for v in values]).max())
         for fqn, module in model.named_modules():
-            grads = [p.grad for p in module.parameters(recurse=False) if p.grad is not None]
+            grads = [local(p.grad) for p in module.parameters(recurse=False) if p.grad is not None]
             if fqn and grads:
                 keys += [f"pgrad:{fqn}", f"under:{fqn}"]
                 numel = sum(g.numel() for g in grads)

@@ -41,7 +41,7 @@ from torch.nn import Module
 from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
 
-from lightning_mp._grads import finite_sum, optimizer_grads
+from lightning_mp._grads import all_reduce_max, finite_sum, is_sharded, local, optimizer_grads
 from lightning_mp.diagnostics import (
     LEVELS,
     Finding,
@@ -444,8 +444,12 @@ class AdaptiveMP(Precision):
         grads = optimizer_grads(optimizer)
         if not grads:
             return False
-        # One streaming sum per gradient (inf and NaN propagate), one flag read on the host.
-        return not bool(torch.isfinite(finite_sum(grads, grads[0].device)))
+        # One streaming sum per gradient (inf and NaN propagate), one flag read on the host. Sharded (DTensor)
+        # gradients are checked shard by shard, so the ranks agree on the flag before anyone skips.
+        flag = (~torch.isfinite(finite_sum(grads, local(grads[0]).device))).float().reshape(1)
+        if is_sharded(grads):
+            all_reduce_max(flag)
+        return bool(flag.item())
 
     # -------------------------------------------------------------------------- attribution, fallback
     def _attribute(self) -> Finding | None:

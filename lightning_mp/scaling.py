@@ -75,7 +75,7 @@ from typing import Any, Literal
 import torch
 from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 
-from lightning_mp._grads import amax, group_by_device_and_dtype
+from lightning_mp._grads import all_reduce_max, amax, group_by_device_and_dtype, is_sharded, local
 
 __all__ = ["AdaptiveLossScaler", "LossScaleFloorError", "ScalePolicy", "ScalerConfig"]
 
@@ -455,6 +455,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         self.last_amax: float | None = None  # unscaled gradient amax of the last step, when tracked
         self.last_action: str | None = None
         self._excused = False
+        self._sharded = False  # gradients are DTensor shards (FSDP2): flags must be combined across ranks
 
     # ----------------------------------------------------------------------------------------- public
     @property
@@ -527,6 +528,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
             if self.track_amax:
                 scaled_amax = amax(grads, inv_scale.device)
                 self._per_optimizer_states[id(optimizer)]["scaled_amax"] = scaled_amax
+            self._sharded = is_sharded(grads)
             found_per_device = {}
             for device, by_dtype in group_by_device_and_dtype(grads).items():
                 found_per_device[device] = found_inf.to(device, copy=True) if device != found_inf.device else found_inf
@@ -544,7 +546,10 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         scaled_amax = optimizer_state.get("scaled_amax")
         if scaled_amax is not None:
             values.append(scaled_amax.to(device))
-        host = torch.stack(values).tolist()
+        stacked = torch.stack([local(v) for v in values])
+        if self._sharded:
+            all_reduce_max(stacked)  # each rank checked only its shard: agree before deciding anything
+        host = stacked.tolist()
         found = any(v != 0 for v in (host[:-1] if scaled_amax is not None else host))
         amax_value = host[-1] / self._policy.scale if scaled_amax is not None else None
         optimizer_state["host"] = (found, amax_value)

@@ -1,4 +1,5 @@
-"""AdaptiveMP under Lightning's DDP on CPU: decisions are identical on every rank."""
+"""AdaptiveMP under Lightning's DDP and ModelParallelStrategy (FSDP2) on CPU: decisions are identical on every
+rank even when only one rank's data overflows."""
 
 import json
 import os
@@ -12,10 +13,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_overflow_on_one_rank_gives_identical_promotions_and_weights(tmp_path):
+@pytest.mark.parametrize("worker", ["ddp_worker", "model_parallel_worker"], ids=["ddp", "fsdp2"])
+def test_overflow_on_one_rank_gives_identical_promotions_and_weights(tmp_path, worker):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.integration.ddp_worker", str(tmp_path)],
+        [sys.executable, "-m", f"tests.integration.{worker}", str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
