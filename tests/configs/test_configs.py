@@ -11,7 +11,7 @@ from lightning_mp.cli import compose, list_configs, main
 GROUPS = {
     "recipe": ["nlp", "speech", "vision"],
     "precision": ["auto", "bf16", "fp16", "fp32"],
-    "trainer": ["default"],
+    "trainer": ["default", "slurm"],
     "logger": ["csv", "tensorboard"],
     "callbacks": ["default"],
     "experiment": ["long", "quick"],
@@ -35,7 +35,7 @@ def shipped_yaml():
 
 def test_discovers_every_shipped_config():
     files = shipped_yaml()
-    assert len(files) == 1 + sum(len(v) for v in GROUPS.values()) == 14
+    assert len(files) == 1 + sum(len(v) for v in GROUPS.values()) == 15
     assert {g: [n for n, _ in entries] for g, entries in list_configs().items()} == GROUPS
 
 
