@@ -24,14 +24,13 @@ class RankData(L.LightningDataModule):
         return loader_with(x * factor, y, batch_size=2)
 
 
-def main(out: Path) -> None:
-    torch.manual_seed(0)
-    model = TroubleNet(NaiveLogSumExp(), lr=1e-4)
+def run(out: Path, model: L.LightningModule, strategy) -> None:
+    """Fit ``model`` on two CPU processes with ``strategy``; each rank writes what it decided to OUT/rankN.json."""
     plugin = AdaptiveMP("16-mixed", scaler=AdaptiveLossScaler("cpu", init_scale=16.0))
     trainer = L.Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp",
+        strategy=strategy,
         plugins=[plugin],
         use_distributed_sampler=False,  # each rank keeps its own data
         max_steps=6,
@@ -42,15 +41,17 @@ def main(out: Path) -> None:
         default_root_dir=out,
     )
     trainer.fit(model, datamodule=RankData())
+    full = [getattr(p, "full_tensor", p.detach)() for p in model.parameters()]  # DTensor shards -> whole
     result = {
         "fp32_modules": plugin.fp32_modules,
         "skipped_steps": plugin.skipped_steps,
         "scale": plugin.scaler.get_scale(),
         "events": [(e.step, e.phase, e.module) for e in plugin.overflow_events],
-        "weights": [v for p in model.parameters() for v in p.detach().flatten().tolist()],
+        "weights": [v for p in full for v in p.detach().flatten().tolist()],
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    torch.manual_seed(0)
+    run(Path(sys.argv[1]), TroubleNet(NaiveLogSumExp(), lr=1e-4), strategy="ddp")
