@@ -17,10 +17,12 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from omegaconf import DictConfig
 
 CONFIG_MODULE = "lightning_mp.conf"
@@ -71,7 +73,6 @@ def _validate(cfg: DictConfig) -> None:
 # ------------------------------------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one recipe under one precision; write and return its ``result.json``. Reads top to bottom."""
-    import lightning as L
     import torch
     from hydra.utils import instantiate
 
@@ -118,29 +119,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def Throughput():  # noqa: N802 - a factory, so importing this module does not import Lightning
-    import time as _time
+class Throughput(L.Callback):
+    """Training samples per second, counting only time spent inside training batches."""
 
-    import lightning as L
+    def __init__(self) -> None:
+        self.samples, self.seconds = 0, 0.0
 
-    class _Throughput(L.Callback):
-        """Training samples per second, counting only time spent inside training batches."""
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._start = time.perf_counter()
 
-        def __init__(self) -> None:
-            self.samples, self.seconds = 0, 0.0
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.seconds += time.perf_counter() - self._start
+        self.samples += len(batch[0])
 
-        def on_train_batch_start(self, trainer, module, batch, batch_idx):
-            self._start = _time.perf_counter()
-
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            self.seconds += _time.perf_counter() - self._start
-            self.samples += len(batch[0])
-
-        @property
-        def samples_per_second(self) -> float | None:
-            return self.samples / self.seconds if self.seconds else None
-
-    return _Throughput()
+    @property
+    def samples_per_second(self) -> float | None:
+        return self.samples / self.seconds if self.seconds else None
 
 
 # ----------------------------------------------------------------------------------------------- compare
