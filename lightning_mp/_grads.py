@@ -25,14 +25,15 @@ def is_sharded(tensors: Iterable[torch.Tensor]) -> bool:
     return any(callable(getattr(t, "to_local", None)) for t in tensors)
 
 
-def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
-    """Element-wise max across ranks, in place (a no-op without an initialised process group).
+def all_reduce(values: torch.Tensor, op: str = "MAX") -> torch.Tensor:
+    """Combine ``values`` across ranks in place with ``op`` (``"MAX"``, ``"MIN"``, ...); a no-op without an
+    initialised process group.
 
     Sharded gradients make found-inf flags and amax local to each rank's shard: every rank must see the
     same values, or they would skip different steps and pick different scales.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        torch.distributed.all_reduce(values, op=getattr(torch.distributed.ReduceOp, op))
     return values
 
 

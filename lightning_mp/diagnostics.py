@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from lightning_mp._grads import amax, finite_sum, local
+from lightning_mp._grads import all_reduce, amax, finite_sum, local
 
 __all__ = [
     "ExecutionOrder",
@@ -243,11 +243,9 @@ def _all_reduce(values: list[float], op: str) -> list[float]:
     """Combine host numbers across ranks (no-op without an initialised process group)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return values
-    backend = torch.distributed.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(tensor, op=getattr(torch.distributed.ReduceOp, op))
-    return tensor.tolist()
+    nccl = torch.distributed.get_backend() == "nccl"  # NCCL only reduces CUDA tensors
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    return all_reduce(torch.tensor(values, dtype=torch.float64, device=device), op).tolist()
 
 
 def _agree(model: nn.Module, found: tuple[str, str, str] | None) -> tuple[str, str, str] | None:

@@ -41,7 +41,7 @@ from torch.nn import Module
 from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
 
-from lightning_mp._grads import all_reduce_max, finite_sum, is_sharded, local, optimizer_grads
+from lightning_mp._grads import all_reduce, finite_sum, is_sharded, local, optimizer_grads
 from lightning_mp.diagnostics import (
     LEVELS,
     Finding,
@@ -448,7 +448,7 @@ class AdaptiveMP(Precision):
         # gradients are checked shard by shard, so the ranks agree on the flag before anyone skips.
         flag = (~torch.isfinite(finite_sum(grads, local(grads[0]).device))).float().reshape(1)
         if is_sharded(grads):
-            all_reduce_max(flag)
+            all_reduce(flag)
         return bool(flag.item())
 
     # -------------------------------------------------------------------------- attribution, fallback

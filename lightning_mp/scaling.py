@@ -75,7 +75,7 @@ from typing import Any, Literal
 import torch
 from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 
-from lightning_mp._grads import all_reduce_max, amax, group_by_device_and_dtype, is_sharded, local
+from lightning_mp._grads import all_reduce, amax, group_by_device_and_dtype, is_sharded, local
 
 __all__ = ["AdaptiveLossScaler", "LossScaleFloorError", "ScalePolicy", "ScalerConfig"]
 
@@ -548,7 +548,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
             values.append(scaled_amax.to(device))
         stacked = torch.stack([local(v) for v in values])
         if self._sharded:
-            all_reduce_max(stacked)  # each rank checked only its shard: agree before deciding anything
+            all_reduce(stacked)  # each rank checked only its shard: agree before deciding anything
         host = stacked.tolist()
         found = any(v != 0 for v in (host[:-1] if scaled_amax is not None else host))
         amax_value = host[-1] / self._policy.scale if scaled_amax is not None else None
