@@ -614,13 +614,27 @@ def _attach_default_callbacks(trainer: pl.Trainer) -> None:
     """Give a Trainer that only has AdaptiveMP the monitor, the diagnostics and the report.
 
     Strategies call ``connect`` after the callbacks' ``setup`` but before ``on_fit_start``, so callbacks
-    added here receive every hook they use.
+    added here receive every hook they use. They go before the checkpoint callbacks (Lightning runs those
+    last so that a checkpoint holds every other callback's state for the step just taken), and a run
+    resumed from a checkpoint gives them back their state, which Lightning restored for the other
+    callbacks before this point.
     """
+    from lightning.pytorch.callbacks import Checkpoint
+
     from lightning_mp.callbacks import LossScaleMonitor, OverflowDiagnostics, PrecisionReport
 
+    loaded = getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None) or {}
+    saved_states = loaded.get("callbacks", {})
     for cls in (LossScaleMonitor, OverflowDiagnostics, PrecisionReport):
-        if not any(isinstance(cb, cls) for cb in trainer.callbacks):
-            trainer.callbacks.append(cls())
+        if any(isinstance(cb, cls) for cb in trainer.callbacks):
+            continue
+        callback = cls()
+        if callback.state_key in saved_states:
+            callback.load_state_dict(saved_states[callback.state_key])
+        first_checkpoint = next(
+            (i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, Checkpoint)), len(trainer.callbacks)
+        )
+        trainer.callbacks.insert(first_checkpoint, callback)
 
 
 def _first_line(error: BaseException) -> str:

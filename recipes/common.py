@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+from torchdata.stateful_dataloader.sampler import RandomSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 
@@ -80,9 +82,16 @@ class TensorDataModule(L.LightningDataModule):
             )
         self.train_set, self.val_set = TensorDataset(*train), TensorDataset(*val)
 
-    def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)  # the same order for every precision
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+    def train_dataloader(self) -> StatefulDataLoader:
+        # Stateful loader and sampler: Lightning checkpoints where in the epoch the loader is, so a run resumed
+        # from a mid-epoch checkpoint sees exactly the batches an uninterrupted run sees, in this epoch and
+        # the next. The sampler owns its generator (the same order for every precision); the loader gets
+        # another one for worker seeds, so neither consumes the other's random numbers (nor the global RNG).
+        sampler = RandomSampler(self.train_set, generator=torch.Generator().manual_seed(self.seed))
+        loader_generator = torch.Generator().manual_seed(self.seed + 1)
+        return StatefulDataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=sampler, generator=loader_generator
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size * 2)
