@@ -3,6 +3,7 @@
 from pathlib import Path as _Path
 
 from lightning_mp.callbacks import LossScaleMonitor, OverflowDiagnostics, PrecisionReport
+from lightning_mp.checkpoint import AtomicCheckpointIO
 from lightning_mp.diagnostics import OverflowEvent
 from lightning_mp.plugin import AdaptiveMP
 from lightning_mp.scaling import AdaptiveLossScaler, LossScaleFloorError, ScalePolicy, ScalerConfig
@@ -10,6 +11,7 @@ from lightning_mp.scaling import AdaptiveLossScaler, LossScaleFloorError, ScaleP
 __all__ = [
     "AdaptiveLossScaler",
     "AdaptiveMP",
+    "AtomicCheckpointIO",
     "LossScaleFloorError",
     "LossScaleMonitor",
     "OverflowDiagnostics",
