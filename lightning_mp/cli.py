@@ -18,6 +18,7 @@ import resource
 import subprocess
 import sys
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import torch
     from hydra.utils import instantiate
 
+    from lightning_mp.checkpoint import AtomicCheckpointIO
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     output_dir = Path(cfg.output_dir)
     data = instantiate(cfg.data)
@@ -84,7 +87,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     throughput = Throughput()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [throughput]
-    trainer = instantiate(cfg.trainer, plugins=[plugin], logger=logger, callbacks=callbacks)
+    # Atomic checkpoint writes: a run killed during a save keeps its previous last.ckpt intact.
+    plugins = [plugin, AtomicCheckpointIO()]
+    trainer = instantiate(cfg.trainer, plugins=plugins, logger=logger, callbacks=callbacks)
 
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":
@@ -293,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, overrides = argv[0], argv[1:]
+    # torchdata's StatefulDataLoader calls a deprecated torch function on every construction: noise to a user.
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
     try:
         if command == "train":
             train(compose(overrides))
