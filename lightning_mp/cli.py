@@ -12,6 +12,7 @@ line and exit with status 2 (``LIGHTNING_MP_DEBUG=1`` shows the traceback); noth
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -29,11 +30,14 @@ from omegaconf import DictConfig
 CONFIG_MODULE = "lightning_mp.conf"
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 USAGE = """usage: lightning-mp train [key=value ...]
+       lightning-mp train --multirun [hydra/launcher=slurm] [key=a,b ...]
        lightning-mp compare [precisions=fp32,bf16,fp16] [key=value ...]
        lightning-mp ls
 
 Keys are Hydra overrides of conf/train.yaml, e.g. recipe=nlp precision=fp16 trainer.max_epochs=3
-precision.scaler.growth_interval=500 logger=csv callbacks.early_stopping=null experiment=quick."""
+precision.scaler.growth_interval=500 logger=csv callbacks.early_stopping=null experiment=quick.
+--multirun hands the command line to Hydra: sweeps (precision=fp32,bf16) and launcher plugins
+(hydra/launcher=slurm submits through submitit; pip install "lightning-mp[slurm]")."""
 
 
 class UsageError(Exception):
@@ -41,13 +45,13 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- compose
-def compose(overrides: list[str]) -> DictConfig:
+def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
     """The training config for these overrides (Hydra's compose API; no working-directory change)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=overrides)
+        cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=return_hydra_config)
     _validate(cfg)
     return cfg
 
@@ -122,6 +126,64 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+# ---------------------------------------------------------------------------------------------- multirun
+def multirun(argv: list[str]) -> None:
+    """Hand ``train --multirun ...`` to Hydra's own entry point, which owns sweeps and launcher plugins
+    (``hydra/launcher=slurm``: submitit's SLURM launcher, one task per device; Lightning reads SLURM's
+    variables in each task). Every job composes the same ``train`` config as a single run, and every job
+    of the sweep is composed and checked here first: a typo is one line now, not a failed cluster job."""
+    import hydra
+
+    overrides = [a for a in argv if a not in ("--multirun", "-m")]
+    if any(a.startswith("-") for a in overrides):
+        raise UsageError(f"unknown option {next(a for a in overrides if a.startswith('-'))!r}: only --multirun.")
+    for job in sweep_jobs(overrides):
+        try:
+            launcher = compose(job, return_hydra_config=True).hydra.launcher
+        except Exception as error:
+            if "hydra/launcher" in str(error) and "submitit" in str(error):
+                raise UsageError(
+                    'hydra/launcher=slurm needs Hydra\'s submitit launcher: pip install "lightning-mp[slurm]".'
+                ) from error
+            raise
+    if "submitit" in str(launcher.get("_target_", "")):
+        for key in ("nodes", "tasks_per_node"):
+            if not isinstance(launcher.get(key), int):  # e.g. trainer.devices=auto, which SLURM cannot allocate
+                raise UsageError(
+                    f"hydra.launcher.{key}={launcher.get(key)!r} is invalid: must be an integer; set"
+                    " trainer.num_nodes and trainer.devices to numbers (one SLURM task per device)."
+                )
+
+    hydra_main = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="train", version_base="1.3")
+    saved_argv = sys.argv
+    sys.argv = ["lightning-mp", "--multirun", *overrides]
+    try:
+        hydra_main(_multirun_job)()
+    finally:
+        sys.argv = saved_argv
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The override list of every job of a sweep (``precision=fp32,bf16 seed=0,1`` gives four), using
+    Hydra's own override parser so choice and range sweeps expand exactly as Hydra's sweeper expands them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([override.input_line])
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def _multirun_job(cfg: DictConfig) -> dict[str, Any]:
+    """One job of a multirun, possibly on another machine (submitit pickles this function by name)."""
+    _validate(cfg)
+    return train(cfg)
 
 
 class Throughput(L.Callback):
@@ -253,7 +315,7 @@ def list_configs() -> dict[str, list[tuple[str, str]]]:
     """Recipes, precisions and experiments found in the shipped conf/, each with its one-line header."""
     found = {}
     root = resources.files(CONFIG_MODULE)
-    for group in ("recipe", "precision", "experiment", "trainer", "logger", "callbacks"):
+    for group in ("recipe", "precision", "experiment", "trainer", "logger", "callbacks", "hydra/launcher"):
         entries = []
         for item in sorted(root.joinpath(group).iterdir(), key=lambda p: p.name):
             if item.name.endswith(".yaml"):
@@ -301,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     # torchdata's StatefulDataLoader calls a deprecated torch function on every construction: noise to a user.
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
     try:
-        if command == "train":
+        if command == "train" and ("--multirun" in overrides or "-m" in overrides):
+            multirun(overrides)
+        elif command == "train":
             train(compose(overrides))
         elif command == "compare":
             compare(overrides)

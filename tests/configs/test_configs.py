@@ -15,6 +15,7 @@ GROUPS = {
     "logger": ["csv", "tensorboard"],
     "callbacks": ["default"],
     "experiment": ["long", "quick"],
+    "hydra/launcher": ["slurm"],
 }
 
 
@@ -35,7 +36,7 @@ def shipped_yaml():
 
 def test_discovers_every_shipped_config():
     files = shipped_yaml()
-    assert len(files) == 1 + sum(len(v) for v in GROUPS.values()) == 15
+    assert len(files) == 1 + sum(len(v) for v in GROUPS.values()) == 16
     assert {g: [n for n, _ in entries] for g, entries in list_configs().items()} == GROUPS
 
 

@@ -1,0 +1,1 @@
+# Hydra config package (makes pkg://lightning_mp.conf importable once installed).
