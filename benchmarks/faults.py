@@ -6,8 +6,9 @@ chosen modules' gradients at random steps of a run, and what AdaptiveMP made of 
 
 The campaign reports, per precision: faults injected, reported with the right phase, forward/backward
 faults attributed to the right module, and steps after which a parameter or optimizer state was non-finite
-(must be 0). The long run injects a fault in 30% of its steps and samples resident memory, live tensors and
-the event buffer's length as it goes: all three must stay flat once the run is warm.
+(must be 0). The long runs (fp16 and bf16) inject a fault in 30% of their steps, with statistics and the monitor
+callbacks on, and sample resident memory, live tensors and the event buffer's length as they go: all three
+must stay flat once the run is warm.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_mp import AdaptiveMP
+from lightning_mp import AdaptiveMP, LossScaleMonitor, OverflowDiagnostics
 
 MODULES = ["net.0", "net.2", "net.4"]
 PHASES = ["input", "forward", "loss", "backward"]
@@ -222,12 +223,13 @@ def campaign(precision: str, steps: int, rate: float = 0.35, seed: int = 0) -> d
 
 
 def long_run(precision: str, steps: int, rate: float = 0.3, max_events: int = 100, every: int = 1000) -> dict:
-    """A long run with frequent faults; memory, live tensors and kept events sampled every ``every`` steps."""
+    """A long run with frequent faults and everything a user would have on (statistics, the monitor and
+    diagnostics callbacks); memory, live tensors and kept events sampled every ``every`` steps."""
     plan = schedule(steps, rate, seed=1)
-    memory, watch = MemoryWatch(every), FiniteWatch()
-    plugin = make_plugin(precision, max_events=max_events)
+    memory, watch, monitor = MemoryWatch(every), FiniteWatch(), LossScaleMonitor()
+    plugin = make_plugin(precision, max_events=max_events, stats="cheap")
     start = time.perf_counter()
-    fit(plugin, plan, steps, [memory, watch])
+    fit(plugin, plan, steps, [monitor, OverflowDiagnostics(), memory, watch])
     return {
         "precision": precision,
         "steps": steps,
@@ -236,6 +238,7 @@ def long_run(precision: str, steps: int, rate: float = 0.3, max_events: int = 10
         "samples": memory.samples,
         "nonfinite_steps": len(watch.bad_steps),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "scale_points": len(monitor.scale_history),
         "plugin": plugin,
     }
 
@@ -257,13 +260,20 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
     long_steps = 1000 if args.quick else args.long_steps
-    r = long_run("bf16-mixed", long_steps, every=max(long_steps // 10, 1))
-    results["long_run"] = r
-    print(f"\nlong run, bf16, {r['steps']} steps, {r['faults']} faults, {r['seconds']:.0f} s, max_events=100:")
-    print("   step   RSS MB  live tensors  events kept  events seen")
-    for s in r["samples"]:
-        print(f"{s['step']:7} {s['rss_mb']:8.1f} {s['tensors']:13} {s['events_kept']:12} {s['events_seen']:12}")
-    print(f"peak RSS {r['peak_rss_mb']:.0f} MB; non-finite weights after {r['nonfinite_steps']} steps")
+    results["long_run"] = []
+    for precision in ("16-mixed", "bf16-mixed"):
+        r = long_run(precision, long_steps, every=max(long_steps // 10, 1))
+        results["long_run"].append(r)
+        print(
+            f"\nlong run, {precision}, {r['steps']} steps, {r['faults']} faults, {r['seconds']:.0f} s, max_events=100:"
+        )
+        print("   step   RSS MB  live tensors  events kept  events seen")
+        for s in r["samples"]:
+            print(f"{s['step']:7} {s['rss_mb']:8.1f} {s['tensors']:13} {s['events_kept']:12} {s['events_seen']:12}")
+        print(
+            f"peak RSS {r['peak_rss_mb']:.0f} MB (this process so far); scale history points kept "
+            f"{r['scale_points']}; steps ending with non-finite weights {r['nonfinite_steps']}"
+        )
     return results
 
 

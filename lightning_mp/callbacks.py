@@ -34,11 +34,38 @@ def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
 
 
 class LossScaleMonitor(pl.Callback):
-    """Logs the loss scale, skipped steps, overflow events and fp32 modules; keeps the scale history."""
+    """Logs the loss scale, skipped steps, overflow events and fp32 modules; keeps the scale history.
 
-    def __init__(self) -> None:
+    Args:
+        max_points: the most ``(step, scale)`` points kept. The history starts with every optimizer step;
+            when it would exceed this, every other point is dropped and from then on only every second
+            (fourth, ...) step is recorded, so memory stays bounded on any run length with an even
+            resolution over the whole run. ``history()`` always ends with the latest step.
+    """
+
+    def __init__(self, max_points: int = 4096) -> None:
+        if not isinstance(max_points, int) or max_points < 2:
+            raise ValueError(f"LossScaleMonitor: max_points={max_points!r} is invalid: an integer >= 2.")
+        self.max_points = max_points
         self.scale_history: list[tuple[int, float]] = []
+        self._stride = 1
+        self._latest: tuple[int, float] | None = None
         self._steps_seen = 0
+
+    def record(self, step: int, scale: float) -> None:
+        self._latest = (step, scale)
+        if step % self._stride:
+            return
+        self.scale_history.append((step, scale))
+        if len(self.scale_history) > self.max_points:
+            self._stride *= 2
+            self.scale_history = [p for p in self.scale_history if p[0] % self._stride == 0]
+
+    def history(self) -> list[tuple[int, float]]:
+        """The kept points, ending with the latest step seen."""
+        if self._latest is not None and (not self.scale_history or self.scale_history[-1] != self._latest):
+            return [*self.scale_history, self._latest]
+        return list(self.scale_history)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
@@ -48,7 +75,7 @@ class LossScaleMonitor(pl.Callback):
         self._steps_seen = plugin._steps
         scale = plugin.scaler.get_scale() if plugin.scaler is not None else None  # a host float: no sync
         if scale is not None:
-            self.scale_history.append((plugin._steps, scale))
+            self.record(plugin._steps, scale)
         if plugin._steps % max(trainer.log_every_n_steps, 1) == 0:
             metrics = {
                 "precision/skipped_steps": plugin.skipped_steps,
@@ -61,11 +88,19 @@ class LossScaleMonitor(pl.Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"scale_history": [list(p) for p in self.scale_history], "steps_seen": self._steps_seen}
+        return {
+            "scale_history": [list(p) for p in self.scale_history],
+            "stride": self._stride,
+            "latest": list(self._latest) if self._latest is not None else None,
+            "steps_seen": self._steps_seen,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.scale_history = [tuple(p) for p in state_dict.get("scale_history", [])]
+        self._stride = state_dict.get("stride", 1)
+        latest = state_dict.get("latest")
+        self._latest = tuple(latest) if latest is not None else None
         self._steps_seen = state_dict.get("steps_seen", 0)
 
 
@@ -134,7 +169,7 @@ class PrecisionReport(pl.Callback):
         if plugin is None:
             return
         monitor = next((cb for cb in trainer.callbacks if isinstance(cb, LossScaleMonitor)), None)
-        self.report = build_report(plugin, monitor.scale_history if monitor is not None else [])
+        self.report = build_report(plugin, monitor.history() if monitor is not None else [])
         # trainer.log_dir is a collective under DDP (a broadcast): every rank asks, only rank zero writes.
         self._write(self.dirpath or trainer.log_dir or trainer.default_root_dir)
 

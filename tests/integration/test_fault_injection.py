@@ -65,8 +65,9 @@ def test_events_are_kept_in_a_bounded_buffer_with_running_counts():
 
 
 @pytest.mark.slow
-def test_memory_stays_flat_over_a_long_run_with_frequent_faults():
-    r = faults.long_run("bf16-mixed", steps=4000, every=500)
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_memory_stays_flat_over_a_long_run_with_frequent_faults(precision):
+    r = faults.long_run(precision, steps=4000, every=500)
     samples = r["samples"]
     assert r["nonfinite_steps"] == 0
     assert samples[-1]["events_seen"] == r["faults"] > 1000
