@@ -154,6 +154,10 @@ class AdaptiveMP(Precision):
             given with bf16 / fp32, or any knob out of range.
     """
 
+    # True where each rank holds only a shard of plain-tensor gradients (AdaptiveFSDPMP: FSDP1's flat
+    # parameters): every non-finite flag is then combined across ranks before a step is taken or skipped.
+    _sharded_gradients = False
+
     def __init__(
         self,
         precision: PrecisionName = "auto",
@@ -271,6 +275,8 @@ class AdaptiveMP(Precision):
             param = next(model.parameters(), None)
             self._resolve(self.device or (param.device.type if param is not None else "cpu"))
         self._model = _unwrap(model)
+        if self.scaler is not None and self._sharded_gradients:
+            self.scaler.sharded_gradients = True
         self.fallback.setup(self._model, self.precision, self.device)
         if self.attach_callbacks and self._model._trainer is not None:
             _attach_default_callbacks(self._model.trainer)
@@ -348,7 +354,9 @@ class AdaptiveMP(Precision):
         self.tracker.observe_loss(tensor)
         if self.scaler is not None:
             tensor = self.scaler.scale(tensor)
-        return super().pre_backward(tensor, module)
+        # Lightning's base hook (on_before_backward), named explicitly: a subclass that is also another
+        # Precision (AdaptiveFSDPMP is an FSDPPrecision) must not have that class scale the loss again.
+        return Precision.pre_backward(self, tensor, module)
 
     @override
     def optimizer_step(  # type: ignore[override]
@@ -439,15 +447,14 @@ class AdaptiveMP(Precision):
         )
         return True
 
-    @staticmethod
-    def _gradients_nonfinite(optimizer: Optimizer) -> bool:
+    def _gradients_nonfinite(self, optimizer: Optimizer) -> bool:
         grads = optimizer_grads(optimizer)
         if not grads:
             return False
         # One streaming sum per gradient (inf and NaN propagate), one flag read on the host. Sharded (DTensor)
         # gradients are checked shard by shard, so the ranks agree on the flag before anyone skips.
         flag = (~torch.isfinite(finite_sum(grads, local(grads[0]).device))).float().reshape(1)
-        if is_sharded(grads):
+        if self._sharded_gradients or is_sharded(grads):
             all_reduce(flag)
         return bool(flag.item())
 

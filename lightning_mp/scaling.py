@@ -455,7 +455,10 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         self.last_amax: float | None = None  # unscaled gradient amax of the last step, when tracked
         self.last_action: str | None = None
         self._excused = False
-        self._sharded = False  # gradients are DTensor shards (FSDP2): flags must be combined across ranks
+        self._sharded = False  # this step's gradients are shards: flags must be combined across ranks
+        # Set by whoever knows that each rank holds only a shard of plain-tensor gradients (FSDP1's flat
+        # parameters; AdaptiveFSDPMP sets it). DTensor shards (FSDP2) are recognised without it.
+        self.sharded_gradients = False
 
     # ----------------------------------------------------------------------------------------- public
     @property
@@ -528,7 +531,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
             if self.track_amax:
                 scaled_amax = amax(grads, inv_scale.device)
                 self._per_optimizer_states[id(optimizer)]["scaled_amax"] = scaled_amax
-            self._sharded = is_sharded(grads)
+            self._sharded = self.sharded_gradients or is_sharded(grads)
             found_per_device = {}
             for device, by_dtype in group_by_device_and_dtype(grads).items():
                 found_per_device[device] = found_inf.to(device, copy=True) if device != found_inf.device else found_inf
