@@ -5,10 +5,12 @@ from pathlib import Path as _Path
 from lightning_mp.callbacks import LossScaleMonitor, OverflowDiagnostics, PrecisionReport
 from lightning_mp.checkpoint import AtomicCheckpointIO
 from lightning_mp.diagnostics import OverflowEvent
+from lightning_mp.fsdp import AdaptiveFSDPMP
 from lightning_mp.plugin import AdaptiveMP
 from lightning_mp.scaling import AdaptiveLossScaler, LossScaleFloorError, ScalePolicy, ScalerConfig
 
 __all__ = [
+    "AdaptiveFSDPMP",
     "AdaptiveLossScaler",
     "AdaptiveMP",
     "AtomicCheckpointIO",
