@@ -27,3 +27,15 @@ def test_scaler_real_quick_compares_both_scalers():
     rows = scaler_real.main(["--quick"])
     assert [r["scaler"] for r in rows] == ["GradScaler", "AdaptiveLossScaler"]
     assert all(r["skipped"] >= 0 and sum(r["time_at_scale"].values()) == pytest.approx(1.0, abs=0.01) for r in rows)
+
+
+def test_fsdp1_check_script_plumbing_on_cpu():
+    """The GPU-only FSDP1 check runs its whole scenario with AdaptiveMP on CPU, so the script itself is tested."""
+    from benchmarks import fsdp1_check
+
+    results = fsdp1_check.main(["--cpu-plumbing"])
+    assert [r["precision"] for r in results] == ["16-mixed", "bf16-mixed"]
+    for r in results:
+        assert r["checks"] and all(r["checks"].values()), r["checks"]
+        forward = [step for step, phase, module in r["ranks"][0]["events"] if phase == "forward"]
+        assert forward == sorted(fsdp1_check.FAULT_STEPS)
