@@ -107,3 +107,36 @@ def test_unknown_command_and_usage(capsys):
     assert "unknown command 'fit'" in capsys.readouterr().err
     assert main(["--help"]) == 0
     assert "lightning-mp train" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bad_input_leaves_an_earlier_runs_files_untouched(tmp_path, capsys):
+    """A good run, then bad commands aimed at the same output_dir: every file of the good run keeps its bytes."""
+    import hashlib
+
+    run = ["recipe=nlp", "experiment=quick", "precision=bf16", f"output_dir={tmp_path / 'run'}", "logger=csv"]
+    assert main(["train", *run]) == 0
+
+    def snapshot():
+        return {
+            p.relative_to(tmp_path): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((tmp_path / "run").rglob("*"))
+            if p.is_file()
+        }
+
+    before = snapshot()
+    assert any(p.name == "last.ckpt" for p in before) and any(p.name == "result.json" for p in before)
+    assert any(p.name == "precision_report.json" for p in before)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for bad in (
+        ["precision=fp16", "precision.scaler.backoff_factor=3"],  # refused while building the plugin
+        ["precision.fp32_modules=[encoderr.*]"],  # refused at setup, inside fit
+        [f"data.root={empty}"],  # refused when the data is loaded
+        ["ckpt_path=/nope.ckpt"],
+        ["trainer.max_epochs=many"],
+    ):
+        assert main(["train", *run, *bad]) == 2, bad
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+        after = snapshot()
+        assert {p: h for p, h in after.items() if p in before} == before, bad
