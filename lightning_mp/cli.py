@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 CONFIG_MODULE = "lightning_mp.conf"
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -141,20 +141,20 @@ def multirun(argv: list[str]) -> None:
         raise UsageError(f"unknown option {next(a for a in overrides if a.startswith('-'))!r}: only --multirun.")
     for job in sweep_jobs(overrides):
         try:
-            launcher = compose(job, return_hydra_config=True).hydra.launcher
+            cfg = compose(job, return_hydra_config=True)
         except Exception as error:
             if "hydra/launcher" in str(error) and "submitit" in str(error):
                 raise UsageError(
                     'hydra/launcher=slurm needs Hydra\'s submitit launcher: pip install "lightning-mp[slurm]".'
                 ) from error
             raise
-    if "submitit" in str(launcher.get("_target_", "")):
+        # Resolve the launcher's settings now, for every job: the SLURM preset's nodes and tasks come from
+        # the trainer group, and trainer.devices=auto cannot size an allocation (an error naming the field
+        # and the value). Nodes and tasks first, so that is the field the error names.
+        launcher = cfg.hydra.launcher
         for key in ("nodes", "tasks_per_node"):
-            if not isinstance(launcher.get(key), int):  # e.g. trainer.devices=auto, which SLURM cannot allocate
-                raise UsageError(
-                    f"hydra.launcher.{key}={launcher.get(key)!r} is invalid: must be an integer; set"
-                    " trainer.num_nodes and trainer.devices to numbers (one SLURM task per device)."
-                )
+            launcher.get(key)
+        OmegaConf.to_container(launcher, resolve=True)
 
     hydra_main = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="train", version_base="1.3")
     saved_argv = sys.argv
