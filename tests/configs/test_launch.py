@@ -35,6 +35,12 @@ def test_sweeps_expand_exactly_as_hydras_basic_sweeper(tmp_path):
     assert len(sweep_jobs(overrides)) == 6
 
 
+def _multirun(tmp_path: Path, *overrides: str, env=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``lightning-mp train --multirun OVERRIDES`` in a fresh process, run in ``tmp_path``."""
+    command = [sys.executable, "-m", "lightning_mp.cli", "train", "--multirun", *overrides]
+    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def _fake_slurm(tmp_path: Path) -> dict[str, str]:
     """sbatch and srun test doubles on PATH: sbatch keeps the script it was given and refuses the job."""
     bin_dir = tmp_path / "bin"
@@ -53,16 +59,7 @@ def _fake_slurm(tmp_path: Path) -> dict[str, str]:
 
 
 def test_multirun_submits_one_sbatch_job_with_a_task_per_device(tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_mp.cli",
-        "train",
-        "--multirun",
-        *CLUSTER,
-        "hydra.launcher.partition=gpu",
-    ]
-    proc = subprocess.run(command, cwd=tmp_path, env=_fake_slurm(tmp_path), capture_output=True, text=True, timeout=120)
+    proc = _multirun(tmp_path, *CLUSTER, "hydra.launcher.partition=gpu", env=_fake_slurm(tmp_path), timeout=120)
     assert proc.returncode != 0 and "sbatch: error: test double" in proc.stderr  # the double refused it
     script = (tmp_path / "job.sh").read_text()
     for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--time=240"):
@@ -89,20 +86,8 @@ def test_slurm_launcher_needs_whole_numbers_of_tasks(tmp_path, capsys):
 def test_multirun_with_submitits_local_launcher_runs_every_job(tmp_path):
     """The same launcher path a cluster uses (submitit pickles the job, a separate process runs it), with
     submitit's local executor standing in for SLURM."""
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_mp.cli",
-        "train",
-        "--multirun",
-        "hydra/launcher=submitit_local",
-        "experiment=quick",
-        "recipe=nlp",
-        "precision=fp32,bf16",
-        "callbacks.progress_bar=null",
-        "logger=csv",
-    ]
-    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    local = ["hydra/launcher=submitit_local", "experiment=quick", "recipe=nlp", "precision=fp32,bf16"]
+    proc = _multirun(tmp_path, *local, "callbacks.progress_bar=null", "logger=csv")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for precision in ("fp32", "bf16"):
         result = json.loads((tmp_path / "outputs" / "nlp" / precision / "result.json").read_text())
