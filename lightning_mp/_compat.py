@@ -1,0 +1,96 @@
+"""The fence: every private torch or Lightning name this package still uses, in one place, each with why.
+
+A private name can change in any release. Everything below either has no public alternative or is the price of
+a budget we hold (no host-device synchronisation beyond the one ``GradScaler.step`` already does).
+``tests/unit/test_compat.py`` pins each entry, so an upgrade that renames or reshapes one fails there, loudly
+and by name, instead of somewhere deep in a training run.
+
+torch
+    ``torch.amp.grad_scaler.OptState``, ``_refresh_per_optimizer_state``
+        GradScaler's per-optimizer bookkeeping, which ``AdaptiveLossScaler.update`` resets as GradScaler does.
+    ``GradScaler._unscale_grads_``, ``_maybe_opt_step``, ``_lazy_init_scale_growth_tracker``,
+    ``_get_growth_tracker``, ``_check_scale_growth_tracker`` and the attributes ``_scale``, ``_growth_tracker``,
+    ``_per_optimizer_states``, ``_enabled``, ``_device``, ``_init_scale``
+        overridden or read by ``scaling/scaler.py`` (the only file that does): the amax is taken in the unscale
+        pass and read on the sync ``_maybe_opt_step`` already does; the scale lives on the host. A public
+        re-implementation of GradScaler would cost a second sync per step.
+    ``torch._amp_foreach_non_finite_check_and_unscale_``
+        the fused check-and-unscale kernel GradScaler itself uses; no public equivalent.
+    ``Tensor._values()`` of an uncoalesced sparse gradient
+        what GradScaler unscales in place; the public ``values()`` requires a coalesced tensor (a copy).
+    ``torch.utils._pytree.tree_leaves``
+        flattens module inputs and outputs of any registered container (tuples, dicts, Hugging Face
+        ``ModelOutput``); ``torch.utils.pytree`` is public only from torch 2.6 on, we support 2.4.
+    ``torch._C._cpu._get_cpu_capability``
+        the only way to ask whether a CPU has AVX512-BF16 / AMX-BF16 instructions; falls back to "no".
+
+Lightning
+    ``lightning.fabric.plugins.precision.amp._optimizer_handles_unscaling``
+        whether an optimizer (``fused=True``) unscales inside its own ``step``; it reads torch's private
+        ``_step_supports_amp_scaling`` flag. Lightning's own ``MixedPrecision`` uses the same helper.
+    ``Precision._after_closure``
+        the base-class step that runs ``on_before_optimizer_step`` and gradient clipping; ``MixedPrecision``
+        calls it the same way, between unscaling and the optimizer step.
+
+Removed, because a public way exists: ``trainer._checkpoint_connector._loaded_checkpoint`` (callbacks get their
+state in ``Precision.on_load_checkpoint``), ``LightningModule._trainer`` (``module.trainer`` raises
+``RuntimeError`` when detached), ``grad.coalesce()._values()`` (``values()`` after ``coalesce()``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+from lightning.pytorch.plugins.precision import Precision
+from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
+from torch.utils._pytree import tree_leaves
+
+__all__ = [
+    "GRADSCALER_HOOKS",
+    "OptState",
+    "after_closure",
+    "cpu_capability",
+    "foreach_non_finite_check_and_unscale_",
+    "optimizer_handles_unscaling",
+    "refresh_per_optimizer_state",
+    "scaler_device",
+    "tree_leaves",
+]
+
+# GradScaler's private methods AdaptiveLossScaler overrides or calls, and the attributes it reads.
+GRADSCALER_HOOKS = (
+    "_unscale_grads_",
+    "_maybe_opt_step",
+    "_lazy_init_scale_growth_tracker",
+    "_get_growth_tracker",
+    "_check_scale_growth_tracker",
+)
+GRADSCALER_ATTRIBUTES = ("_scale", "_growth_tracker", "_per_optimizer_states", "_enabled", "_device", "_init_scale")
+
+refresh_per_optimizer_state = _refresh_per_optimizer_state
+foreach_non_finite_check_and_unscale_ = torch._amp_foreach_non_finite_check_and_unscale_
+
+
+def optimizer_handles_unscaling(optimizer: Any) -> bool:
+    """Whether ``optimizer.step`` unscales the gradients itself (fused optimizers)."""
+    return _optimizer_handles_unscaling(optimizer)
+
+
+def after_closure(plugin: Precision, model: Any, optimizer: Any) -> None:
+    """Lightning's ``on_before_optimizer_step`` hook and gradient clipping, as ``MixedPrecision`` runs them."""
+    Precision._after_closure(plugin, model, optimizer)
+
+
+def scaler_device(scaler: torch.amp.GradScaler) -> str:
+    """The device type a GradScaler was built for (GradScaler keeps it only as ``_device``)."""
+    return scaler._device
+
+
+def cpu_capability() -> dict[str, Any]:
+    """torch's CPU feature flags (``{"avx512_bf16": True, ...}``); empty where torch cannot tell."""
+    try:
+        return dict(torch._C._cpu._get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return {}

@@ -1,0 +1,305 @@
+"""``AdaptiveLossScaler``: a ``torch.amp.GradScaler`` whose update rule is :class:`~.policy.ScalePolicy`.
+
+This is the only file of the package that touches GradScaler's internals. It overrides five of GradScaler's
+private hooks (listed in ``lightning_mp/_compat.py``, each pinned by ``tests/unit/test_compat.py``) for one
+reason: to read the gradient amax on the one host synchronisation ``GradScaler.step`` already does, instead
+of adding a second one per step.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Literal
+
+import torch
+
+from lightning_mp._compat import OptState, foreach_non_finite_check_and_unscale_, refresh_per_optimizer_state
+from lightning_mp._grads import all_reduce, amax, group_by_device_and_dtype, is_sharded, local
+from lightning_mp.scaling.policy import LossScaleFloorError, ScaleAction, ScalePolicy, ScalerConfig, _f32, _invalid
+
+__all__ = ["AdaptiveLossScaler"]
+
+
+class AdaptiveLossScaler(torch.amp.GradScaler):
+    """A :class:`torch.amp.GradScaler` with a better update rule, counters, and a defined floor.
+
+    It is a drop-in GradScaler: ``scale``, ``unscale_``, ``step``, ``update``, ``get_scale``, ``state_dict``
+    and ``load_state_dict`` behave as documented there, it works in a hand-written loop and inside Lightning's
+    own ``MixedPrecision(scaler=...)``. Only the update rule differs (see the module docstring), and it adds
+    no host-device synchronisation: found-inf flags and the gradient amax are read together on the one
+    ``.item()`` GradScaler.step already does, and the scale lives on the host, so ``get_scale()`` and
+    ``state_dict()`` need no sync at all. (Optimizers that unscale inside a fused kernel never sync in
+    ``step``; for them ``update`` reads the flags once.)
+
+    Args:
+        device: device type the gradients live on (``"cuda"``, ``"cpu"``, ...), as for GradScaler.
+        init_scale: the first scale.
+        growth_factor: multiplier on growth, > 1.
+        backoff_factor: multiplier on back-off, in (0, 1).
+        growth_interval: clean steps in a row before growth is considered.
+        enabled: ``False`` makes every method a no-op, as for GradScaler.
+        policy: ``"predictive"`` (headroom-driven, default) or ``"dynamic"`` (GradScaler's reactive rule).
+        on_floor: called with the scaler when the floor action is due; ``None`` raises
+            :class:`LossScaleFloorError` instead. Not pickled.
+        **knobs: the remaining fields of :class:`ScalerConfig` (``hysteresis``, ``min_scale``, ...).
+
+    Raises:
+        ValueError: for any out-of-range knob, naming it, its value and what is allowed.
+    """
+
+    def __init__(
+        self,
+        device: str = "cuda",
+        init_scale: float = 2.0**16,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        enabled: bool = True,
+        *,
+        policy: Literal["dynamic", "predictive"] = "predictive",
+        on_floor: Callable[[AdaptiveLossScaler], None] | None = None,
+        **knobs: Any,
+    ) -> None:
+        unknown = sorted(set(knobs) - set(ScalerConfig.__dataclass_fields__))
+        if unknown:
+            allowed = sorted(set(ScalerConfig.__dataclass_fields__) - {"init_scale", "policy"})
+            raise TypeError(f"AdaptiveLossScaler got unknown argument(s) {unknown}; allowed: {allowed}.")
+        if not isinstance(device, str):
+            raise _invalid("device", device, 'a device type string such as "cuda" or "cpu"')
+        # Validate everything before GradScaler sees it (it only asserts two of these, and only when enabled).
+        config = ScalerConfig(
+            init_scale=init_scale,
+            growth_factor=growth_factor,
+            backoff_factor=backoff_factor,
+            growth_interval=growth_interval,
+            policy=policy,
+            **knobs,
+        )
+        super().__init__(device, config.init_scale, growth_factor, backoff_factor, growth_interval, enabled)
+        self._policy = ScalePolicy(config)
+        self._init_scale = self._policy.scale
+        self.on_floor = on_floor
+        # amax costs one extra reduction over the gradients; only pay for it when someone reads it.
+        self.track_amax = config.policy == "predictive"
+        self.last_amax: float | None = None  # unscaled gradient amax of the last step, when tracked
+        self.last_action: ScaleAction | None = None  # what the last update() did
+        self._excused = False
+        self._sharded = False  # this step's gradients are shards: flags must be combined across ranks
+        # Set by whoever knows that each rank holds only a shard of plain-tensor gradients (FSDP1's flat
+        # parameters; AdaptiveFSDPMP sets it). DTensor shards (FSDP2) are recognised without it.
+        self.sharded_gradients = False
+
+    # ----------------------------------------------------------------------------------------- public
+    @property
+    def config(self) -> ScalerConfig:
+        return self._policy.config
+
+    @property
+    def policy(self) -> ScalePolicy:
+        return self._policy
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped because their gradients were not finite (each optimizer counts)."""
+        return self._policy.skipped_steps
+
+    @property
+    def counters(self) -> dict[str, float]:
+        """Counters a user may want to log: scale, skipped steps, overflows, back-offs, growths, ..."""
+        state = self._policy.state_dict()
+        return {name: state[name] for name in ScalePolicy.COUNTERS}
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """The same as :attr:`counters` (the name of version 0.1)."""
+        return self.counters
+
+    def get_scale(self) -> float:
+        # The scale lives on the host: no sync, unlike GradScaler.get_scale().
+        return self._policy.scale if self._enabled else 1.0
+
+    def _get_growth_tracker(self) -> int:
+        return self._policy.growth_tracker if self._enabled else 0
+
+    def set_growth_factor(self, new_factor: float) -> None:
+        self._policy.config = replace(self.config, growth_factor=new_factor)
+        super().set_growth_factor(new_factor)
+
+    def set_backoff_factor(self, new_factor: float) -> None:
+        self._policy.config = replace(self.config, backoff_factor=new_factor)
+        super().set_backoff_factor(new_factor)
+
+    def set_growth_interval(self, new_interval: int) -> None:
+        self._policy.config = replace(self.config, growth_interval=new_interval)
+        super().set_growth_interval(new_interval)
+
+    # ------------------------------------------------------------------------------ GradScaler hooks
+    def _lazy_init_scale_growth_tracker(self, dev: torch.device) -> None:
+        self._scale = torch.full((), self._policy.scale, dtype=torch.float32, device=dev)
+        self._growth_tracker = torch.full((), self._policy.growth_tracker, dtype=torch.int32, device=dev)
+
+    def _unscale_grads_(
+        self,
+        optimizer: torch.optim.Optimizer,
+        inv_scale: torch.Tensor,
+        found_inf: torch.Tensor,
+        allow_fp16: bool,
+    ) -> dict[torch.device, torch.Tensor]:
+        # Same work as GradScaler._unscale_grads_, plus (when tracked) the amax of the still-scaled gradients,
+        # read before the unscale kernel runs so it is correct for both callers (unscale_ and the fused path).
+        grads = []
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    if param.grad is None:
+                        continue
+                    if not allow_fp16 and param.grad.dtype == torch.float16:
+                        raise ValueError("Attempting to unscale FP16 gradients.")
+                    if param.grad.is_sparse:
+                        # Duplicate indices are summed by coalesce(); in fp16 that sum may overflow, so check it.
+                        if param.grad.dtype is torch.float16:
+                            param.grad = param.grad.coalesce()
+                        grads.append(param.grad._values())
+                    else:
+                        grads.append(param.grad)
+            if self.track_amax:
+                scaled_amax = amax(grads, inv_scale.device)
+                self._per_optimizer_states[id(optimizer)]["scaled_amax"] = scaled_amax
+            self._sharded = self.sharded_gradients or is_sharded(grads)
+            found_per_device = {}
+            for device, by_dtype in group_by_device_and_dtype(grads).items():
+                found_per_device[device] = found_inf.to(device, copy=True) if device != found_inf.device else found_inf
+                for same in by_dtype.values():
+                    foreach_non_finite_check_and_unscale_(same, found_per_device[device], inv_scale.to(device))
+        return found_per_device
+
+    def _read_flags(self, optimizer_state: dict[str, Any]) -> tuple[bool, float | None]:
+        """Read this optimizer's found-inf flags and scaled amax with a single host synchronisation."""
+        assert self._scale is not None
+        device = self._scale.device
+        values = [flag.to(device) for flag in optimizer_state["found_inf_per_device"].values()]
+        scaled_amax = optimizer_state.get("scaled_amax")
+        if scaled_amax is not None:
+            values.append(scaled_amax.to(device))
+        stacked = torch.stack([local(v) for v in values])
+        if self._sharded:
+            all_reduce(stacked)  # each rank checked only its shard: agree before deciding anything
+        host = stacked.tolist()
+        found = any(v != 0 for v in (host[:-1] if scaled_amax is not None else host))
+        amax_value = host[-1] / self._policy.scale if scaled_amax is not None else None
+        optimizer_state["host"] = (found, amax_value)
+        return found, amax_value
+
+    def _maybe_opt_step(
+        self, optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> float | None:
+        # GradScaler syncs here to decide whether to step; we read the amax on the same sync.
+        found, _ = self._read_flags(optimizer_state)
+        if found:
+            self._policy.skipped_steps += 1
+            return None
+        return optimizer.step(*args, **kwargs)
+
+    def excuse_overflow(self) -> None:
+        """Mark this iteration's overflow as not caused by the scale (call between ``step`` and ``update``).
+
+        The step is still skipped and counted, but the scale is not lowered: a forward overflow or a NaN
+        batch would otherwise drag the scale down for nothing.
+        """
+        self._excused = True
+
+    def update(self, new_scale: float | torch.Tensor | None = None) -> None:
+        """Update the scale from this iteration's overflow flags (and amax); see GradScaler.update.
+
+        Raises:
+            LossScaleFloorError: the scale is at its floor, keeps overflowing, and no ``on_floor`` is set.
+        """
+        if not self._enabled:
+            return
+        self._check_scale_growth_tracker("update")
+        assert self._scale is not None and self._growth_tracker is not None
+        if new_scale is not None:
+            if isinstance(new_scale, torch.Tensor):
+                if new_scale.numel() != 1 or new_scale.requires_grad:
+                    raise ValueError("new_scale must be a float or a 1-element tensor with requires_grad=False.")
+                new_scale = float(new_scale.item())
+            self._policy.set_scale(new_scale)
+            action = ScaleAction.SET
+        else:
+            states = [s for s in self._per_optimizer_states.values() if s["found_inf_per_device"]]
+            if not states:
+                raise AssertionError("No inf checks were recorded prior to update.")
+            found_any, amaxes = False, []
+            for state in states:
+                if "host" in state:
+                    found, amax_value = state["host"]
+                else:
+                    # Fused optimizers unscale inside their kernel and never synced in step(): read once here.
+                    found, amax_value = self._read_flags(state)
+                    if found and state["stage"] is OptState.STEPPED:
+                        self._policy.skipped_steps += 1
+                found_any = found_any or found
+                if amax_value is not None:
+                    amaxes.append(amax_value)
+            self.last_amax = max(amaxes) if amaxes and not found_any else None
+            action = self._policy.update(found_any, self.last_amax, scale_related=not self._excused)
+        self._excused = False
+        # fill_ with a Python number is an asynchronous host-to-device write: no sync.
+        self._scale.fill_(self._policy.scale)
+        self._growth_tracker.fill_(self._policy.growth_tracker)
+        self._per_optimizer_states = defaultdict(refresh_per_optimizer_state)
+        self.last_action = action
+        if action is ScaleAction.FLOOR:
+            self._at_floor()
+
+    def _at_floor(self) -> None:
+        if self.on_floor is not None:
+            self.on_floor(self)
+            return
+        raise LossScaleFloorError(
+            f"The loss scale is at its floor ({self._policy.scale:g}) and the gradients still overflowed on"
+            f" {self._policy.floor_hits} back-off(s) in a row (step {self._policy.steps}). Gradients that are"
+            " not finite at any scale point at the forward pass or the loss, not at loss scaling. Try"
+            " precision='bf16-mixed', running the overflowing modules in fp32"
+            " (AdaptiveMP(fp32_modules=[...])), a lower learning rate or gradient clipping; or lower"
+            " min_scale if the gradients are genuinely huge."
+        )
+
+    # ------------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """GradScaler's five entries, plus ``"adaptive"``: the policy's counters and learned state."""
+        if not self._enabled:
+            return {}
+        state = super().state_dict()
+        state["adaptive"] = self._policy.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load an AdaptiveLossScaler or a plain GradScaler state dict."""
+        if not self._enabled:
+            return
+        super().load_state_dict(state_dict)
+        config = replace(
+            self.config,
+            growth_factor=state_dict["growth_factor"],
+            backoff_factor=state_dict["backoff_factor"],
+            growth_interval=state_dict["growth_interval"],
+        )
+        self._policy.config = config
+        self._policy.load_state_dict(state_dict.get("adaptive", {}))
+        self._policy.scale = _f32(float(state_dict["scale"]))
+        self._policy.growth_tracker = int(state_dict["_growth_tracker"])
+        self._init_scale = self._policy.scale
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["on_floor"] = None  # a hook usually points at a live plugin or trainer; do not drag it along
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(policy={self.config.policy!r}, scale={self.get_scale():g},"
+            f" skipped_steps={self.skipped_steps})"
+        )
