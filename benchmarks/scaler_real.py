@@ -23,9 +23,9 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP, PrecisionReport
-from lightning_mp.diagnostics import underflow_fraction
 from lightning_mp.recipes.common import Classifier
 from lightning_mp.recipes.nlp import TextData, TransformerClassifier
+from lightning_mp.statistics import underflow_fraction
 
 
 class ScaleProbe(L.Callback):

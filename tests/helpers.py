@@ -190,3 +190,16 @@ def scaled_loader(scale: float, samples: int = 12) -> DataLoader:
     """The default data with inputs multiplied by ``scale`` (large inputs trigger forward overflows)."""
     x, y = loader(samples).dataset.tensors
     return loader_with(x * scale, y)
+
+
+class Chain(nn.Module):
+    """Three linear layers in a row: a -> b -> c."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 3)
+        self.b = nn.Linear(3, 3)
+        self.c = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))

@@ -1,0 +1,51 @@
+"""``HookSet``: one hook on every named submodule of a model, registered and removed together.
+
+Attribution (execution order, the forward probe) and the statistics all hook every submodule for a while and
+must leave nothing behind; this is the one place that keeps the handles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+from torch import nn
+
+__all__ = ["HookSet"]
+
+HookKind = Literal["forward_pre", "forward", "forward_with_kwargs"]
+
+
+class HookSet:
+    """Handles of hooks that live for a while on every named submodule (the root itself is never hooked)."""
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def register(self, model: nn.Module, make_hook: Callable[[str], Callable[..., Any]], kind: HookKind) -> None:
+        """Hook every submodule with ``make_hook(fqn)``, replacing any hooks this set still holds.
+
+        Args:
+            model: the root module; fqns are relative to it.
+            make_hook: builds the hook for one module from its fully qualified name.
+            kind: ``"forward_pre"`` (``hook(module, args)``), ``"forward"`` (``hook(module, args, output)``)
+                or ``"forward_with_kwargs"`` (``hook(module, args, kwargs, output)``).
+        """
+        self.remove()
+        for fqn, module in model.named_modules():
+            if not fqn:
+                continue
+            if kind == "forward_pre":
+                handle = module.register_forward_pre_hook(make_hook(fqn))
+            else:
+                handle = module.register_forward_hook(make_hook(fqn), with_kwargs=kind == "forward_with_kwargs")
+            self._handles.append(handle)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

@@ -1,0 +1,185 @@
+"""Per-module headroom and underflow statistics, sampled on chosen steps.
+
+*Headroom* is how many doublings the largest value a module produced (an activation, or a gradient as the
+low-precision backward saw it, loss scale included) can take before the format overflows. *Underflow* is the
+fraction of a module's parameter-gradient elements that are non-zero in fp32 but below the format's smallest
+normal once scaled: a proxy for gradient lost to underflow. Hooks exist only on sampled steps, values stay on
+the device and are read once per sample, memory is O(number of modules).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from functools import partial
+
+import torch
+from torch import nn
+
+from lightning_mp._grads import amax, local
+from lightning_mp.attribution import floating
+from lightning_mp.hooks import HookSet
+
+__all__ = ["LEVELS", "ModuleStat", "ModuleStatistics", "headroom_bits", "underflow_fraction"]
+
+
+def headroom_bits(amax: float, dtype: torch.dtype) -> float:
+    """How many doublings ``amax`` can take before it overflows ``dtype``: ``log2(max(dtype) / amax)``.
+
+    Negative means it already overflows; ``inf`` for an all-zero tensor.
+    """
+    if amax != amax or amax == math.inf:  # NaN or inf: it already overflowed
+        return float("-inf")
+    if amax == 0:
+        return float("inf")
+    return math.log2(torch.finfo(dtype).max / amax)
+
+
+def underflow_fraction(values: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Fraction of elements that are non-zero in fp32 but zero or subnormal once scaled into ``dtype``.
+
+    A proxy for the gradient lost to underflow: it counts ``0 < |x * scale| < smallest normal of dtype``,
+    i.e. elements that the low-precision format can only hold with reduced precision, or not at all. The
+    result is a 0-d tensor (no host sync).
+    """
+    if values.numel() == 0:
+        return torch.zeros((), device=values.device)
+    magnitude = values.detach().abs().float() * scale
+    lost = (magnitude > 0) & (magnitude < torch.finfo(dtype).tiny)
+    return lost.float().mean()
+
+
+@dataclass
+class ModuleStat:
+    """Running per-module figures over the sampled steps (host floats)."""
+
+    activation_amax: float = 0.0
+    grad_amax: float = 0.0  # as the low-precision backward saw it, loss scale included
+    underflow_fraction: float = 0.0  # of the module's own parameter gradients, at the last sample
+    samples: int = 0
+
+    def summary(self, dtype: torch.dtype) -> dict[str, float]:
+        return {
+            "activation_amax": self.activation_amax,
+            "activation_headroom_bits": headroom_bits(self.activation_amax, dtype),
+            "grad_amax": self.grad_amax,
+            "grad_headroom_bits": headroom_bits(self.grad_amax, dtype),
+            "underflow_fraction": self.underflow_fraction,
+            "samples": self.samples,
+        }
+
+
+LEVELS = ("off", "cheap", "full")
+
+
+class _Value(Enum):
+    """What one pending value measures."""
+
+    ACTIVATION = "activation"  # a module output's amax
+    OUTPUT_GRAD = "output_grad"  # amax of the gradient flowing into a module output, loss scale included
+    PARAM_GRAD = "param_grad"  # amax of the module's own parameter gradients, read after unscaling
+    UNDERFLOW = "underflow"  # underflow fraction of those gradients at the loss scale
+
+
+class ModuleStatistics:
+    """Per-module headroom and underflow, sampled on chosen steps. Memory O(number of modules).
+
+    Levels: ``"cheap"`` records each module's output amax (forward hooks) and, after backward, the amax and
+    underflow fraction of its own parameter gradients; ``"full"`` also records the amax of the gradient
+    flowing into each module's output (a tensor hook), which is what overflows first in an fp16 backward.
+    Hooks exist only during a sampled step; values stay on the device until ``collect`` reads them once.
+    """
+
+    def __init__(self, level: str = "cheap") -> None:
+        if level not in LEVELS:
+            raise ValueError(f"statistics level {level!r} is invalid: must be one of {LEVELS}.")
+        self.level = level
+        self.modules: dict[str, ModuleStat] = {}  # fqn -> running figures
+        self.samples_taken = 0  # sampled steps folded in so far
+        self._hooks = HookSet()
+        self._pending: dict[tuple[_Value, str], list[torch.Tensor]] = {}
+
+    @property
+    def active(self) -> bool:
+        return self._hooks.active
+
+    def start(self, model: nn.Module) -> None:
+        """Arm the hooks for one step."""
+        if self.level == "off" or self.active:
+            return
+        full = self.level == "full"
+
+        def make_hook(fqn: str):
+            def forward_hook(module, args, output):
+                tensors = floating(output)
+                if not tensors:
+                    return
+                self._pending.setdefault((_Value.ACTIVATION, fqn), []).append(_amax(tensors))
+                if full and torch.is_grad_enabled():
+                    key = (_Value.OUTPUT_GRAD, fqn)
+                    for tensor in tensors:
+                        if tensor.requires_grad:
+                            tensor.register_hook(partial(self._record_grad, key))
+
+            return forward_hook
+
+        self._hooks.register(model, make_hook, "forward")
+
+    def _record_grad(self, key: tuple[_Value, str], grad: torch.Tensor) -> None:
+        self._pending.setdefault(key, []).append(_amax([grad]))
+
+    def stop(self) -> None:
+        """Remove the hooks and drop this step's values without folding them in."""
+        self._hooks.remove()
+        self._pending = {}
+
+    def collect(self, model: nn.Module, scale: float, dtype: torch.dtype) -> None:
+        """After backward (before the optimizer step): fold this step's values into the running stats.
+
+        Args:
+            model: the model the hooks were armed on; its parameter gradients must be unscaled already.
+            scale: the loss scale the backward ran with (1.0 without a scaler).
+            dtype: the low-precision dtype headroom and underflow are judged against.
+        """
+        if not self.active:
+            return
+        self._hooks.remove()
+        keys, tensors = [], []
+        for key, values in self._pending.items():
+            keys.append(key)
+            tensors.append(torch.stack([v.float().to(values[0].device) for v in values]).max())
+        for fqn, module in model.named_modules():
+            grads = [local(p.grad) for p in module.parameters(recurse=False) if p.grad is not None]
+            if fqn and grads:
+                keys += [(_Value.PARAM_GRAD, fqn), (_Value.UNDERFLOW, fqn)]
+                numel = sum(g.numel() for g in grads)
+                under = sum(underflow_fraction(g, dtype, scale) * g.numel() for g in grads) / numel
+                tensors += [_amax(grads), under]
+        self._pending = {}
+        if not tensors:
+            return
+        device = tensors[0].device
+        values = torch.stack([t.to(device) for t in tensors]).tolist()  # the one read of this sample
+        touched = set()
+        for (what, fqn), value in zip(keys, values):
+            stat = self.modules.setdefault(fqn, ModuleStat())
+            touched.add(fqn)
+            if what is _Value.ACTIVATION:
+                stat.activation_amax = max(stat.activation_amax, value)
+            elif what is _Value.OUTPUT_GRAD:  # captured during backward: already carries the loss scale
+                stat.grad_amax = max(stat.grad_amax, value)
+            elif what is _Value.PARAM_GRAD:  # read after unscale_: put the scale back to compare with the format
+                stat.grad_amax = max(stat.grad_amax, value * scale)
+            else:
+                stat.underflow_fraction = value
+        for fqn in touched:
+            self.modules[fqn].samples += 1
+        self.samples_taken += 1
+
+    def summary(self, dtype: torch.dtype) -> dict[str, dict[str, float]]:
+        return {fqn: stat.summary(dtype) for fqn, stat in self.modules.items()}
+
+
+def _amax(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return amax([t.detach() for t in tensors], tensors[0].device)

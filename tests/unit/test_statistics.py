@@ -1,0 +1,62 @@
+"""Headroom, underflow and sampled per-module statistics against direct computation."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_mp.statistics import ModuleStatistics, headroom_bits, underflow_fraction
+from tests.helpers import Chain
+
+
+def test_headroom_bits_against_hand_computed_values():
+    assert headroom_bits(1024.0, torch.float16) == pytest.approx(math.log2(65504 / 1024))
+    assert headroom_bits(65504.0, torch.float16) == 0.0
+    assert headroom_bits(2.0**20, torch.float16) < 0, "already overflowing"
+    assert headroom_bits(0.0, torch.float16) == math.inf
+    assert headroom_bits(math.inf, torch.float16) == headroom_bits(math.nan, torch.float16) == -math.inf
+    assert headroom_bits(1.0, torch.bfloat16) == pytest.approx(math.log2(torch.finfo(torch.bfloat16).max))
+
+
+def test_underflow_fraction_counts_nonzero_values_below_the_smallest_normal():
+    tiny = torch.finfo(torch.float16).tiny  # 6.1e-5
+    values = torch.tensor([0.0, 1e-8, -1e-6, tiny / 2, tiny, 1.0, -3.0, 2e-5])
+    # non-zero and below tiny: 1e-8, -1e-6, tiny/2, 2e-5 -> 4 of 8
+    assert underflow_fraction(values, torch.float16).item() == 0.5
+    # a loss scale of 2**16 lifts all of them above tiny
+    assert underflow_fraction(values, torch.float16, scale=2.0**16).item() == 0.0
+    # the same gradients are fine in bf16 (its smallest normal is fp32's)
+    assert underflow_fraction(values, torch.bfloat16).item() == 0.0
+
+
+@pytest.mark.parametrize("level", ["cheap", "full"])
+def test_module_statistics_match_direct_computation(level):
+    torch.manual_seed(0)
+    m = Chain()
+    x = torch.randn(4, 3)
+    stats = ModuleStatistics(level)
+    stats.start(m)
+    out = m(x)
+    (out * 100).sum().backward()
+    stats.collect(m, scale=1.0, dtype=torch.float16)
+    assert not stats.active, "hooks are removed after the sample"
+    a = m.a(x)
+    assert stats.modules["a"].activation_amax == pytest.approx(a.abs().max().item())
+    param_amax = max(p.grad.abs().max().item() for p in m.a.parameters())
+    if level == "cheap":
+        assert stats.modules["a"].grad_amax == pytest.approx(param_amax)
+    else:
+        # full also sees the gradient flowing into a's output, 100 * (c.weight @ b.weight) summed over rows
+        into_a = torch.autograd.functional.vjp(lambda h: m.c(m.b(h)) * 100, a.detach(), torch.ones(4, 1))[1]
+        assert stats.modules["a"].grad_amax == pytest.approx(max(param_amax, into_a.abs().max().item()))
+    summary = stats.summary(torch.float16)["a"]
+    assert summary["activation_headroom_bits"] == pytest.approx(math.log2(65504 / a.abs().max().item()))
+    assert summary["samples"] == 1
+
+
+def test_statistics_off_records_nothing_and_bad_level_is_refused():
+    stats = ModuleStatistics("off")
+    stats.start(Chain())
+    assert not stats.active and stats.modules == {}
+    with pytest.raises(ValueError, match=r"level 'most' is invalid: must be one of \('off', 'cheap', 'full'\)"):
+        ModuleStatistics("most")
