@@ -147,8 +147,9 @@ def armed_probe(precision, **kwargs):
 
     class Armed(AdaptiveMP):
         def train_step_context(self):
-            if self._model is not None and not self.tracker.probe.armed:
-                self.tracker.probe.arm(self._model, steps=10**9)
+            core = self.core
+            if core.model is not None and not core.tracker.probe.armed:
+                core.tracker.probe.arm(core.model, steps=10**9)
             return super().train_step_context()
 
     return Armed(precision, **kwargs)

@@ -14,18 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
-from lightning_mp.plugin import AdaptiveMP
+from lightning_mp.plugin import adaptive_plugin as _plugin
 from lightning_mp.report import build_report, render_table, write_report
 
-__all__ = ["LossScaleMonitor", "OverflowDiagnostics", "PrecisionReport"]
-
-
-def _plugin(trainer: pl.Trainer) -> AdaptiveMP | None:
-    plugin = trainer.precision_plugin
-    return plugin if isinstance(plugin, AdaptiveMP) else None
+__all__ = ["LossScaleMonitor", "OverflowDiagnostics", "PrecisionReport", "attach_default_callbacks"]
 
 
 def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
@@ -70,13 +66,13 @@ class LossScaleMonitor(pl.Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         plugin = _plugin(trainer)
-        if plugin is None or plugin._steps == self._steps_seen:
+        if plugin is None or plugin.optimizer_steps == self._steps_seen:
             return  # not our plugin, or no optimizer step happened (gradient accumulation)
-        self._steps_seen = plugin._steps
+        step = self._steps_seen = plugin.optimizer_steps
         scale = plugin.scaler.get_scale() if plugin.scaler is not None else None  # a host float: no sync
         if scale is not None:
-            self.record(plugin._steps, scale)
-        if plugin._steps % max(trainer.log_every_n_steps, 1) == 0:
+            self.record(step, scale)
+        if step % max(trainer.log_every_n_steps, 1) == 0:
             metrics = {
                 "precision/skipped_steps": plugin.skipped_steps,
                 "precision/overflow_events": sum(plugin.overflow_counts.values()),
@@ -114,7 +110,7 @@ class OverflowDiagnostics(pl.Callback):
     def __init__(self, top_k: int = 10) -> None:
         self.top_k = top_k
         self._warned: set[str] = set()
-        self._events_seen = 0
+        self._last_seq = 0  # sequence number of the newest event looked at (the event buffer is bounded)
         self._samples_seen = 0
 
     @override
@@ -122,16 +118,15 @@ class OverflowDiagnostics(pl.Callback):
         plugin = _plugin(trainer)
         if plugin is None:
             return
-        events = plugin.overflow_events
-        for event in events[self._events_seen :]:
+        for event in plugin.ledger.events_after(self._last_seq):
+            self._last_seq = event.seq
             if event.module is not None and event.module not in self._warned:
                 self._warned.add(event.module)
                 rank_zero_warn(
                     f"lightning-mp: {event.module} produced a non-finite {event.phase} value ({event.kind},"
                     f" {event.dtype}) at step {event.step}; action: {event.action}."
                 )
-        self._events_seen = len(events)
-        samples = sum(s.samples for s in plugin.statistics.stats.values())
+        samples = plugin.statistics.samples_taken
         if samples == self._samples_seen:
             return
         self._samples_seen = samples
@@ -181,3 +176,24 @@ class PrecisionReport(pl.Callback):
 
             Console().print(render_table(self.report))
         rank_zero_info(f"lightning-mp: precision report written to {self.paths['markdown']}")
+
+
+def attach_default_callbacks(trainer: pl.Trainer) -> list[pl.Callback]:
+    """Give a Trainer that only has AdaptiveMP the monitor, the diagnostics and the report; returns those added.
+
+    Strategies call the plugin's ``connect`` after the callbacks' ``setup`` but before ``on_fit_start``, so
+    callbacks added then receive every hook they use. They go before the checkpoint callbacks (Lightning runs
+    those last so that a checkpoint holds every other callback's state for the step just taken). A resumed
+    run gives them back their state through the plugin's ``on_load_checkpoint``.
+    """
+    added: list[pl.Callback] = []
+    for cls in (LossScaleMonitor, OverflowDiagnostics, PrecisionReport):
+        if any(isinstance(cb, cls) for cb in trainer.callbacks):
+            continue
+        callback = cls()
+        first_checkpoint = next(
+            (i for i, cb in enumerate(trainer.callbacks) if isinstance(cb, Checkpoint)), len(trainer.callbacks)
+        )
+        trainer.callbacks.insert(first_checkpoint, callback)
+        added.append(callback)
+    return added

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ __all__ = [
     "DEFAULT_FP32_MODULES",
     "ModuleFilter",
     "Promotion",
-    "PromotionPolicy",
+    "PromotionRule",
     "apply_fp32",
     "by_name",
     "by_type",
@@ -183,7 +183,7 @@ class Promotion:
     detail: str = ""
 
 
-class PromotionPolicy:
+class PromotionRule:
     """Decides when blame turns into promotion: ``promote_after`` blames within ``window`` optimizer steps.
 
     Pure bookkeeping over fqns and step numbers, so every rank that feeds it the same combined evidence
@@ -210,19 +210,6 @@ class PromotionPolicy:
             return True
         return False
 
-    def blame_counts(self) -> dict[str, int]:
-        return {fqn: len(steps) for fqn, steps in self._blames.items()}
-
-
-def enclosing(fqn: str, names: Sequence[str]) -> str | None:
-    """The nearest proper ancestor of ``fqn`` among ``names`` (the enclosing block), if any."""
-    parts = fqn.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        parent = ".".join(parts[:cut])
-        if parent in names:
-            return parent
-    return None
-
 
 class FallbackManager:
     """Which modules run in fp32 and why: static selection, per-precision defaults, run-time promotions.
@@ -240,7 +227,7 @@ class FallbackManager:
         self.spec = fp32_modules
         self.filter = fp32_filter(fp32_modules) if fp32_modules else None
         self.defaults = defaults
-        self.policy = PromotionPolicy(promote_after, promote_window)
+        self.rule = PromotionRule(promote_after, promote_window)
         self.promotions: dict[str, Promotion] = {}
 
     def setup(self, model: nn.Module, precision: str, device_type: str) -> None:

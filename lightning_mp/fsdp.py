@@ -1,45 +1,74 @@
-"""AdaptiveMP for Lightning's ``FSDPStrategy`` (FSDP1, ``strategy="fsdp"``, CUDA only).
+"""``AdaptiveFSDPMP``: ``AdaptiveMP`` for Lightning's ``FSDPStrategy`` (FSDP1, ``strategy="fsdp"``, CUDA only).
 
 Lightning's FSDP1 strategy accepts only ``FSDPPrecision`` plugins, so ``AdaptiveMP`` alone is refused there.
-``AdaptiveFSDPMP`` *is* an ``AdaptiveMP`` (the same scaler, non-finite guard, attribution, fp32 fallback,
-escalation ladder, checkpoint state and callbacks) that is also an ``FSDPPrecision``:
+``AdaptiveFSDPMP`` is an ``FSDPPrecision`` that *holds* an ``AdaptiveMP`` (``plugin.adaptive``) and hands every
+precision hook to it: the same scaler, non-finite guard, attribution, fp32 fallback, escalation ladder,
+checkpoint state and callbacks, with no copy of their logic:
 
     Trainer(accelerator="cuda", devices=8, strategy="fsdp", plugins=[AdaptiveFSDPMP("bf16-mixed")])
 
-Two things differ from ``AdaptiveMP`` under DDP or ``ModelParallelStrategy`` (FSDP2, which takes the plain
-``AdaptiveMP``):
+Its ``FSDPPrecision`` side is initialised as ``"32-true"``: FSDP's own casting stays off (parameters gathered,
+and gradients reduced, in fp32; inputs fp32; no ``ShardedGradScaler``); autocast does the low-precision
+compute, exactly as under DDP. Lightning's ``FSDPPrecision("bf16-mixed")`` gathers bf16 parameters instead,
+which halves the gather volume but makes fp32 islands impossible (an island's fp32 inputs would meet bf16
+weights) and reduces gradients in 16 bits; the fallback and the fp16-to-bf16 rung need the fp32 parameters.
 
-- FSDP1's gradients are flat-parameter shards, plain tensors (FSDP2's are DTensors, which the scaler
-  recognises by itself), so every rank sees only its shard: the found-inf flags, the gradient amax and the
-  bf16/fp32 guard's flag are all-reduced before any rank steps or skips (``scaler.sharded_gradients``).
-- ``mixed_precision_config`` keeps FSDP's own casting off (parameters gathered, and gradients reduced, in
-  fp32); autocast does the low-precision compute, exactly as under DDP. Lightning's ``FSDPPrecision``
-  gathers fp16/bf16 parameters instead, which halves the gather volume but makes fp32 islands impossible
-  (an island's fp32 inputs would meet fp16 weights) and reduces gradients in 16 bits. The fallback and the
-  fp16-to-bf16 switch of the escalation ladder need the fp32 parameters.
+FSDP1's gradients are flat-parameter shards, plain tensors (FSDP2's are DTensors, which the scaler recognises
+by itself), so the inner plugin is built with ``sharded_gradients=True``: found-inf flags, the gradient amax
+and the guard's flag are all-reduced before any rank steps or skips.
 
 FSDP1 does not run on CPU (torch raises "FSDP needs a non-CPU accelerator device"; Lightning refuses
-``strategy="fsdp"`` without a GPU). The tests check on CPU what can be checked there: that Lightning's FSDP
-strategy accepts the plugin, the FSDP mixed-precision config, and the cross-rank agreement on sharded
-plain-tensor gradients in two gloo processes. ``benchmarks/gpu.py --fsdp1`` is the end-to-end check on GPUs.
+``strategy="fsdp"`` without a GPU). The tests check on CPU what can be checked there; ``python -m
+benchmarks.fsdp1_check`` is the end-to-end check on GPUs.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Generator
 from typing import Any
 
-import torch
+import lightning.pytorch as pl
+from lightning.fabric.utilities.types import Optimizable
 from lightning.pytorch.plugins.precision.fsdp import FSDPPrecision
+from lightning.pytorch.utilities import GradClipAlgorithmType
+from torch import Tensor
+from torch.nn import Module
+from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_mp.plugin import AdaptiveMP
+from lightning_mp.plugin import AdaptiveMP, refuse_clipping_fused
 from lightning_mp.scaling import AdaptiveLossScaler
 
 __all__ = ["AdaptiveFSDPMP"]
 
 
-class AdaptiveFSDPMP(AdaptiveMP, FSDPPrecision):
+class _InnerAttribute:
+    """``precision`` and ``scaler`` of the shell are the inner plugin's. ``FSDPPrecision.__init__("32-true")``
+    sets and reads back FSDP's own values before the inner plugin exists; those are kept as ``_fsdp_<name>``."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, shell: Any, owner: type | None = None) -> Any:
+        if shell is None:
+            return self
+        inner = shell.__dict__.get("adaptive")
+        return getattr(inner, self.name) if inner is not None else shell.__dict__[f"_fsdp_{self.name}"]
+
+    def __set__(self, shell: Any, value: Any) -> None:
+        inner = shell.__dict__.get("adaptive")
+        if inner is None:
+            shell.__dict__[f"_fsdp_{self.name}"] = value
+        else:
+            setattr(inner, self.name, value)  # AdaptiveMP.precision is read-only: that raises
+
+
+class AdaptiveFSDPMP(FSDPPrecision):
     """``AdaptiveMP`` for ``Trainer(strategy="fsdp")``; see the module docstring for what differs.
+
+    ``precision``, ``scaler`` and the read-only state (``skipped_steps``, ``overflow_events``,
+    ``fp32_modules``, ``promotions``, ``ledger``, ...) are the inner ``AdaptiveMP``'s.
 
     Args:
         precision: as ``AdaptiveMP``; ``"auto"`` is resolved here for ``device`` (FSDP wraps the model before
@@ -47,8 +76,6 @@ class AdaptiveFSDPMP(AdaptiveMP, FSDPPrecision):
         device: ``"cuda"`` (FSDP1 runs nowhere else).
         scaler, fp32_modules, auto_fallback, **knobs: as ``AdaptiveMP``.
     """
-
-    _sharded_gradients = True
 
     def __init__(
         self,
@@ -61,10 +88,33 @@ class AdaptiveFSDPMP(AdaptiveMP, FSDPPrecision):
     ) -> None:
         if device is None or device.split(":")[0] != "cuda":
             raise ValueError(f"AdaptiveFSDPMP(device={device!r}) is invalid: FSDP1 runs only on 'cuda'.")
-        super().__init__(precision, device, scaler, fp32_modules, auto_fallback, **knobs)
-        self._resolve(self.device)
-        # What FSDPPrecision.__init__ would have set (it is not called: it would build a ShardedGradScaler).
-        self._desired_input_dtype = torch.float32
+        super().__init__("32-true")  # FSDP's side: no casting, fp32 inputs, no ShardedGradScaler
+        adaptive = AdaptiveMP(precision, device, scaler, fp32_modules, auto_fallback, sharded_gradients=True, **knobs)
+        adaptive.core.resolve(adaptive.device)  # "auto" means what it means on CUDA, now
+        self.adaptive = adaptive
+
+    precision = _InnerAttribute()
+    scaler = _InnerAttribute()
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.adaptive.skipped_steps
+
+    @property
+    def overflow_events(self) -> list[Any]:
+        return self.adaptive.overflow_events
+
+    @property
+    def fp32_modules(self) -> list[str]:
+        return self.adaptive.fp32_modules
+
+    @property
+    def promotions(self) -> list[Any]:
+        return self.adaptive.promotions
+
+    @property
+    def ledger(self) -> Any:
+        return self.adaptive.ledger
 
     @property
     @override
@@ -73,3 +123,68 @@ class AdaptiveFSDPMP(AdaptiveMP, FSDPPrecision):
         from torch.distributed.fsdp import MixedPrecision as FSDPMixedPrecision
 
         return FSDPMixedPrecision(param_dtype=None, reduce_dtype=None, buffer_dtype=None)
+
+    # ----------------------------------------------------------------- every precision hook: the inner plugin
+    @override
+    def connect(self, model: Module, optimizers: list[Optimizer], lr_schedulers: list[Any]) -> Any:
+        return self.adaptive.connect(model, optimizers, lr_schedulers)
+
+    @override
+    def teardown(self) -> None:
+        self.adaptive.teardown()
+
+    @override
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return self.adaptive.forward_context()
+
+    @override
+    @contextlib.contextmanager
+    def train_step_context(self) -> Generator[None, None, None]:
+        with self.adaptive.train_step_context():
+            yield
+
+    @override
+    @contextlib.contextmanager
+    def val_step_context(self) -> Generator[None, None, None]:
+        with self.adaptive.val_step_context():
+            yield
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        return self.adaptive.convert_input(data)
+
+    @override
+    def pre_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
+        return self.adaptive.pre_backward(tensor, module)
+
+    @override
+    def optimizer_step(  # type: ignore[override]
+        self, optimizer: Optimizable, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any
+    ) -> Any:
+        return self.adaptive.optimizer_step(optimizer, model, closure, **kwargs)
+
+    @override
+    def clip_gradients(
+        self,
+        optimizer: Optimizer,
+        clip_val: int | float = 0.0,
+        gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
+    ) -> None:
+        # FSDPPrecision's own clipping: by value works on the shards, by norm is refused (it needs FSDP's).
+        refuse_clipping_fused(optimizer, clip_val)
+        super().clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return self.adaptive.state_dict()
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.adaptive.load_state_dict(state_dict)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.adaptive.on_load_checkpoint(checkpoint)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.adaptive!r})"

@@ -55,12 +55,12 @@ def build_report(plugin: Any, scale_history: list[tuple[int, float]]) -> dict[st
         "run": {
             "precision": plugin.precision,
             "device": plugin.device,
-            "optimizer_steps": plugin._steps,
+            "optimizer_steps": plugin.optimizer_steps,
             "skipped_steps": plugin.skipped_steps,
             "overflow_counts": dict(plugin.overflow_counts),
             "scaler": None
             if scaler is None
-            else {"policy": scaler.config.policy, "final_scale": scaler.get_scale(), "stats": scaler.stats},
+            else {"policy": scaler.config.policy, "final_scale": scaler.get_scale(), "stats": scaler.counters},
             "versions": {
                 "lightning_mp": lightning_mp.__version__,
                 "torch": torch.__version__,

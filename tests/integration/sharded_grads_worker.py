@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_mp import AdaptiveFSDPMP, AdaptiveLossScaler
+from lightning_mp._grads import gradients_nonfinite
 
 STEPS = 12
 FAULT_STEPS = {3, 4, 9}  # rank 1 only
@@ -25,7 +26,7 @@ def run(rank: int, out: Path, sharded: bool) -> None:
     optimizer = torch.optim.SGD([shard], lr=0.01)
     scaler = AdaptiveLossScaler("cpu", init_scale=2.0**10, growth_interval=4, hysteresis=1)
     scaler.sharded_gradients = sharded
-    # The bf16/fp32 guard of the FSDP1 plugin on the same shards (its class marks gradients as sharded).
+    # The bf16/fp32 guard of the FSDP1 plugin on the same shards (it marks its gradients as sharded).
     plugin = AdaptiveFSDPMP("bf16-mixed") if sharded else None
     decisions = []
     for step in range(1, STEPS + 1):
@@ -33,7 +34,7 @@ def run(rank: int, out: Path, sharded: bool) -> None:
         scaler.scale((shard**2).sum()).backward()
         if rank == 1 and step in FAULT_STEPS:
             shard.grad[5] = float("inf")
-        guard = plugin._gradients_nonfinite(optimizer) if plugin is not None else None
+        guard = gradients_nonfinite(optimizer, plugin.adaptive.core.options.sharded_gradients) if plugin else None
         before = scaler.skipped_steps
         scaler.step(optimizer)
         scaler.update()

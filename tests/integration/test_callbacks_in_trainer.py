@@ -103,3 +103,26 @@ def test_statistics_off_leaves_modules_empty(tmp_path):
     plugin = AdaptiveMP("bf16-mixed", stats="off")
     fit(plugin, max_steps=3, default_root_dir=tmp_path)
     assert json.loads((tmp_path / "precision_report.json").read_text())["modules"] == {}
+
+
+class GradientFaults(TinyRegressor):
+    """Puts an inf into one layer's gradient on chosen steps: a backward event that names that layer at once."""
+
+    def __init__(self, faults: dict[int, str]):
+        super().__init__()
+        self.faults = faults  # global step -> index of the nn.Sequential layer whose weight gradient goes inf
+
+    def on_after_backward(self):
+        layer = self.faults.get(self.global_step)
+        if layer is not None:
+            self.net[int(layer)].weight.grad[0, 0] = float("inf")
+
+
+def test_a_newly_blamed_module_is_warned_about_after_the_event_buffer_is_full(recwarn):
+    """With max_events=1 the kept-events list stops growing after the first event; the warning for a module
+    blamed later must still come (it did not when the callback remembered a position in that list)."""
+    plugin = AdaptiveMP("bf16-mixed", max_events=1, auto_fallback=False)
+    fit(plugin, model_cls=lambda: GradientFaults({1: "0", 3: "2"}), max_steps=5)
+    assert [e.module for e in plugin.overflow_events] == ["net.2"], "only the newest event is kept"
+    warned = [str(w.message) for w in recwarn if "produced a non-finite" in str(w.message)]
+    assert [m.split(" ")[1] for m in warned] == ["net.0", "net.2"]

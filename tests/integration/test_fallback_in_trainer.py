@@ -4,7 +4,8 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_mp import AdaptiveLossScaler, AdaptiveMP, LossScaleFloorError
+from lightning_mp import AdaptiveLossScaler, AdaptiveMP, LossScaleFloorError, ScaleAction
+from lightning_mp.escalation import Rung
 from lightning_mp.fallback import is_fp32_island
 from tests.helpers import (
     ExplodingBackward,
@@ -37,7 +38,7 @@ def test_forward_overflow_is_named_promoted_and_training_continues():
     assert forward[0].module is None, "the first one arms the probe"
     assert [e.module for e in forward[1:]] == ["middle", "middle"]
     assert forward[1].kind == "inf" and forward[1].dtype == "float16"
-    assert "promoted middle to fp32" in forward[-1].action
+    assert forward[-1].promoted == "middle"
     assert "middle" in plugin.fp32_modules and is_fp32_island(model.middle)
     assert plugin.skipped_steps == 3, "after the promotion the remaining steps train"
     assert plugin.scaler.get_scale() == 16.0, "a forward overflow must not drag the scale down"
@@ -56,7 +57,7 @@ def test_exploding_backward_is_named_as_backward_and_handled_by_the_scale():
     fit(plugin, model_cls=lambda: TroubleNet(ExplodingBackward(1e4)), max_steps=5)
     backward = [e for e in plugin.overflow_events if e.phase == "backward"]
     assert backward and {e.module for e in backward} == {"middle"}
-    assert all("scale backed off" in e.action for e in backward)
+    assert all(e.scaler_action is ScaleAction.BACKED_OFF for e in backward)
     assert plugin.scaler.get_scale() < 256.0
     assert "middle" not in plugin.fp32_modules, "the scale could still fix it: no promotion"
 
@@ -196,13 +197,15 @@ def test_escalation_promotes_when_the_scale_sits_at_its_floor():
     model, _ = fit(plugin, model_cls=lambda: TroubleNet(ExplodingBackward(1e6), lr=1e-9), max_steps=12)
     escalated = [p for p in plugin.promotions if p.reason == "escalation"]
     assert escalated and "floor" in escalated[0].detail
-    assert any(f"escalation: promoted {escalated[0].module} to fp32" in e.action for e in plugin.overflow_events)
+    assert any(
+        e.escalation is Rung.PROMOTE and e.escalated_module == escalated[0].module for e in plugin.overflow_events
+    )
     assert plugin.overflow_events[-1].step < 12, "after the escalation the run trains again"
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_escalation_ladder_switches_fp16_to_bf16_then_stops_with_a_diagnosis(monkeypatch, recwarn):
-    monkeypatch.setattr("lightning_mp.plugin.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("lightning_mp.precision.cpu_has_native_bf16", lambda: True)
     plugin = fp16(max_consecutive_skips=3)
     with pytest.raises(LossScaleFloorError, match=r"gave up: 3 optimizer steps in a row were skipped.*loss"):
         fit(plugin, model_cls=lambda: TinyRegressor(poison_steps=set(range(20))), max_steps=20)

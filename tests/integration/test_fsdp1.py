@@ -28,7 +28,7 @@ def test_lightnings_fsdp_strategy_takes_it_and_refuses_plain_adaptive_mp():
     plugin = AdaptiveFSDPMP("bf16-mixed")
     strategy.precision_plugin = plugin  # Lightning's own check: isinstance(plugin, FSDPPrecision)
     assert strategy.precision_plugin is plugin
-    assert isinstance(plugin, AdaptiveMP) and isinstance(plugin, FSDPPrecision)
+    assert isinstance(plugin, FSDPPrecision) and isinstance(plugin.adaptive, AdaptiveMP)
     with pytest.raises(TypeError, match="FSDPPrecision"):
         strategy.precision_plugin = AdaptiveMP("bf16-mixed")
 

@@ -1,15 +1,14 @@
-"""Filters, fp32 islands and the promotion policy, without a Trainer."""
+"""Filters, fp32 islands and the promotion rule, without a Trainer."""
 
 import pytest
 import torch
 from torch import nn
 
 from lightning_mp.fallback import (
-    PromotionPolicy,
+    PromotionRule,
     apply_fp32,
     by_name,
     by_type,
-    enclosing,
     fp32_filter,
     is_fp32_island,
     pattern_misses,
@@ -97,19 +96,13 @@ def test_island_output_equals_fp32_module_output():
     ids=["back-to-back", "within-window", "too-far-apart"],
 )
 def test_promotion_needs_repeated_blame_within_the_window(steps, promoted_at):
-    policy = PromotionPolicy(promote_after=2, window=100)
-    decisions = {step: policy.blame("layer", step) for step in steps}
+    rule = PromotionRule(promote_after=2, window=100)
+    decisions = {step: rule.blame("layer", step) for step in steps}
     assert [s for s, promote in decisions.items() if promote] == ([promoted_at] if promoted_at else [])
 
 
-def test_promotion_policy_validates_its_knobs():
+def test_promotion_rule_validates_its_knobs():
     with pytest.raises(ValueError, match="promote_after=0"):
-        PromotionPolicy(promote_after=0)
+        PromotionRule(promote_after=0)
     with pytest.raises(ValueError, match="promote_window=-1"):
-        PromotionPolicy(window=-1)
-
-
-def test_enclosing_block_is_the_nearest_registered_ancestor():
-    names = ["encoder", "encoder.layers", "encoder.layers.3", "encoder.layers.3.attn"]
-    assert enclosing("encoder.layers.3.attn", names) == "encoder.layers.3"
-    assert enclosing("encoder", names) is None
+        PromotionRule(window=-1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
-from lightning_mp.plugin import resolve_auto_precision
+from lightning_mp.precision import resolve_auto_precision
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_no_scaler_without_fp16(precision):
     [("cpu", True, "bf16-mixed"), ("cpu", False, "32-true"), ("mps", False, "32-true")],
 )
 def test_auto_precision_table(monkeypatch, device, native_bf16, expected):
-    monkeypatch.setattr("lightning_mp.plugin.cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr("lightning_mp.precision.cpu_has_native_bf16", lambda: native_bf16)
     assert resolve_auto_precision(device) == expected
 
 
@@ -82,9 +82,20 @@ def test_autocast_context_outside_a_trainer_uses_the_precision():
         assert not torch.is_autocast_enabled("cpu")
 
 
+def test_autocast_before_setup_decides_nothing():
+    """Entering autocast outside a Trainer must not fix "auto" to the CPU's answer (or build a scaler): the
+    model's device, known at setup, decides."""
+    plugin = AdaptiveMP()
+    with plugin.forward_context():
+        pass
+    assert plugin.precision == "auto" and plugin.device is None and plugin.scaler is None
+    plugin.connect(torch.nn.Linear(2, 2).to("meta"), [], [])  # a device that is not the CPU: resolved for it
+    assert (plugin.precision, plugin.device) == ("32-true", "meta")
+
+
 def test_state_from_another_precision_keeps_counters_and_ignores_the_scaler(recwarn):
     source = AdaptiveMP("bf16-mixed")
-    source._guard_skipped = 3
+    source.ledger.guard_skipped = 3
     target = AdaptiveMP("16-mixed", device="cpu")
     target.load_state_dict(source.state_dict())
     assert target.skipped_steps == 3

@@ -1,0 +1,322 @@
+"""``PrecisionCore``: everything ``AdaptiveMP`` does, without Lightning.
+
+The Lightning plugins are shells of hooks over this class (``plugin.py``; ``fsdp.py`` holds an ``AdaptiveMP``);
+a Fabric plugin or a hand-written loop can drive it the same way. One optimizer step, in order::
+
+    core.start_step()                  # count it (before the closure: sampling and promotions use the number)
+    core.start_micro_step()            # per micro-batch: arms sampled statistics
+    with core.autocast():              #   forward under autocast
+        ...; core.observe_input(batch)
+    loss = core.scale_loss(loss)       #   backward of the scaled loss (fp16)
+    core.run_closure(closure)          # or the above through a closure: kernel errors promote and retry
+    core.unscale(optimizer)            # unscale (fp16), then sample statistics; clip after this
+    core.step(optimizer, **kwargs)     # step or skip, attribute a bad step, promote, escalate, record
+    core.end_step()
+
+Each collaborator has one job (see its module): ``precision.py`` resolves ``"auto"``; the scaler lives in
+``scaling/``; ``_grads.gradients_nonfinite`` is the bf16/fp32 guard; ``attribution.py`` finds where a bad step
+went non-finite; ``fallback.py`` runs modules as fp32 islands; ``escalation.py`` is the ladder; ``ledger.py``
+records what happened; ``statistics.py`` samples headroom and underflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_mp._compat import scaler_device
+from lightning_mp._grads import gradients_nonfinite
+from lightning_mp.attribution import Finding, OverflowTracker, is_kernel_error, module_from_traceback
+from lightning_mp.escalation import Escalation, EscalationLadder, give_up_message
+from lightning_mp.fallback import FallbackManager
+from lightning_mp.ledger import Rung, RunLedger
+from lightning_mp.options import PluginOptions
+from lightning_mp.precision import AUTOCAST_DTYPES, autocast, default_device, resolve_auto_precision
+from lightning_mp.scaling import AdaptiveLossScaler, LossScaleFloorError, ScaleAction
+from lightning_mp.statistics import ModuleStatistics
+
+__all__ = ["PrecisionCore"]
+
+
+class PrecisionCore:
+    """The precision state of one run and the decisions taken on it, driven one optimizer step at a time.
+
+    Args:
+        options: the validated knobs (see :class:`~lightning_mp.AdaptiveMP` for each one).
+    """
+
+    def __init__(self, options: PluginOptions) -> None:
+        self.options = options
+        self.precision = options.precision
+        self.device = options.device_type
+        self.scaler = options.scaler if isinstance(options.scaler, AdaptiveLossScaler) else None
+        self._own_scaler = self.scaler is None  # ours may be rebuilt for the model's device; the user's may not
+        self.fallback = FallbackManager(
+            options.fp32_modules, options.fp32_defaults, options.promote_after, options.promote_window
+        )
+        self.tracker = OverflowTracker(options.watch_steps)
+        self.ladder = EscalationLadder(options.max_consecutive_skips)
+        self.ledger = RunLedger(options.max_events)
+        self.statistics = ModuleStatistics(options.stats)
+        self.model: nn.Module | None = None
+        self.switched_to_bf16 = False
+        self._last_step_skipped: dict[int, bool] = {}  # id(optimizer) -> skipped, for the LR schedulers
+        if self.precision == "16-mixed" and self.scaler is None:
+            self.scaler = AdaptiveLossScaler(self.device or default_device(), **options.scaler_knobs)
+        if self.precision != "auto":
+            self.resolve(self.device)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return AUTOCAST_DTYPES.get(self.precision)
+
+    @property
+    def stats_dtype(self) -> torch.dtype:
+        """The format headroom and underflow are judged against: the autocast dtype, fp32 without one."""
+        return self.autocast_dtype or torch.float32
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.ledger.guard_skipped + (self.scaler.skipped_steps if self.scaler is not None else 0)
+
+    def step_was_skipped(self, optimizer: Optimizer) -> bool:
+        """Whether the last step of ``optimizer`` was skipped (what a skip-aware LR scheduler asks)."""
+        return self._last_step_skipped.get(id(optimizer), False)
+
+    # ------------------------------------------------------------------------------------------ setup
+    def resolve(self, device: str | None) -> None:
+        """Fix the precision, the autocast device and the scaler once the device is known."""
+        if self.precision == "auto":
+            if device is None:
+                return  # wait for setup, where the model tells us its device
+            self.precision = resolve_auto_precision(device)
+            if self.scaler is not None and self.precision != "16-mixed":
+                rank_zero_warn(f"AdaptiveMP(precision='auto') resolved to {self.precision!r}: the scaler is unused.")
+                self.scaler = None
+        if device is None:
+            return
+        self.device = device
+        if self.precision != "16-mixed":
+            return
+        if self.scaler is None or (self._own_scaler and scaler_device(self.scaler) != device):
+            self.scaler = AdaptiveLossScaler(device, **self.options.scaler_knobs)
+            self._own_scaler = True
+        elif scaler_device(self.scaler) != device:
+            raise ValueError(
+                f"AdaptiveMP: the scaler was built for device {scaler_device(self.scaler)!r} but the model runs"
+                f" on {device!r}; pass AdaptiveLossScaler(device={device!r}, ...)."
+            )
+        if self.scaler.on_floor is None:
+            self.scaler.on_floor = _escalate_in_core
+        self.scaler.sharded_gradients = self.options.sharded_gradients
+
+    def setup(self, model: nn.Module, record_order: bool = True) -> None:
+        """Take the model (its device resolves ``"auto"``), apply the fp32 islands, record execution order."""
+        if self.device is None or self.precision == "auto":
+            param = next(model.parameters(), None)
+            self.resolve(self.device or (param.device.type if param is not None else "cpu"))
+        self.model = model
+        self.fallback.setup(model, self.precision, self.device)
+        if record_order:
+            self.tracker.order.record(model)  # removed after the first optimizer step (or at teardown)
+
+    def teardown(self) -> None:
+        """Remove every hook we may still hold (an interrupted run, or a run with no optimizer step)."""
+        self.tracker.stop()
+        self.collect_statistics()
+
+    # ------------------------------------------------------------------------------ forward, backward
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of the precision in force. Before setup (no device yet) it is what the
+        precision means on the CPU, without deciding anything: setup still resolves for the model's device."""
+        device = self.device or "cpu"
+        precision = resolve_auto_precision(device) if self.precision == "auto" else self.precision
+        return autocast(device, precision)
+
+    def start_micro_step(self) -> None:
+        self.tracker.start_micro_step()
+        if self.model is not None and self.ledger.optimizer_steps % self.options.stats_every == 0:
+            self.statistics.start(self.model)  # a sampled step: hooks live for this step only
+
+    def observe_input(self, batch: Any) -> None:
+        self.tracker.observe_input(batch)
+
+    def scale_loss(self, loss: Tensor) -> Tensor:
+        self.tracker.observe_loss(loss)
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def run_closure(self, closure: Callable[[], Any]) -> Any:
+        """Run the closure; a low-precision kernel failure promotes its module to fp32 and retries."""
+        while True:
+            try:
+                return closure()
+            except (RuntimeError, NotImplementedError) as error:
+                if not self.promote_after_kernel_error(error):
+                    raise
+
+    def promote_after_kernel_error(self, error: BaseException) -> bool:
+        """Promote the module whose low-precision kernel raised ``error``; False when that is not the case."""
+        if not (self.options.auto_fallback and self.autocast_dtype is not None and is_kernel_error(error)):
+            return False
+        fqn = module_from_traceback(error, self.model) if self.model is not None else None
+        detail = first_line(error)
+        step = self.ledger.optimizer_steps
+        if fqn is None or not self.fallback.promote(self.model, fqn, "kernel error", self.device, step, detail):
+            return False
+        rank_zero_warn(f"AdaptiveMP: {fqn} runs in fp32 from now on: its {self.precision} kernel failed ({detail}).")
+        return True
+
+    # ------------------------------------------------------------------------------------------- step
+    def start_step(self) -> None:
+        """Count one optimizer step, before its closure runs."""
+        self.ledger.start_step()
+
+    def unscale(self, optimizer: Optimizer, handles_unscaling: bool = False) -> None:
+        """After backward: unscale (fp16, unless the optimizer does it in ``step``), then sample statistics.
+
+        Unscaling comes first so that statistics, ``on_before_optimizer_step`` and clipping see true gradients.
+        """
+        if self.scaler is not None and not handles_unscaling:
+            self.scaler.unscale_(optimizer)
+        self.collect_statistics()  # before clipping: the statistics describe what the backward produced
+
+    def step(self, optimizer: Optimizer, **kwargs: Any) -> tuple[bool, Any]:
+        """Step, or skip a step whose gradients are not finite; then attribute, decide and record.
+
+        Returns:
+            ``(skipped, what optimizer.step returned)``.
+        """
+        if self.scaler is not None:
+            skipped_before = self.scaler.skipped_steps
+            output = self.scaler.step(optimizer, **kwargs)  # skips optimizer.step() on non-finite gradients
+            finding = self._attribute() if self.scaler.skipped_steps > skipped_before else None
+            if finding is not None and finding.phase != "backward":
+                self.scaler.excuse_overflow()  # lowering the scale cannot fix a bad batch or a forward overflow
+            self.scaler.update()
+        elif gradients_nonfinite(optimizer, self.options.sharded_gradients):  # bf16/fp32: after clipping
+            self.ledger.guard_skipped += 1
+            output, finding = None, self._attribute()
+        else:
+            output, finding = optimizer.step(**kwargs), None
+        self._decide(optimizer, finding)
+        return finding is not None, output
+
+    def end_step(self) -> None:
+        self.tracker.end_step()
+
+    def collect_statistics(self) -> None:
+        """Fold a sampled step's statistics in (after unscaling); nothing on other steps."""
+        if self.statistics.active and self.model is not None:
+            scale = self.scaler.get_scale() if self.scaler is not None else 1.0
+            self.statistics.collect(self.model, scale, self.stats_dtype)
+
+    def _attribute(self) -> Finding:
+        if self.model is None:
+            return Finding("backward", None, "nan", "unknown")
+        return self.tracker.attribute(self.model)
+
+    def _decide(self, optimizer: Optimizer, finding: Finding | None) -> None:
+        """After a step: promote a repeatedly blamed module, climb the ladder if due, record the event."""
+        self._last_step_skipped[id(optimizer)] = finding is not None
+        scaler_action = self.scaler.last_action if self.scaler is not None else None
+        at_floor = scaler_action is ScaleAction.FLOOR and self.scaler.on_floor is _escalate_in_core
+        why = self.ladder.observe(finding is not None, at_floor)
+        if finding is None:
+            return
+        promoted = self._promote_blamed(finding)
+        escalation = self._escalate(why, finding.module or self.ledger.last_blamed_module()) if why else None
+        self.ledger.record(
+            finding,
+            self.scaler.get_scale() if self.scaler is not None else None,
+            scaler_action=scaler_action,
+            promoted=promoted,
+            escalation=escalation.rung if escalation is not None else None,
+            escalated_module=escalation.module if escalation is not None else None,
+        )
+        if escalation is not None and escalation.rung is Rung.GIVE_UP:
+            raise LossScaleFloorError(give_up_message(escalation.reason, self.ledger.events[-5:]))
+
+    def _promote_blamed(self, finding: Finding) -> str | None:
+        """Blame layers, never bad batches or bad losses; a backward overflow only when scaling cannot help."""
+        if not self.options.auto_fallback or finding.module is None or finding.phase in ("input", "loss"):
+            return None
+        scaling_can_help = self.scaler is not None and self.scaler.get_scale() > self.scaler.config.floor
+        if finding.phase == "backward" and scaling_can_help:
+            return None
+        step = self.ledger.optimizer_steps
+        if not self.fallback.rule.blame(finding.module, step):
+            return None
+        if not self.fallback.promote(self.model, finding.module, "overflow", self.device, step, finding.phase):
+            return None
+        rank_zero_warn(f"AdaptiveMP: {finding.module} runs in fp32 from now on: repeated {finding.phase} overflows.")
+        return finding.module
+
+    def _escalate(self, why: str, blamed: str | None) -> Escalation:
+        """Take the first rung of the ladder that applies (``GIVE_UP`` is raised by the caller)."""
+        if self.scaler is not None:
+            self.scaler.policy.acknowledge_floor()
+        names = [fqn for fqn, _ in self.model.named_modules() if fqn] if self.model is not None else []
+        can_switch = self.precision == "16-mixed" and resolve_auto_precision(self.device) == "bf16-mixed"
+        for candidate in self.ladder.candidates(why, blamed, self.fallback.promotions, names, can_switch):
+            if candidate.rung is Rung.PROMOTE:
+                step = self.ledger.optimizer_steps
+                if self.fallback.promote(self.model, candidate.module, "escalation", self.device, step, why):
+                    rank_zero_warn(f"AdaptiveMP escalation: {why}; {candidate.module} runs in fp32 from now on.")
+                    return candidate
+                continue
+            if candidate.rung is Rung.SWITCH_TO_BF16:
+                rank_zero_warn(f"AdaptiveMP escalation: {why}; switching from fp16 to bf16 (same range as fp32).")
+                self.switch_to_bf16()
+            return candidate
+        raise AssertionError("the ladder always ends with GIVE_UP")
+
+    def switch_to_bf16(self) -> None:
+        if self.scaler is not None:
+            self.ledger.guard_skipped += self.scaler.skipped_steps  # keep the count; the scaler goes away
+        self.scaler = None
+        self.precision = "bf16-mixed"
+        self.switched_to_bf16 = True
+
+    # ------------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "precision": self.precision,
+            "switched_to_bf16": self.switched_to_bf16,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "promotions": self.fallback.state_dict(),
+            "ladder": self.ladder.state_dict(),
+            **self.ledger.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore after setup and before the first new step, so promotions apply to the first forward."""
+        saved = state_dict.get("precision")
+        if state_dict.get("switched_to_bf16") and self.precision == "16-mixed":
+            self.switch_to_bf16()  # the ladder moved the run to bf16; stay there
+        if saved not in (None, self.precision):
+            rank_zero_warn(
+                f"Resuming a {saved!r} checkpoint with AdaptiveMP(precision={self.precision!r}): the saved"
+                " loss-scaler state does not apply and is ignored; counters and promotions are kept."
+            )
+        self.ledger.load_state_dict(state_dict)
+        self.ladder.load_state_dict(state_dict.get("ladder", {}))
+        scaler_state = state_dict.get("scaler")
+        if self.scaler is not None and scaler_state and saved == self.precision:
+            self.scaler.load_state_dict(scaler_state)
+        if self.model is not None:
+            self.fallback.load_state_dict(self.model, state_dict.get("promotions", ()), self.device)
+
+
+def _escalate_in_core(scaler: AdaptiveLossScaler) -> None:
+    """The scaler's ``on_floor`` while the core owns it: nothing here (we are inside ``update()``); the core
+    reads ``ScaleAction.FLOOR`` afterwards and climbs its escalation ladder with the step's event."""
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__

@@ -1,0 +1,153 @@
+"""The run ledger: what happened in a run, for everyone who reports on it.
+
+The plugin writes it; the callbacks, the report and the CLI read it through read-only properties. It counts
+optimizer steps and skipped steps, keeps the newest ``max_events`` overflow events in a bounded buffer and the
+per-phase totals of all of them. Every event gets a sequence number (1, 2, ...) that is never reused: a
+reader remembers the last number it has seen and asks for the newer events, which stays right once the
+buffer is full and its length no longer grows.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+from typing import Any
+
+from lightning_mp.attribution import Finding, Kind, Phase
+from lightning_mp.scaling import ScaleAction
+
+__all__ = ["OverflowEvent", "Rung", "RunLedger"]
+
+
+class Rung(str, Enum):
+    """A rung of the escalation ladder (see ``escalation.py``)."""
+
+    PROMOTE = "promote"  # run the blamed module, or its enclosing block, in fp32
+    SWITCH_TO_BF16 = "switch_to_bf16"  # leave fp16 for bf16 (fp32's range) where the device runs it natively
+    GIVE_UP = "give_up"  # stop with a diagnosis
+
+
+@dataclass(frozen=True)
+class OverflowEvent:
+    """One skipped step, attributed to where its non-finite value started, and what was done about it.
+
+    ``module`` is the fully qualified name of the module (``encoder.layers.3.attn``), or ``None`` when the
+    phase has no module (``input``, ``loss``) or the forward pass was not localized yet. ``action`` is the
+    display text of the typed fields after it (``"skipped; scale backed off"``); it is built from them when
+    not given.
+    """
+
+    step: int
+    phase: Phase
+    module: str | None
+    kind: Kind
+    dtype: str
+    scale: float | None
+    action: str = ""
+    seq: int = 0  # this event's number in the run, from 1; never reused
+    scaler_action: ScaleAction | None = None  # what the loss scaler did on this step (fp16)
+    promoted: str | None = None  # the module promoted to fp32 for repeated blame at this event
+    escalation: Rung | None = None  # the escalation rung taken at this event
+    escalated_module: str | None = None  # the module the PROMOTE rung put in fp32
+
+    def __post_init__(self) -> None:
+        if not self.action:
+            object.__setattr__(self, "action", self._describe())
+
+    def _describe(self) -> str:
+        words = ["skipped"]
+        if self.scaler_action is not None and self.scaler_action.text:
+            words.append(self.scaler_action.text)
+        if self.promoted is not None:
+            words.append(f"promoted {self.promoted} to fp32")
+        if self.escalation is Rung.PROMOTE:
+            words.append(f"escalation: promoted {self.escalated_module} to fp32")
+        elif self.escalation is Rung.SWITCH_TO_BF16:
+            words.append("escalation: switched fp16 to bf16")
+        return "; ".join(words)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values only (enums as their strings): JSON and ``torch.load(weights_only=True)`` safe."""
+        return {k: v.value if isinstance(v, Enum) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OverflowEvent:
+        """The inverse of ``to_dict``; also reads the seven-field events of version 0.1 checkpoints."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        if values.get("scaler_action") is not None:
+            values["scaler_action"] = ScaleAction(values["scaler_action"])
+        if values.get("escalation") is not None:
+            values["escalation"] = Rung(values["escalation"])
+        return cls(**values)
+
+
+class RunLedger:
+    """Optimizer steps, skipped steps and overflow events of one run; checkpointed with the plugin.
+
+    Args:
+        max_events: events kept in memory (oldest dropped); ``counts`` keeps the per-phase totals of all.
+    """
+
+    def __init__(self, max_events: int = 10_000) -> None:
+        self.optimizer_steps = 0  # optimizer steps attempted, skipped ones included
+        self.guard_skipped = 0  # steps skipped by the bf16/fp32 guard (the scaler counts its own)
+        self.counts: dict[str, int] = {}  # phase -> events, never truncated
+        self.last_seq = 0  # sequence number of the newest event
+        self._events: deque[OverflowEvent] = deque(maxlen=max_events)
+
+    @property
+    def events(self) -> list[OverflowEvent]:
+        """The kept events, oldest first."""
+        return list(self._events)
+
+    def events_after(self, seq: int) -> list[OverflowEvent]:
+        """Kept events newer than sequence number ``seq`` (all kept events for ``seq=0``)."""
+        return [event for event in self._events if event.seq > seq]
+
+    def last_blamed_module(self) -> str | None:
+        """The module of the newest kept event that names one."""
+        return next((e.module for e in reversed(self._events) if e.module is not None), None)
+
+    def start_step(self) -> int:
+        """Count one optimizer step; returns its number (from 1)."""
+        self.optimizer_steps += 1
+        return self.optimizer_steps
+
+    def record(self, finding: Finding, scale: float | None, **outcome: Any) -> OverflowEvent:
+        """Record a skipped step of the current optimizer step; ``outcome`` are the event's typed action fields."""
+        self.last_seq += 1
+        event = OverflowEvent(
+            step=self.optimizer_steps,
+            phase=finding.phase,
+            module=finding.module,
+            kind=finding.kind,
+            dtype=finding.dtype,
+            scale=scale,
+            seq=self.last_seq,
+            **outcome,
+        )
+        self._events.append(event)
+        self.counts[finding.phase] = self.counts.get(finding.phase, 0) + 1
+        return event
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.optimizer_steps,
+            "guard_skipped_steps": self.guard_skipped,
+            "events": [e.to_dict() for e in self._events],
+            "overflow_counts": dict(self.counts),
+            "last_seq": self.last_seq,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer_steps = int(state.get("steps", 0))
+        self.guard_skipped = int(state.get("guard_skipped_steps", 0))
+        self._events.clear()
+        events = [OverflowEvent.from_dict(e) for e in state.get("events", ())]
+        if events and not events[-1].seq:  # a version 0.1 checkpoint: number the kept events in order
+            events = [OverflowEvent.from_dict({**e.to_dict(), "seq": i}) for i, e in enumerate(events, 1)]
+        self._events.extend(events)
+        self.counts = dict(state.get("overflow_counts", {}))
+        self.last_seq = int(state.get("last_seq", events[-1].seq if events else 0))

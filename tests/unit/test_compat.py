@@ -1,0 +1,143 @@
+"""Contract tests for the fence (``lightning_mp/_compat.py``): each private torch or Lightning name we still use
+is pinned here, so an upgrade that changes one fails by name instead of deep inside a training run. The last
+tests check the package itself: private names stay behind the fence, and modules import without a cycle."""
+
+import ast
+import inspect
+import re
+from pathlib import Path
+
+import torch
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.plugins.precision.fsdp import FSDPPrecision
+
+import lightning_mp
+from lightning_mp import AdaptiveFSDPMP, _compat
+
+PACKAGE = Path(lightning_mp.__file__).parent
+
+
+def parameters(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def test_gradscaler_hooks_we_override_keep_their_signatures():
+    expected = {
+        "_unscale_grads_": ["self", "optimizer", "inv_scale", "found_inf", "allow_fp16"],
+        "_maybe_opt_step": ["self", "optimizer", "optimizer_state", "args", "kwargs"],
+        "_lazy_init_scale_growth_tracker": ["self", "dev"],
+        "_get_growth_tracker": ["self"],
+        "_check_scale_growth_tracker": ["self", "funcname"],
+    }
+    assert set(expected) == set(_compat.GRADSCALER_HOOKS)
+    for name, params in expected.items():
+        assert parameters(getattr(torch.amp.GradScaler, name)) == params, name
+
+
+def test_gradscaler_attributes_we_read_exist():
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    for name in _compat.GRADSCALER_ATTRIBUTES:
+        assert hasattr(scaler, name), name
+    assert _compat.scaler_device(scaler) == "cpu"
+
+
+def test_gradscaler_per_optimizer_state_shape():
+    state = _compat.refresh_per_optimizer_state()
+    assert state == {"stage": _compat.OptState.READY, "found_inf_per_device": {}}
+    assert {s.name for s in _compat.OptState} >= {"READY", "UNSCALED", "STEPPED"}
+
+
+def test_fused_check_and_unscale_kernel_unscales_and_flags():
+    grads = [torch.tensor([2.0, 4.0]), torch.tensor([float("inf")])]
+    found = torch.zeros(1)
+    _compat.foreach_non_finite_check_and_unscale_(grads, found, torch.tensor([0.5]))
+    assert grads[0].tolist() == [1.0, 2.0] and found.item() == 1.0
+
+
+def test_sparse_gradients_expose_uncoalesced_values():
+    sparse = torch.sparse_coo_tensor([[0, 0]], [1.0, 2.0], (3,), check_invariants=True)
+    assert sparse._values().tolist() == [1.0, 2.0], "GradScaler unscales these in place"
+
+
+def test_pytree_flattens_nested_outputs():
+    a, b = torch.ones(1), torch.zeros(2)
+    leaves = _compat.tree_leaves(({"x": a}, [b], None))
+    assert [t.shape for t in leaves if isinstance(t, torch.Tensor)] == [a.shape, b.shape]
+
+
+def test_cpu_capability_query_exists():
+    # Without it cpu_has_native_bf16() would silently say no, and "auto" would mean fp32 on bf16 CPUs.
+    assert callable(torch._C._cpu._get_cpu_capability)
+    assert isinstance(_compat.cpu_capability(), dict) and _compat.cpu_capability()
+
+
+def test_optimizer_unscaling_flag_is_read_the_way_lightning_does():
+    param = torch.nn.Parameter(torch.ones(2))
+    assert _compat.optimizer_handles_unscaling(torch.optim.Adam([param], fused=True))
+    assert not _compat.optimizer_handles_unscaling(torch.optim.SGD([param], lr=0.1))
+
+
+def test_lightning_after_closure_hook_keeps_its_signature():
+    assert parameters(Precision._after_closure) == ["self", "model", "optimizer"]
+
+
+def test_fsdp_shell_overrides_every_fsdp_precision_method_that_reads_precision_or_scaler():
+    """AdaptiveFSDPMP delegates to its inner AdaptiveMP; a method FSDPPrecision adds would bypass it."""
+    inherited_on_purpose = {  # these only read _desired_input_dtype, which "32-true" sets to float32
+        "convert_module", "clip_grad_by_norm", "tensor_init_context", "module_init_context",
+        "convert_output",
+    }  # fmt: skip
+    defined = {name for name, value in vars(FSDPPrecision).items() if callable(value) or isinstance(value, property)}
+    overridden = {name for name in defined if name in vars(AdaptiveFSDPMP)}
+    assert defined - inherited_on_purpose == overridden
+
+
+PRIVATE_IMPORT = re.compile(r"^\s*from (torch|lightning)(\.[\w.]+)? import .*\b_[a-z]\w*", re.MULTILINE)
+PRIVATE_ACCESS = re.compile(r"\b(torch\._(?!_)\w+|lightning\.\w+\._\w+|_checkpoint_connector|(?<!self)\._trainer\b)")
+
+
+def test_private_names_are_used_only_behind_the_fence():
+    """Outside _compat.py, only scaling/scaler.py (GradScaler's own internals) may touch private names."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "_compat.py":
+            continue
+        text = path.read_text()
+        offenders += [f"{path.name}: {m.group(0).strip()}" for m in PRIVATE_IMPORT.finditer(text)]
+        offenders += [f"{path.name}: {m.group(0)}" for m in PRIVATE_ACCESS.finditer(text)]
+    assert offenders == []
+
+
+def _module_level_imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in tree.body:  # module level only: an import inside a function does not make a cycle at import
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lightning_mp"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("lightning_mp")}
+    return found
+
+
+def test_the_package_has_no_import_cycle():
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        modules[name] = _module_level_imports(path)
+    done, visiting = set(), []
+
+    def visit(name: str) -> None:
+        assert name not in visiting, " -> ".join([*visiting[visiting.index(name) :], name])
+        if name in done or name not in modules:
+            return
+        visiting.append(name)
+        for dependency in modules[name] - {"lightning_mp"}:
+            visit(dependency)
+        visiting.pop()
+        done.add(name)
+
+    for name in sorted(modules):
+        if name != "lightning_mp":
+            visit(name)
+    assert "lightning_mp.plugin" in done and "lightning_mp.callbacks" in done

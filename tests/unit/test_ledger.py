@@ -1,0 +1,115 @@
+"""The run ledger and its events, without a Trainer."""
+
+import json
+
+import pytest
+
+from lightning_mp import OverflowEvent, ScaleAction
+from lightning_mp.attribution import Finding
+from lightning_mp.ledger import Rung, RunLedger
+
+BACKWARD = Finding("backward", "net.2", "inf", "float16")
+
+
+def test_every_event_gets_the_next_sequence_number_even_after_the_buffer_is_full():
+    ledger = RunLedger(max_events=2)
+    for _ in range(5):
+        ledger.start_step()
+        ledger.record(BACKWARD, 1024.0)
+    assert [e.seq for e in ledger.events] == [4, 5]
+    assert [e.step for e in ledger.events] == [4, 5]
+    assert ledger.last_seq == 5 and ledger.counts == {"backward": 5}
+
+
+def test_events_after_a_sequence_number_are_exactly_the_newer_kept_ones():
+    ledger = RunLedger(max_events=2)
+    for _ in range(4):
+        ledger.record(BACKWARD, None)
+    assert [e.seq for e in ledger.events_after(0)] == [3, 4]
+    assert [e.seq for e in ledger.events_after(3)] == [4]
+    assert ledger.events_after(4) == []
+
+
+def test_last_blamed_module_skips_events_without_one():
+    ledger = RunLedger()
+    ledger.record(BACKWARD, None)
+    ledger.record(Finding("input", None, "nan", "input"), None)
+    assert ledger.last_blamed_module() == "net.2"
+
+
+@pytest.mark.parametrize(
+    ("outcome", "text"),
+    [
+        ({}, "skipped"),
+        ({"scaler_action": ScaleAction.BACKED_OFF}, "skipped; scale backed off"),
+        ({"scaler_action": ScaleAction.HELD}, "skipped"),
+        ({"promoted": "net.2"}, "skipped; promoted net.2 to fp32"),
+        (
+            {"escalation": Rung.PROMOTE, "escalated_module": "net"},
+            "skipped; escalation: promoted net to fp32",
+        ),
+        (
+            {"scaler_action": ScaleAction.FLOOR, "escalation": Rung.SWITCH_TO_BF16},
+            "skipped; scale at its floor; escalation: switched fp16 to bf16",
+        ),
+    ],
+    ids=["plain", "backed-off", "silent-action", "promoted", "escalation-promote", "escalation-switch"],
+)
+def test_the_action_text_is_built_from_the_typed_outcome(outcome, text):
+    assert RunLedger().record(BACKWARD, 2.0, **outcome).action == text
+
+
+def test_event_dicts_are_plain_json_and_round_trip():
+    event = RunLedger().record(BACKWARD, 2.0, scaler_action=ScaleAction.TOLERATED, escalation=Rung.GIVE_UP)
+    data = event.to_dict()
+    assert json.loads(json.dumps(data)) == data
+    assert data["scaler_action"] == "tolerated" and type(data["scaler_action"]) is str
+    assert OverflowEvent.from_dict(data) == event
+
+
+def test_state_round_trip_keeps_counts_steps_and_numbering():
+    ledger = RunLedger(max_events=3)
+    for _ in range(4):
+        ledger.start_step()
+        ledger.record(BACKWARD, 4.0)
+    ledger.guard_skipped = 2
+    restored = RunLedger(max_events=3)
+    restored.load_state_dict(ledger.state_dict())
+    assert restored.events == ledger.events
+    assert (restored.optimizer_steps, restored.guard_skipped, restored.counts) == (4, 2, {"backward": 4})
+    assert restored.record(BACKWARD, 4.0).seq == 5
+
+
+def test_a_version_0_1_checkpoint_loads_and_its_events_are_numbered():
+    old = {
+        "steps": 7,
+        "guard_skipped_steps": 1,
+        "events": [
+            {
+                "step": 3,
+                "phase": "forward",
+                "module": None,
+                "kind": "inf",
+                "dtype": "unknown",
+                "scale": None,
+                "action": "skipped",
+            },
+            {
+                "step": 5,
+                "phase": "backward",
+                "module": "net.0",
+                "kind": "nan",
+                "dtype": "float32",
+                "scale": None,
+                "action": "skipped; promoted net.0 to fp32",
+            },
+        ],  # fmt: skip
+        "overflow_counts": {"forward": 1, "backward": 1},
+    }
+    ledger = RunLedger()
+    ledger.load_state_dict(old)
+    assert [(e.seq, e.step, e.action) for e in ledger.events] == [
+        (1, 3, "skipped"),
+        (2, 5, "skipped; promoted net.0 to fp32"),
+    ]
+    assert ledger.record(BACKWARD, None).seq == 3

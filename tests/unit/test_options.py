@@ -1,0 +1,36 @@
+"""PluginOptions: every AdaptiveMP knob validated at construction, naming the field, the value and what is allowed."""
+
+import pytest
+
+from lightning_mp.options import PluginOptions
+from lightning_mp.scaling import AdaptiveLossScaler
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"precision": "fp16"}, r"AdaptiveMP\(precision='fp16'\) is invalid: precision must be one of"),
+        ({"device": 0}, r"AdaptiveMP\(device=0\) is invalid: device must be None or a device type string"),
+        ({"scaler": 2.0}, r"AdaptiveMP\(scaler=2.0\) is invalid: scaler must be None, an AdaptiveLossScaler"),
+        ({"scaler": {"device": "cpu"}}, r"scaler=\{'device': \.\.\.\}\) is invalid: the device is taken from"),
+        ({"scaler": {"growth_factor": 0.5}}, r"AdaptiveLossScaler\(growth_factor=0.5\) is invalid: .* > 1"),
+        ({"precision": "bf16-mixed", "scaler": {}}, r"precision='bf16-mixed', scaler=\.\.\.\) is invalid"),
+        ({"stats": "most"}, r"AdaptiveMP\(stats='most'\) is invalid: must be one of \('off', 'cheap', 'full'\)"),
+        ({"attach_callbacks": 1}, r"AdaptiveMP\(attach_callbacks=1\) is invalid: must be True or False"),
+        ({"stats_every": 0}, r"AdaptiveMP\(stats_every=0\) is invalid: must be an integer >= 1"),
+        ({"max_events": True}, r"AdaptiveMP\(max_events=True\) is invalid: must be an integer >= 1"),
+    ],
+    ids=["precision", "device", "scaler-type", "scaler-device", "scaler-knob", "scaler-bf16", "stats", "flag",
+         "count", "bool-count"],
+)  # fmt: skip
+def test_bad_options_name_field_value_and_what_is_allowed(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PluginOptions(**kwargs)
+
+
+def test_derived_values():
+    options = PluginOptions(precision="16-mixed", device="cuda:1", scaler={"growth_interval": 5})
+    assert options.device_type == "cuda"
+    assert options.scaler_knobs == {"growth_interval": 5}
+    assert PluginOptions(scaler=AdaptiveLossScaler("cpu")).scaler_knobs == {}
+    assert PluginOptions().device_type is None
