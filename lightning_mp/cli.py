@@ -50,10 +50,29 @@ def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConf
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
+    overrides = plugin_knob_overrides(overrides)
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=return_hydra_config)
     _validate(cfg)
     return cfg
+
+
+def plugin_knob_overrides(overrides: list[str]) -> list[str]:
+    """Let every argument of AdaptiveMP and AdaptiveLossScaler be overridden without Hydra's ``+``.
+
+    ``conf/precision/*.yaml`` write only what differs from the code's defaults (the code stays the one source
+    of truth), so most knobs are absent from the composed config and Hydra would refuse to override them. An
+    override of a knob the code defines (``precision.<AdaptiveMP argument>``, ``precision.scaler.<ScalerConfig
+    field>``) is turned into ``++`` (add or override); anything else is left for Hydra, which names it.
+    """
+    import dataclasses
+    import inspect
+
+    from lightning_mp import AdaptiveMP, ScalerConfig
+
+    knobs = {f"precision.{name}" for name in inspect.signature(AdaptiveMP).parameters}
+    knobs |= {f"precision.scaler.{field.name}" for field in dataclasses.fields(ScalerConfig)}
+    return [f"++{o}" if o.split("=", 1)[0] in knobs and "=" in o else o for o in overrides]
 
 
 _TRAINER_NUMBERS = ("max_epochs", "max_steps", "log_every_n_steps", "accumulate_grad_batches", "devices")
@@ -119,7 +138,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "peak_memory_mb": peak_mb,
         "skipped_steps": plugin.skipped_steps,
         "fp32_promotions": [p.module for p in plugin.promotions if p.reason not in ("static", "default")],
-        "optimizer_steps": plugin._steps,
+        "optimizer_steps": plugin.optimizer_steps,
         "output_dir": str(output_dir),
     }
     if trainer.is_global_zero:
@@ -158,7 +177,7 @@ def multirun(argv: list[str]) -> None:
 
     hydra_main = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="train", version_base="1.3")
     saved_argv = sys.argv
-    sys.argv = ["lightning-mp", "--multirun", *overrides]
+    sys.argv = ["lightning-mp", "--multirun", *plugin_knob_overrides(overrides)]
     try:
         hydra_main(_multirun_job)()
     finally:
