@@ -16,7 +16,8 @@ a Fabric plugin or a hand-written loop can drive it the same way. One optimizer 
 Each collaborator has one job (see its module): ``precision.py`` resolves ``"auto"``; the scaler lives in
 ``scaling/``; ``_grads.gradients_nonfinite`` is the bf16/fp32 guard; ``attribution.py`` finds where a bad step
 went non-finite; ``fallback.py`` runs modules as fp32 islands; ``escalation.py`` is the ladder; ``ledger.py``
-records what happened; ``statistics.py`` samples headroom and underflow.
+records what happened; ``statistics.py`` samples headroom and underflow; ``buffers.py`` puts BatchNorm
+statistics back when a step is skipped.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch.optim import Optimizer
 from lightning_mp._compat import scaler_device
 from lightning_mp._grads import gradients_nonfinite
 from lightning_mp.attribution import Finding, OverflowTracker, is_kernel_error, module_from_traceback
+from lightning_mp.buffers import BufferSnapshot
 from lightning_mp.escalation import Escalation, EscalationLadder, give_up_message
 from lightning_mp.fallback import FallbackManager
 from lightning_mp.ledger import Rung, RunLedger
@@ -64,6 +66,8 @@ class PrecisionCore:
         self.ladder = EscalationLadder(options.max_consecutive_skips)
         self.ledger = RunLedger(options.max_events)
         self.statistics = ModuleStatistics(options.stats)
+        self.buffers = BufferSnapshot()  # what a skipped step puts back (BatchNorm statistics)
+        self._snapshot_due = True  # take one before the first forward of the next optimizer step
         self.model: nn.Module | None = None
         self.switched_to_bf16 = False
         self._last_step_skipped: dict[int, bool] = {}  # id(optimizer) -> skipped, for the LR schedulers
@@ -122,6 +126,7 @@ class PrecisionCore:
             param = next(model.parameters(), None)
             self.resolve(self.device or (param.device.type if param is not None else "cpu"))
         self.model = model
+        self.buffers.watch(model)
         self.fallback.setup(model, self.precision, self.device)
         if record_order:
             self.tracker.order.record(model)  # removed after the first optimizer step (or at teardown)
@@ -140,6 +145,9 @@ class PrecisionCore:
         return autocast(device, precision)
 
     def start_micro_step(self) -> None:
+        if self._snapshot_due:  # the first micro-batch of an optimizer step: before its forward
+            self.buffers.take()
+            self._snapshot_due = False
         self.tracker.start_micro_step()
         if self.model is not None and self.ledger.optimizer_steps % self.options.stats_every == 0:
             self.statistics.start(self.model)  # a sampled step: hooks live for this step only
@@ -159,6 +167,7 @@ class PrecisionCore:
             except (RuntimeError, NotImplementedError) as error:
                 if not self.promote_after_kernel_error(error):
                     raise
+                self.buffers.restore()  # the failed attempt's forward may have updated BatchNorm already
 
     def promote_after_kernel_error(self, error: BaseException) -> bool:
         """Promote the module whose low-precision kernel raised ``error``; False when that is not the case."""
@@ -209,6 +218,7 @@ class PrecisionCore:
 
     def end_step(self) -> None:
         self.tracker.end_step()
+        self._snapshot_due = True
 
     def collect_statistics(self) -> None:
         """Fold a sampled step's statistics in (after unscaling); nothing on other steps."""
@@ -224,6 +234,8 @@ class PrecisionCore:
     def _decide(self, optimizer: Optimizer, finding: Finding | None) -> None:
         """After a step: promote a repeatedly blamed module, climb the ladder if due, record the event."""
         self._last_step_skipped[id(optimizer)] = finding is not None
+        if finding is not None:
+            self.buffers.restore()  # "skipped" means nothing changed, BatchNorm statistics included
         scaler_action = self.scaler.last_action if self.scaler is not None else None
         at_floor = scaler_action is ScaleAction.FLOOR and self.scaler.on_floor is _escalate_in_core
         why = self.ladder.observe(finding is not None, at_floor)
