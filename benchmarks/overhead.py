@@ -6,7 +6,7 @@ on_train_batch_end). The figure reported is the median over rounds of (variant /
 the same round; ``noise`` is the reference measured against a second copy of itself the same way, so a
 ratio inside 1 +- noise is not distinguishable from 1 on this machine.
 
-    python -m benchmarks.overhead            # bf16 CNN and Transformer, fp16 MLPs (about 6 minutes)
+    python -m benchmarks.overhead            # CNN and Transformer in bf16 (fp32 without native bf16), fp16 MLPs
     python -m benchmarks.overhead --quick    # CI-sized smoke run
 """
 
@@ -20,11 +20,12 @@ import time
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.plugins import MixedPrecision, Precision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP, PrecisionReport
+from lightning_mp.precision import cpu_has_native_bf16
 
 
 class Timer(L.Callback):
@@ -155,27 +156,43 @@ def armed_probe(precision, **kwargs):
     return Armed(precision, **kwargs)
 
 
+def dense_variants(dense: str) -> dict:
+    """The CNN and Transformer rows: Lightning's own plugin for that precision against AdaptiveMP's settings."""
+    precision = {"bf16": "bf16-mixed", "fp32": "32-true"}[dense]
+    lightning = (lambda: MixedPrecision("bf16-mixed", "cpu")) if dense == "bf16" else Precision
+    name = "MixedPrecision" if dense == "bf16" else "Precision"
+    return {
+        f"Lightning {name} {dense} (reference)": lightning,
+        f"Lightning {name} {dense} (again)": lightning,
+        f"AdaptiveMP {dense}, default (stats cheap/25)": lambda: AdaptiveMP(precision),
+        f"AdaptiveMP {dense}, stats off": lambda: AdaptiveMP(precision, stats="off"),
+        f"AdaptiveMP {dense}, stats full/25": lambda: AdaptiveMP(precision, stats="full"),
+        f"AdaptiveMP {dense}, stats full every step": lambda: AdaptiveMP(precision, stats="full", stats_every=1),
+        f"AdaptiveMP {dense}, probe armed (after a bad step)": lambda: armed_probe(precision, stats="off"),
+    }
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = least noise)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--dense",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="precision of the CNN and Transformer rows; auto = bf16 where the CPU runs it natively, else fp32"
+        " (emulated bf16 kernels are 10x slower and would hide any plugin cost)",
+    )
     parser.add_argument("--only", nargs="*", default=None, help="model rows to run, e.g. --only 'MLP-512 fp16'")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 2, 5
     torch.set_num_threads(args.threads)
     warmup = 3
-    bf16 = {
-        "Lightning MixedPrecision bf16 (reference)": lambda: MixedPrecision("bf16-mixed", "cpu"),
-        "Lightning MixedPrecision bf16 (again)": lambda: MixedPrecision("bf16-mixed", "cpu"),
-        "AdaptiveMP bf16, default (stats cheap/25)": lambda: AdaptiveMP("bf16-mixed"),
-        "AdaptiveMP bf16, stats off": lambda: AdaptiveMP("bf16-mixed", stats="off"),
-        "AdaptiveMP bf16, stats full/25": lambda: AdaptiveMP("bf16-mixed", stats="full"),
-        "AdaptiveMP bf16, stats full every step": lambda: AdaptiveMP("bf16-mixed", stats="full", stats_every=1),
-        "AdaptiveMP bf16, probe armed (after a bad step)": lambda: armed_probe("bf16-mixed", stats="off"),
-    }
+    dense = args.dense if args.dense != "auto" else ("bf16" if cpu_has_native_bf16() else "fp32")
+    variants = dense_variants(dense)
     fp16 = {
         "Lightning MixedPrecision fp16 (reference)": lambda: MixedPrecision(
             "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu")
@@ -197,8 +214,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"{args.threads} thread(s)"
     )
     suites = [
-        ("CNN bf16", "cnn", cnn, bf16),
-        ("Transformer bf16", "transformer", Transformer, bf16),
+        (f"CNN {dense}", "cnn", cnn, variants),
+        (f"Transformer {dense}", "transformer", Transformer, variants),
         ("MLP-64 fp16", "mlp", mlp, fp16),
         ("MLP-512 fp16", "mlp", wide_mlp, fp16),
     ]

@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from benchmarks import overhead, scaler_real, scaler_streams
+from benchmarks import overhead, scaler_real, scaler_streams, versions
+from lightning_mp import AdaptiveMP
 
 
 @pytest.mark.slow
@@ -54,3 +55,16 @@ def test_fsdp1_check_script_plumbing_on_cpu():
         assert r["checks"] and all(r["checks"].values()), r["checks"]
         forward = [step for step, phase, module in r["ranks"][0]["events"] if phase == "forward"]
         assert forward == sorted(fsdp1_check.FAULT_STEPS)
+
+
+def test_versions_times_an_earlier_commit_beside_this_checkout():
+    rows = versions.main(["--ref", "HEAD", "--rounds", "1", "--steps", "2", "--only", "MLP-64 fp16"])
+    assert [r["variant"] for r in rows] == [
+        "Lightning fp16 (again)",
+        "HEAD: AdaptiveMP fp16 default",
+        "this checkout: AdaptiveMP fp16 default",
+        "HEAD: AdaptiveMP fp16 stats off",
+        "this checkout: AdaptiveMP fp16 stats off",
+    ]
+    old = versions.import_ref("HEAD")
+    assert old.AdaptiveMP is not AdaptiveMP and old.__name__ == "lightning_mp_HEAD"
