@@ -2,6 +2,7 @@
 
 from lightning_mp.callbacks import LossScaleMonitor, OverflowDiagnostics, PrecisionReport
 from lightning_mp.checkpoint import AtomicCheckpointIO
+from lightning_mp.fallback import fp32
 from lightning_mp.fsdp import AdaptiveFSDPMP
 from lightning_mp.ledger import OverflowEvent
 from lightning_mp.plugin import AdaptiveMP
@@ -20,5 +21,6 @@ __all__ = [
     "ScaleAction",
     "ScalePolicy",
     "ScalerConfig",
+    "fp32",
 ]
 __version__ = "0.1.0"

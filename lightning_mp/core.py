@@ -71,6 +71,7 @@ class PrecisionCore:
         self.model: nn.Module | None = None
         self.switched_to_bf16 = False
         self._last_step_skipped: dict[int, bool] = {}  # id(optimizer) -> skipped, for the LR schedulers
+        self._refused: set[str] = set()  # modules too big to promote that the user was told about
         if self.precision == "16-mixed" and self.scaler is None:
             self.scaler = AdaptiveLossScaler(self.device or default_device(), **options.scaler_knobs)
         if self.precision != "auto":
@@ -262,7 +263,7 @@ class PrecisionCore:
         if finding.phase == "backward" and scaling_can_help:
             return None
         step = self.ledger.optimizer_steps
-        if not self.fallback.rule.blame(finding.module, step):
+        if not self.fallback.rule.blame(finding.module, step) or self._too_big_to_promote(finding.module):
             return None
         if not self.fallback.promote(self.model, finding.module, "overflow", self.device, step, finding.phase):
             return None
@@ -277,6 +278,8 @@ class PrecisionCore:
         can_switch = self.precision == "16-mixed" and resolve_auto_precision(self.device) == "bf16-mixed"
         for candidate in self.ladder.candidates(why, blamed, self.fallback.promotions, names, can_switch):
             if candidate.rung is Rung.PROMOTE:
+                if self._too_big_to_promote(candidate.module):
+                    continue
                 step = self.ledger.optimizer_steps
                 if self.fallback.promote(self.model, candidate.module, "escalation", self.device, step, why):
                     rank_zero_warn(f"AdaptiveMP escalation: {why}; {candidate.module} runs in fp32 from now on.")
@@ -287,6 +290,28 @@ class PrecisionCore:
                 self.switch_to_bf16()
             return candidate
         raise AssertionError("the ladder always ends with GIVE_UP")
+
+    def _too_big_to_promote(self, fqn: str) -> bool:
+        """A module holding more than half of the model's parameters is never promoted for an overflow.
+
+        It is the network itself, or most of it (a user's ``self.model``): promoting it would run most of the
+        model in fp32 for an overflow that is usually a single line of its own ``forward``. The user is told
+        once what to do instead.
+        """
+        module = self.model.get_submodule(fqn) if self.model is not None else None
+        total = sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
+        share = sum(p.numel() for p in module.parameters()) / total if module is not None and total else 0.0
+        if share <= 0.5:
+            return False
+        if fqn not in self._refused:
+            self._refused.add(fqn)
+            rank_zero_warn(
+                f"AdaptiveMP: {fqn} keeps overflowing but holds {share:.0%} of the model's parameters, so it is"
+                " not run in fp32 (most of the model would lose low precision); its bad steps are skipped. Run the"
+                f" overflowing lines of {fqn}'s forward in fp32 with `with lightning_mp.fp32(): ...` (cast their"
+                " inputs with .float()), or list a smaller submodule in fp32_modules."
+            )
+        return True
 
     def switch_to_bf16(self) -> None:
         if self.scaler is not None:

@@ -16,7 +16,9 @@ instance attribute) and ``remove_fp32`` undoes it.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ __all__ = [
     "apply_fp32",
     "by_name",
     "by_type",
+    "fp32",
     "fp32_filter",
     "is_fp32_island",
     "remove_fp32",
@@ -134,6 +137,49 @@ class _Fp32Forward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with torch.autocast(self.device_type, enabled=False):
             return self.original(*_to_fp32(args), **_to_fp32(kwargs))
+
+
+_AUTOCAST_DEVICE_TYPES = ("cuda", "cpu", "xpu", "mps", "hpu")
+
+
+class fp32:  # noqa: N801 - lower case like torch.no_grad: it reads as a statement in a forward
+    """Run a region of your own ``forward`` in fp32 inside autocast, finer than a whole module.
+
+    For arithmetic written in a ``forward`` itself (no submodule to name in ``fp32_modules``): a logit scale,
+    a hand-written softmax or log-sum-exp, an attention score. Two forms:
+
+    * ``with lightning_mp.fp32(): ...`` turns autocast off inside the block, on every device type where it is
+      on, so operations on fp32 tensors stay fp32. Tensors that are already fp16/bf16 stay so: cast the values
+      that enter the block (``x.float()``).
+    * ``@lightning_mp.fp32()`` on a function does the same and also casts its floating tensor arguments to
+      fp32 (nested lists, tuples and dicts included), as an fp32 island does for a module's inputs.
+
+    Outside autocast both are no-ops. The backward of the region runs in fp32 as well (autograd records the
+    fp32 operations).
+    """
+
+    def __enter__(self) -> fp32:
+        self._contexts = []
+        for device_type in _AUTOCAST_DEVICE_TYPES:
+            with contextlib.suppress(RuntimeError, ValueError):  # a device type this torch build does not know
+                if torch.is_autocast_enabled(device_type):
+                    context = torch.autocast(device_type, enabled=False)
+                    context.__enter__()
+                    self._contexts.append(context)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for context in reversed(self._contexts):
+            context.__exit__(*exc_info)
+        self._contexts = []
+
+    def __call__(self, function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def in_fp32(*args: Any, **kwargs: Any) -> Any:
+            with fp32():
+                return function(*_to_fp32(args), **_to_fp32(kwargs))
+
+        return in_fp32
 
 
 def is_fp32_island(module: nn.Module) -> bool:

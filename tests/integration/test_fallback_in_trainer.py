@@ -3,7 +3,9 @@
 import lightning as L
 import pytest
 import torch
+from torch import nn
 
+import lightning_mp
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP, LossScaleFloorError, ScaleAction
 from lightning_mp.escalation import Rung
 from lightning_mp.fallback import is_fp32_island
@@ -221,3 +223,51 @@ def test_no_hooks_are_left_after_fit_validate_and_predict():
     t.predict(model, loader())
     hooks = [m._forward_hooks or m._forward_pre_hooks for m in model.modules() if not isinstance(m, TroubleNet)]
     assert not any(hooks), "forward hooks left on the model"
+
+
+class OwnArithmetic(nn.Module):
+    """A network whose own forward overflows fp16 (exp of a large activation), not any submodule of it."""
+
+    def __init__(self, in_fp32_region: bool = False):
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.head = nn.Linear(1, 1)
+        self.in_fp32_region = in_fp32_region
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.in_fp32_region:
+            with lightning_mp.fp32():
+                lse = torch.log(torch.exp(8.0 * h.float()).sum(dim=-1, keepdim=True))
+        else:
+            lse = torch.log(torch.exp(8.0 * h).sum(dim=-1, keepdim=True))
+        return self.head(lse)
+
+
+class Wrapper(TinyRegressor):
+    """The shape users write: the whole network is one attribute of the LightningModule."""
+
+    def __init__(self, in_fp32_region: bool = False):
+        super().__init__(lr=1e-4)
+        self.net = nn.Sequential()
+        self.model = OwnArithmetic(in_fp32_region)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_a_module_holding_most_parameters_is_not_promoted_and_the_user_is_told_once(recwarn):
+    plugin = fp16(init_scale=16.0)
+    model, _ = fit(plugin, model_cls=Wrapper, data=scaled_loader(3.0), max_steps=9)
+    forward = [e for e in plugin.overflow_events if e.phase == "forward"]
+    assert [e.module for e in forward[1:]] == ["model"] * (len(forward) - 1) and len(forward) >= 3
+    assert plugin.fp32_modules == [], "the whole network must not be moved to fp32"
+    told = [str(w.message) for w in recwarn if "holds 100% of the model's parameters" in str(w.message)]
+    assert len(told) == 1 and "lightning_mp.fp32()" in told[0]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_same_lines_in_an_fp32_region_train_without_a_skipped_step():
+    plugin = fp16(init_scale=16.0)
+    fit(plugin, model_cls=lambda: Wrapper(in_fp32_region=True), data=scaled_loader(3.0), max_steps=9)
+    assert plugin.skipped_steps == 0 and plugin.overflow_events == []

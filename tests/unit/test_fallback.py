@@ -9,6 +9,7 @@ from lightning_mp.fallback import (
     apply_fp32,
     by_name,
     by_type,
+    fp32,
     fp32_filter,
     is_fp32_island,
     pattern_misses,
@@ -106,3 +107,38 @@ def test_promotion_rule_validates_its_knobs():
         PromotionRule(promote_after=0)
     with pytest.raises(ValueError, match="promote_window=-1"):
         PromotionRule(window=-1)
+
+
+def test_fp32_region_turns_autocast_off_inside_and_back_on_after():
+    a, b = torch.randn(3, 4), torch.randn(4, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (a @ b).dtype == torch.bfloat16
+        with fp32():
+            assert not torch.is_autocast_enabled("cpu")
+            inside = a @ b
+        assert torch.is_autocast_enabled("cpu") and (a @ b).dtype == torch.bfloat16
+    assert inside.dtype == torch.float32 and torch.equal(inside, a @ b), "the fp32 result, bit for bit"
+
+
+def test_fp32_decorator_casts_its_tensor_arguments_and_runs_backward_in_fp32():
+    @fp32()
+    def logsumexp(x, extra):
+        assert x.dtype == torch.float32 and extra["scale"].dtype == torch.float32
+        return torch.log(torch.exp(x * extra["scale"]).sum(dim=-1))
+
+    x = torch.full((2, 3), 4.0, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        low = x.half() * 1.0  # an fp16 activation arriving at the region
+        out = logsumexp(low, {"scale": torch.tensor(8.0, dtype=torch.float16)})
+    assert torch.isfinite(out).all(), "exp(32) overflows fp16 (65504) but not fp32"
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert torch.isinf(torch.log(torch.exp(low * 8.0).sum(dim=-1))).all(), "the same in fp16 overflows"
+
+
+def test_fp32_region_outside_autocast_changes_nothing():
+    x = torch.randn(2, 2, dtype=torch.float64)
+    with fp32():
+        assert (x @ x).dtype == torch.float64
