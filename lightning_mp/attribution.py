@@ -254,10 +254,15 @@ class OverflowTracker:
         self.probe = ForwardProbe()
         self._input_sums: list[torch.Tensor] = []  # one per floating batch tensor since the last step
         self._losses: list[torch.Tensor] = []  # one per micro-batch since the last optimizer step
+        # The batch's finding, kept until the next batch: in manual optimization several optimizers step on
+        # one forward/backward, and a bad batch is one event, not one per optimizer.
+        self.batch_finding: Finding | None = None
+        self._step_ended = False  # an optimizer step ended since the last micro-batch began
 
     # Per step, always on: one float32 sum per floating input tensor, kept on the device and never read unless
     # the step turns out bad. The loss is kept as it is (a detached scalar): its code is derived when read.
     def observe_input(self, batch: Any) -> None:
+        self._begin_batch_if_due()  # Lightning converts the input before it enters the step context
         for tensor in floating(batch):
             total = tensor.detach().sum(dtype=torch.float32)  # inf / NaN propagate; decoded only if read
             self._input_sums.append(total)
@@ -266,11 +271,17 @@ class OverflowTracker:
         self._losses.append(loss.detach())
 
     def start_micro_step(self) -> None:
+        self._begin_batch_if_due()
         self.probe.start_micro_step()
 
+    def _begin_batch_if_due(self) -> None:
+        if self._step_ended:  # the first micro-batch after an optimizer step: a new batch
+            self._input_sums, self._losses, self.batch_finding = [], [], None
+            self._step_ended = False
+
     def end_step(self) -> None:
-        self._input_sums = []
-        self._losses = []
+        # The observations stay until the next batch begins: another optimizer may still step on this one.
+        self._step_ended = True
         self.order.stop()  # the first step has recorded the execution order
         self.probe.end_step()
 
@@ -285,7 +296,17 @@ class OverflowTracker:
         return self.order.recording or self.probe.armed
 
     def attribute(self, model: nn.Module) -> Finding:
-        """Classify a bad step. Call only after the step is known to be bad; collective under DDP."""
+        """Classify a bad step. Call only after the step is known to be bad; collective under DDP.
+
+        A second call for the same batch (another optimizer of a manual-optimization step) returns the first
+        answer: ``batch_finding``.
+        """
+        if self.batch_finding is not None:
+            return self.batch_finding
+        self.batch_finding = self._classify(model)
+        return self.batch_finding
+
+    def _classify(self, model: nn.Module) -> Finding:
         codes = [
             max((_code(total.item()) for total in self._input_sums), default=FINITE),
             max((_code(loss.float().sum().item()) for loss in self._losses), default=FINITE),

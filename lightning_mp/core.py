@@ -202,6 +202,7 @@ class PrecisionCore:
         Returns:
             ``(skipped, what optimizer.step returned)``.
         """
+        repeat = self.tracker.batch_finding is not None  # another optimizer already skipped on this batch
         if self.scaler is not None:
             skipped_before = self.scaler.skipped_steps
             output = self.scaler.step(optimizer, **kwargs)  # skips optimizer.step() on non-finite gradients
@@ -214,7 +215,7 @@ class PrecisionCore:
             output, finding = None, self._attribute()
         else:
             output, finding = optimizer.step(**kwargs), None
-        self._decide(optimizer, finding)
+        self._decide(optimizer, finding, repeat=finding is not None and repeat)
         return finding is not None, output
 
     def end_step(self) -> None:
@@ -232,11 +233,17 @@ class PrecisionCore:
             return Finding("backward", None, "nan", "unknown")
         return self.tracker.attribute(self.model)
 
-    def _decide(self, optimizer: Optimizer, finding: Finding | None) -> None:
-        """After a step: promote a repeatedly blamed module, climb the ladder if due, record the event."""
+    def _decide(self, optimizer: Optimizer, finding: Finding | None, repeat: bool = False) -> None:
+        """After a step: promote a repeatedly blamed module, climb the ladder if due, record the event.
+
+        ``repeat``: the batch was already attributed for another optimizer (manual optimization); its step is
+        skipped too, but the bad batch is one event, already recorded.
+        """
         self._last_step_skipped[id(optimizer)] = finding is not None
         if finding is not None:
             self.buffers.restore()  # "skipped" means nothing changed, BatchNorm statistics included
+        if repeat:
+            return
         scaler_action = self.scaler.last_action if self.scaler is not None else None
         at_floor = scaler_action is ScaleAction.FLOOR and self.scaler.on_floor is _escalate_in_core
         why = self.ladder.observe(finding is not None, at_floor)
@@ -292,13 +299,16 @@ class PrecisionCore:
         raise AssertionError("the ladder always ends with GIVE_UP")
 
     def _too_big_to_promote(self, fqn: str) -> bool:
-        """A module holding more than half of the model's parameters is never promoted for an overflow.
+        """A container holding more than half of the model's parameters is never promoted for an overflow.
 
         It is the network itself, or most of it (a user's ``self.model``): promoting it would run most of the
         model in fp32 for an overflow that is usually a single line of its own ``forward``. The user is told
-        once what to do instead.
+        once what to do instead. A leaf module (no submodules: a big ``Linear`` head) is the smallest unit that
+        contains its operations, so it may still be promoted.
         """
         module = self.model.get_submodule(fqn) if self.model is not None else None
+        if module is None or next(module.children(), None) is None:
+            return False
         total = sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
         share = sum(p.numel() for p in module.parameters()) / total if module is not None and total else 0.0
         if share <= 0.5:

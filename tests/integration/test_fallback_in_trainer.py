@@ -271,3 +271,41 @@ def test_the_same_lines_in_an_fp32_region_train_without_a_skipped_step():
     plugin = fp16(init_scale=16.0)
     fit(plugin, model_cls=lambda: Wrapper(in_fp32_region=True), data=scaled_loader(3.0), max_steps=9)
     assert plugin.skipped_steps == 0 and plugin.overflow_events == []
+
+
+class TwoOptimizers(TinyRegressor):
+    """The GAN shape: one forward and one manual_backward, then two optimizers step, generator then critic."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = nn.Sequential()
+        self.gen = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.critic = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def forward(self, x):
+        return self.critic(self.gen(x))
+
+    def training_step(self, batch, batch_idx):
+        opt_gen, opt_critic = self.optimizers()
+        x, y = batch
+        self.manual_backward(torch.nn.functional.mse_loss(self(x).float(), y))
+        opt_gen.step()
+        opt_critic.step()
+        opt_gen.zero_grad()
+        opt_critic.zero_grad()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.gen.parameters(), lr=0.01), torch.optim.SGD(self.critic.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"], ids=["fp16", "bf16"])
+def test_one_bad_batch_is_one_event_when_two_optimizers_step_on_it(precision):
+    x, y = loader(samples=24).dataset.tensors
+    x = x.clone()
+    x[4, 0] = x[12, 1] = float("nan")  # batches 1 and 3 (of 4 samples each)
+    plugin = fp16() if precision == "16-mixed" else AdaptiveMP("bf16-mixed")
+    fit(plugin, model_cls=TwoOptimizers, data=loader_with(x, y), max_epochs=1, max_steps=-1)
+    assert [(e.phase, e.module) for e in plugin.overflow_events] == [("input", None), ("input", None)]
+    assert plugin.skipped_steps == 4, "both optimizers skip each bad batch"
+    assert plugin.fp32_modules == [], "the critic's layers were never blamed"
