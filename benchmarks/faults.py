@@ -5,10 +5,10 @@ chosen modules' gradients at random steps of a run, and what AdaptiveMP made of 
     python -m benchmarks.faults --quick      # CI-sized
 
 The campaign reports, per precision: faults injected, reported with the right phase, forward/backward
-faults attributed to the right module, and steps after which a parameter or optimizer state was non-finite
-(must be 0). The long runs (fp16 and bf16) inject a fault in 30% of their steps, with statistics and the monitor
-callbacks on, and sample resident memory, live tensors and the event buffer's length as they go: all three
-must stay flat once the run is warm.
+faults attributed to the right module, and steps after which a parameter, BatchNorm's running statistics or
+an optimizer state was non-finite (must be 0). The long runs (fp16 and bf16) inject a fault in 30% of their
+steps, with statistics and the monitor callbacks on, and sample resident memory, live tensors and the event
+buffer's length as they go: all three must stay flat once the run is warm.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_mp import AdaptiveMP, LossScaleMonitor, OverflowDiagnostics
 
-MODULES = ["net.0", "net.2", "net.4"]
+MODULES = ["net.0", "net.3", "net.5"]  # the three Linear layers
 PHASES = ["input", "forward", "loss", "backward"]
 Plan = dict[int, tuple[str, "str | None", str]]
 
@@ -65,12 +65,16 @@ class Batches(IterableDataset):
 
 
 class FaultyNet(L.LightningModule):
-    """A three-layer MLP whose forward outputs, weight gradients and loss are poisoned on planned steps."""
+    """A three-layer MLP with a BatchNorm after the first layer, whose forward outputs, weight gradients and loss
+    are poisoned on planned steps. Input faults and net.0's forward faults reach BatchNorm's running statistics,
+    which a skipped step must leave as they were."""
 
     def __init__(self, plan: Plan):
         super().__init__()
         self.plan = plan
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.net = nn.Sequential(
+            nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)
+        )  # fmt: skip
         for fqn in MODULES:
             module = self.net[int(fqn.split(".")[1])]
             module.register_forward_hook(self._forward_fault(fqn))
@@ -115,13 +119,14 @@ class FaultyNet(L.LightningModule):
 
 
 class FiniteWatch(L.Callback):
-    """Records every optimizer step after which a parameter or optimizer state was not finite."""
+    """Records every optimizer step after which a parameter, a buffer (BatchNorm's running statistics) or an
+    optimizer state was not finite."""
 
     def __init__(self):
         self.bad_steps: list[int] = []
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        tensors = list(module.parameters())
+        tensors = list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]
         for state in trainer.optimizers[0].state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
         if not all(torch.isfinite(t).all() for t in tensors):
