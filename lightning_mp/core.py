@@ -119,7 +119,8 @@ class PrecisionCore:
             )
         if self.scaler.on_floor is None:
             self.scaler.on_floor = _escalate_in_core
-        self.scaler.sharded_gradients = self.options.sharded_gradients
+        if self.options.sharded_gradients:  # never unset what a user set on their own scaler
+            self.scaler.sharded_gradients = True
 
     def setup(self, model: nn.Module, record_order: bool = True) -> None:
         """Take the model (its device resolves ``"auto"``), apply the fp32 islands, record execution order."""
