@@ -257,6 +257,7 @@ class OverflowTracker:
         # The batch's finding, kept until the next batch: in manual optimization several optimizers step on
         # one forward/backward, and a bad batch is one event, not one per optimizer.
         self.batch_finding: Finding | None = None
+        self.batch_optimizers: set[int] = set()  # ids of the optimizers that stepped on this batch
         self._step_ended = False  # an optimizer step ended since the last micro-batch began
 
     # Per step, always on: one float32 sum per floating input tensor, kept on the device and never read unless
@@ -277,6 +278,7 @@ class OverflowTracker:
     def _begin_batch_if_due(self) -> None:
         if self._step_ended:  # the first micro-batch after an optimizer step: a new batch
             self._input_sums, self._losses, self.batch_finding = [], [], None
+            self.batch_optimizers = set()
             self._step_ended = False
 
     def end_step(self) -> None:

@@ -47,6 +47,7 @@ class BufferSnapshot:
             key: torch.empty(sum(b.numel() for b in group), dtype=key[1], device=key[0])
             for key, group in groups.items()
         }
+        self.take()  # never hold uninitialised memory: a restore before the first take puts back these values
 
     def take(self) -> None:
         """Copy the buffers now: one concatenation per device and dtype into memory kept between steps."""

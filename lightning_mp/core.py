@@ -68,6 +68,9 @@ class PrecisionCore:
         self.statistics = ModuleStatistics(options.stats)
         self.buffers = BufferSnapshot()  # what a skipped step puts back (BatchNorm statistics)
         self._snapshot_due = True  # take one before the first forward of the next optimizer step
+        self._micro_batches = 0  # micro-batches since the snapshot (a kernel-error retry restores only the first)
+        self._batch_stepped = False  # an optimizer stepped cleanly on this batch: its buffer updates are kept
+        self._floor_pending = False  # the scaler reached its floor on a step whose event was already recorded
         self.model: nn.Module | None = None
         self.switched_to_bf16 = False
         self._last_step_skipped: dict[int, bool] = {}  # id(optimizer) -> skipped, for the LR schedulers
@@ -129,6 +132,7 @@ class PrecisionCore:
             self.resolve(self.device or (param.device.type if param is not None else "cpu"))
         self.model = model
         self.buffers.watch(model)
+        self._snapshot_due = True  # a new fit: the snapshot of an earlier one is stale
         self.fallback.setup(model, self.precision, self.device)
         if record_order:
             self.tracker.order.record(model)  # removed after the first optimizer step (or at teardown)
@@ -149,7 +153,8 @@ class PrecisionCore:
     def start_micro_step(self) -> None:
         if self._snapshot_due:  # the first micro-batch of an optimizer step: before its forward
             self.buffers.take()
-            self._snapshot_due = False
+            self._snapshot_due, self._micro_batches, self._batch_stepped = False, 0, False
+        self._micro_batches += 1
         self.tracker.start_micro_step()
         if self.model is not None and self.ledger.optimizer_steps % self.options.stats_every == 0:
             self.statistics.start(self.model)  # a sampled step: hooks live for this step only
@@ -169,7 +174,10 @@ class PrecisionCore:
             except (RuntimeError, NotImplementedError) as error:
                 if not self.promote_after_kernel_error(error):
                     raise
-                self.buffers.restore()  # the failed attempt's forward may have updated BatchNorm already
+                # The failed forward may have updated BatchNorm: undo it, unless that would also undo the clean
+                # micro-batches before it in an accumulated step.
+                if self._micro_batches == 1:
+                    self.buffers.restore()
 
     def promote_after_kernel_error(self, error: BaseException) -> bool:
         """Promote the module whose low-precision kernel raised ``error``; False when that is not the case."""
@@ -203,7 +211,12 @@ class PrecisionCore:
         Returns:
             ``(skipped, what optimizer.step returned)``.
         """
-        repeat = self.tracker.batch_finding is not None  # another optimizer already skipped on this batch
+        # Another optimizer already skipped on this batch (manual optimization): the same bad batch, one event.
+        # The same optimizer stepping again on this batch is a new step of its own.
+        repeat = self.tracker.batch_finding is not None and id(optimizer) not in self.tracker.batch_optimizers
+        if id(optimizer) in self.tracker.batch_optimizers:
+            self.tracker.batch_finding = None
+        self.tracker.batch_optimizers.add(id(optimizer))
         if self.scaler is not None:
             skipped_before = self.scaler.skipped_steps
             output = self.scaler.step(optimizer, **kwargs)  # skips optimizer.step() on non-finite gradients
@@ -241,20 +254,27 @@ class PrecisionCore:
         skipped too, but the bad batch is one event, already recorded.
         """
         self._last_step_skipped[id(optimizer)] = finding is not None
-        if finding is not None:
-            self.buffers.restore()  # "skipped" means nothing changed, BatchNorm statistics included
-        if repeat:
-            return
+        if finding is None:
+            self._batch_stepped = True
+        elif not self._batch_stepped:
+            # "Skipped" means nothing changed, BatchNorm statistics included. Once another optimizer has stepped
+            # cleanly on this batch (a GAN's generator), its forward's buffer updates stay with that step.
+            self.buffers.restore()
         scaler_action = self.scaler.last_action if self.scaler is not None else None
         at_floor = scaler_action is ScaleAction.FLOOR and self.scaler.on_floor is _escalate_in_core
+        if repeat:
+            self._floor_pending |= at_floor  # climbed with the next recorded event
+            return
+        at_floor, self._floor_pending = at_floor or self._floor_pending, False
         why = self.ladder.observe(finding is not None, at_floor)
         if finding is None:
             return
         promoted = self._promote_blamed(finding)
+        scale = self.scaler.get_scale() if self.scaler is not None else None  # before a switch to bf16 drops it
         escalation = self._escalate(why, finding.module or self.ledger.last_blamed_module()) if why else None
         self.ledger.record(
             finding,
-            self.scaler.get_scale() if self.scaler is not None else None,
+            scale,
             scaler_action=scaler_action,
             promoted=promoted,
             escalation=escalation.rung if escalation is not None else None,
@@ -307,7 +327,10 @@ class PrecisionCore:
         once what to do instead. A leaf module (no submodules: a big ``Linear`` head) is the smallest unit that
         contains its operations, so it may still be promoted.
         """
-        module = self.model.get_submodule(fqn) if self.model is not None else None
+        try:
+            module = self.model.get_submodule(fqn) if self.model is not None else None
+        except AttributeError:  # a name from another model (a resumed checkpoint): nothing to promote anyway
+            return False
         if module is None or next(module.children(), None) is None:
             return False
         total = sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0

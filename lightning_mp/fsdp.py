@@ -67,8 +67,8 @@ class _InnerAttribute:
 class AdaptiveFSDPMP(FSDPPrecision):
     """``AdaptiveMP`` for ``Trainer(strategy="fsdp")``; see the module docstring for what differs.
 
-    ``precision``, ``scaler`` and the read-only state (``skipped_steps``, ``overflow_events``,
-    ``fp32_modules``, ``promotions``, ``ledger``, ...) are the inner ``AdaptiveMP``'s.
+    ``precision``, ``scaler`` and every read-only attribute of ``AdaptiveMP`` (``skipped_steps``,
+    ``overflow_events``, ``fp32_modules``, ``promotions``, ``ledger``, ...) are the inner ``AdaptiveMP``'s.
 
     Args:
         precision: as ``AdaptiveMP``; ``"auto"`` is resolved here for ``device`` (FSDP wraps the model before
@@ -89,32 +89,21 @@ class AdaptiveFSDPMP(FSDPPrecision):
         if device is None or device.split(":")[0] != "cuda":
             raise ValueError(f"AdaptiveFSDPMP(device={device!r}) is invalid: FSDP1 runs only on 'cuda'.")
         super().__init__("32-true")  # FSDP's side: no casting, fp32 inputs, no ShardedGradScaler
-        adaptive = AdaptiveMP(precision, device, scaler, fp32_modules, auto_fallback, sharded_gradients=True, **knobs)
+        knobs = {**knobs, "sharded_gradients": True}  # FSDP1's flat-parameter shards: flags agreed across ranks
+        adaptive = AdaptiveMP(precision, device, scaler, fp32_modules, auto_fallback, **knobs)
         adaptive.core.resolve(adaptive.device)  # "auto" means what it means on CUDA, now
         self.adaptive = adaptive
 
     precision = _InnerAttribute()
     scaler = _InnerAttribute()
 
-    @property
-    def skipped_steps(self) -> int:
-        return self.adaptive.skipped_steps
-
-    @property
-    def overflow_events(self) -> list[Any]:
-        return self.adaptive.overflow_events
-
-    @property
-    def fp32_modules(self) -> list[str]:
-        return self.adaptive.fp32_modules
-
-    @property
-    def promotions(self) -> list[Any]:
-        return self.adaptive.promotions
-
-    @property
-    def ledger(self) -> Any:
-        return self.adaptive.ledger
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: the read-only state of the inner plugin (skipped_steps,
+        # overflow_events, overflow_counts, fp32_modules, promotions, ledger, statistics, optimizer_steps, ...).
+        adaptive = self.__dict__.get("adaptive")
+        if adaptive is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(adaptive, name)
 
     @property
     @override

@@ -162,6 +162,16 @@ class AdaptiveMP(Precision):
         return list(self.core.fallback.promotions.values())
 
     @property
+    def options(self) -> PluginOptions:
+        """The knobs this plugin was built with (``plugin.options.stats_every``, ...)."""
+        return self.core.options
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """``torch.float16`` / ``torch.bfloat16`` under mixed precision, ``None`` for fp32."""
+        return self.core.autocast_dtype
+
+    @property
     def stats_dtype(self) -> torch.dtype:
         """The format headroom and underflow are judged against: the autocast dtype, fp32 without one."""
         return self.core.stats_dtype

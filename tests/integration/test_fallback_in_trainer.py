@@ -213,6 +213,8 @@ def test_escalation_ladder_switches_fp16_to_bf16_then_stops_with_a_diagnosis(mon
         fit(plugin, model_cls=lambda: TinyRegressor(poison_steps=set(range(20))), max_steps=20)
     assert plugin.precision == "bf16-mixed" and plugin.scaler is None
     assert plugin.skipped_steps == 6, "the scaler's count survives the switch"
+    switch = [e for e in plugin.overflow_events if e.escalation is Rung.SWITCH_TO_BF16]
+    assert len(switch) == 1 and switch[0].scale is not None, "the event keeps the fp16 scale it happened at"
     assert any("switching from fp16 to bf16" in str(w.message) for w in recwarn)
 
 
@@ -309,3 +311,29 @@ def test_one_bad_batch_is_one_event_when_two_optimizers_step_on_it(precision):
     assert [(e.phase, e.module) for e in plugin.overflow_events] == [("input", None), ("input", None)]
     assert plugin.skipped_steps == 4, "both optimizers skip each bad batch"
     assert plugin.fp32_modules == [], "the critic's layers were never blamed"
+
+
+class CriticFault(TwoOptimizers):
+    """The GAN shape with a BatchNorm in the generator and a NaN in the critic's gradient on one batch."""
+
+    def __init__(self, bad_batch: int):
+        super().__init__()
+        self.gen = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4))
+        self.bad_batch = bad_batch
+        self.critic[2].weight.register_hook(self._poison)
+
+    def training_step(self, batch, batch_idx):
+        self.batch_idx = batch_idx
+        return super().training_step(batch, batch_idx)
+
+    def _poison(self, grad):
+        return grad * float("nan") if self.batch_idx == self.bad_batch else None
+
+
+def test_a_critic_skip_keeps_the_generator_step_and_its_batchnorm_statistics():
+    plugin = AdaptiveMP("bf16-mixed", auto_fallback=False)
+    model, _ = fit(plugin, model_cls=lambda: CriticFault(bad_batch=1), max_epochs=1, max_steps=-1)
+    assert [(e.phase, e.module) for e in plugin.overflow_events] == [("backward", "critic.2")]
+    assert plugin.skipped_steps == 1, "only the critic skipped"
+    bn = model.gen[1]
+    assert bn.num_batches_tracked.item() == 3 and torch.isfinite(bn.running_mean).all(), "every batch counted"

@@ -85,3 +85,12 @@ def test_ranks_with_different_gradient_shards_agree_on_skips_and_scale(tmp_path,
         # which is the desynchronisation AdaptiveFSDPMP exists to prevent.
         assert not any(skipped[0]) and [i + 1 for i, s in enumerate(skipped[1]) if s] == [3, 4, 9]
         assert [d["scale"] for d in rank0] != [d["scale"] for d in rank1]
+
+
+def test_every_read_only_attribute_of_the_inner_plugin_reads_through():
+    plugin = AdaptiveFSDPMP("bf16-mixed", sharded_gradients=True, stats="off")
+    assert plugin.overflow_counts == {} and plugin.optimizer_steps == 0 and plugin.skipped_steps == 0
+    assert plugin.stats_dtype == torch.bfloat16 and plugin.options.stats == "off"
+    assert plugin.adaptive.options.sharded_gradients
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        plugin.nonexistent  # noqa: B018

@@ -26,3 +26,13 @@ def test_a_model_without_buffers_is_a_no_op():
     snapshot.watch(nn.Linear(2, 2))
     snapshot.take()
     snapshot.restore()
+
+
+def test_a_restore_before_any_take_puts_back_the_values_at_watch():
+    """Never uninitialised memory: the snapshot holds the buffers as they were when it started watching."""
+    model = nn.BatchNorm1d(3)
+    snapshot = BufferSnapshot()
+    snapshot.watch(model)
+    model(torch.randn(4, 3))
+    snapshot.restore()
+    assert torch.equal(model.running_mean, torch.zeros(3)) and model.num_batches_tracked.item() == 0
