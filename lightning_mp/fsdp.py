@@ -25,7 +25,7 @@ benchmarks.fsdp1_check`` is the end-to-end check on GPUs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -127,16 +127,12 @@ class AdaptiveFSDPMP(FSDPPrecision):
         return self.adaptive.forward_context()
 
     @override
-    @contextlib.contextmanager
-    def train_step_context(self) -> Generator[None, None, None]:
-        with self.adaptive.train_step_context():
-            yield
+    def train_step_context(self) -> contextlib.AbstractContextManager:  # type: ignore[override]
+        return self.adaptive.train_step_context()
 
     @override
-    @contextlib.contextmanager
-    def val_step_context(self) -> Generator[None, None, None]:
-        with self.adaptive.val_step_context():
-            yield
+    def val_step_context(self) -> contextlib.AbstractContextManager:  # type: ignore[override]
+        return self.adaptive.val_step_context()
 
     @override
     def convert_input(self, data: Any) -> Any:
