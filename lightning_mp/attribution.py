@@ -256,14 +256,12 @@ class OverflowTracker:
         self._losses: list[torch.Tensor] = []  # one per micro-batch since the last optimizer step
         # The batch's finding, kept until the next batch: in manual optimization several optimizers step on
         # one forward/backward, and a bad batch is one event, not one per optimizer.
-        self.batch_finding: Finding | None = None
-        self.batch_optimizers: set[int] = set()  # ids of the optimizers that stepped on this batch
-        self._step_ended = False  # an optimizer step ended since the last micro-batch began
+        self._batch_finding: Finding | None = None
+        self._batch_optimizers: set[int] = set()  # ids of the optimizers that stepped on this batch
 
     # Per step, always on: one float32 sum per floating input tensor, kept on the device and never read unless
     # the step turns out bad. The loss is kept as it is (a detached scalar): its code is derived when read.
     def observe_input(self, batch: Any) -> None:
-        self._begin_batch_if_due()  # Lightning converts the input before it enters the step context
         for tensor in floating(batch):
             total = tensor.detach().sum(dtype=torch.float32)  # inf / NaN propagate; decoded only if read
             self._input_sums.append(total)
@@ -272,18 +270,23 @@ class OverflowTracker:
         self._losses.append(loss.detach())
 
     def start_micro_step(self) -> None:
-        self._begin_batch_if_due()
         self.probe.start_micro_step()
 
-    def _begin_batch_if_due(self) -> None:
-        if self._step_ended:  # the first micro-batch after an optimizer step: a new batch
-            self._input_sums, self._losses, self.batch_finding = [], [], None
-            self.batch_optimizers = set()
-            self._step_ended = False
+    def new_batch(self) -> None:
+        """Forget the last batch's flags and finding: call when the first micro-batch of an optimizer step
+        begins. Not at the end of a step: in manual optimization another optimizer may still step on it."""
+        self._input_sums, self._losses, self._batch_finding, self._batch_optimizers = [], [], None, set()
+
+    def note_optimizer(self, key: int) -> bool:
+        """An optimizer is about to step on the current batch; True when another optimizer already found this
+        batch bad (the same bad batch: one event). The same optimizer stepping again starts a new finding."""
+        if key in self._batch_optimizers:
+            self._batch_finding = None
+        repeat = self._batch_finding is not None
+        self._batch_optimizers.add(key)
+        return repeat
 
     def end_step(self) -> None:
-        # The observations stay until the next batch begins: another optimizer may still step on this one.
-        self._step_ended = True
         self.order.stop()  # the first step has recorded the execution order
         self.probe.end_step()
 
@@ -301,12 +304,11 @@ class OverflowTracker:
         """Classify a bad step. Call only after the step is known to be bad; collective under DDP.
 
         A second call for the same batch (another optimizer of a manual-optimization step) returns the first
-        answer: ``batch_finding``.
+        answer.
         """
-        if self.batch_finding is not None:
-            return self.batch_finding
-        self.batch_finding = self._classify(model)
-        return self.batch_finding
+        if self._batch_finding is None:
+            self._batch_finding = self._classify(model)
+        return self._batch_finding
 
     def _classify(self, model: nn.Module) -> Finding:
         codes = [

@@ -67,8 +67,8 @@ class PrecisionCore:
         self.ledger = RunLedger(options.max_events)
         self.statistics = ModuleStatistics(options.stats)
         self.buffers = BufferSnapshot()  # what a skipped step puts back (BatchNorm statistics)
-        self._snapshot_due = True  # take one before the first forward of the next optimizer step
-        self._micro_batches = 0  # micro-batches since the snapshot (a kernel-error retry restores only the first)
+        self._batch_due = True  # the next micro-batch begins a new optimizer step (a new batch)
+        self._micro_batches = 0  # micro-batches of this step (a kernel-error retry restores only the first)
         self._batch_stepped = False  # an optimizer stepped cleanly on this batch: its buffer updates are kept
         self._floor_pending = False  # the scaler reached its floor on a step whose event was already recorded
         self.model: nn.Module | None = None
@@ -132,7 +132,7 @@ class PrecisionCore:
             self.resolve(self.device or (param.device.type if param is not None else "cpu"))
         self.model = model
         self.buffers.watch(model)
-        self._snapshot_due = True  # a new fit: the snapshot of an earlier one is stale
+        self._batch_due = True  # a new fit: what an earlier one kept of its last batch is stale
         self.fallback.setup(model, self.precision, self.device)
         if record_order:
             self.tracker.order.record(model)  # removed after the first optimizer step (or at teardown)
@@ -151,16 +151,24 @@ class PrecisionCore:
         return autocast(device, precision)
 
     def start_micro_step(self) -> None:
-        if self._snapshot_due:  # the first micro-batch of an optimizer step: before its forward
-            self.buffers.take()
-            self._snapshot_due, self._micro_batches, self._batch_stepped = False, 0, False
+        self._begin_batch_if_due()
         self._micro_batches += 1
         self.tracker.start_micro_step()
         if self.model is not None and self.ledger.optimizer_steps % self.options.stats_every == 0:
             self.statistics.start(self.model)  # a sampled step: hooks live for this step only
 
     def observe_input(self, batch: Any) -> None:
+        self._begin_batch_if_due()  # Lightning converts the input before it enters the step context
         self.tracker.observe_input(batch)
+
+    def _begin_batch_if_due(self) -> None:
+        """The first micro-batch of an optimizer step, before its forward: a new batch for attribution, and a
+        snapshot of the buffers a skipped step puts back."""
+        if self._batch_due:
+            self._batch_due = False
+            self.tracker.new_batch()
+            self.buffers.take()
+            self._micro_batches, self._batch_stepped = 0, False
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         self.tracker.observe_loss(loss)
@@ -211,12 +219,7 @@ class PrecisionCore:
         Returns:
             ``(skipped, what optimizer.step returned)``.
         """
-        # Another optimizer already skipped on this batch (manual optimization): the same bad batch, one event.
-        # The same optimizer stepping again on this batch is a new step of its own.
-        repeat = self.tracker.batch_finding is not None and id(optimizer) not in self.tracker.batch_optimizers
-        if id(optimizer) in self.tracker.batch_optimizers:
-            self.tracker.batch_finding = None
-        self.tracker.batch_optimizers.add(id(optimizer))
+        repeat = self.tracker.note_optimizer(id(optimizer))  # another optimizer already skipped on this batch
         if self.scaler is not None:
             skipped_before = self.scaler.skipped_steps
             output = self.scaler.step(optimizer, **kwargs)  # skips optimizer.step() on non-finite gradients
@@ -234,7 +237,7 @@ class PrecisionCore:
 
     def end_step(self) -> None:
         self.tracker.end_step()
-        self._snapshot_due = True
+        self._batch_due = True
 
     def collect_statistics(self) -> None:
         """Fold a sampled step's statistics in (after unscaling); nothing on other steps."""
