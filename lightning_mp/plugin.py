@@ -256,6 +256,7 @@ class AdaptiveMP(Precision):
                 return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
             finally:
                 self.core.collect_statistics()
+                self.core.end_step()  # the step is over here too: drop its observations and the order hooks
         self.core.start_step()
         try:
             closure_result = self.core.run_closure(closure)

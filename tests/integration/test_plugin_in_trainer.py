@@ -236,3 +236,24 @@ def test_adaptive_scaler_drops_into_lightnings_own_mixed_precision():
     ours, _ = fit(MixedPrecision("16-mixed", "cpu", scaler=AdaptiveLossScaler("cpu", **GRADSCALER, **SCALER_SETTINGS)))
     ref, _ = fit(lightning_fp16())
     assert same_weights(ours, ref)
+
+
+class HooksDuringTraining(L.Callback):
+    def __init__(self):
+        self.hooked = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.hooked.append(trainer.precision_plugin.core.tracker.hooked)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "optimizer"), [({"guard_nonfinite": False}, "sgd"), ({}, "lbfgs")], ids=["guard-off", "lbfgs"]
+)
+def test_the_unguarded_path_ends_its_steps_too(kwargs, optimizer):
+    """Lightning's own step path (guard off, LBFGS) kept the execution-order hooks on every module for the whole
+    run and one batch's observations per step, forever."""
+    plugin, watch = AdaptiveMP("32-true", **kwargs), HooksDuringTraining()
+    fit(plugin, model_cls=lambda: TinyRegressor(optimizer=optimizer), data=loader(samples=80), max_steps=20,
+        callbacks=[watch])  # fmt: skip
+    assert watch.hooked[1:] == [False] * 19, "the order is recorded on the first step only"
+    assert len(plugin.core.tracker._input_sums) <= 2, "at most one batch's input flags are kept"
