@@ -1,13 +1,14 @@
-"""Fault-injection harness: inf/NaN injected into inputs, chosen modules' forward outputs, the loss and
-chosen modules' gradients at random steps of a run, and what AdaptiveMP made of each.
+"""Fault-injection harness: inf/NaN injected into inputs, chosen modules' forward outputs, the arithmetic of a
+module's own ``forward`` (where no hook can see), the loss and chosen modules' gradients at random steps of a
+run, and what AdaptiveMP made of each.
 
     python -m benchmarks.faults              # campaign under fp16, bf16, fp32 (600 steps each) + 20k-step memory run
     python -m benchmarks.faults --quick      # CI-sized
 
-The campaign reports, per precision: faults injected, reported with the right phase, forward/backward
-faults attributed to the right module, and steps after which a parameter, BatchNorm's running statistics or
-an optimizer state was non-finite (must be 0). The long runs (fp16 and bf16) inject a fault in 30% of their
-steps, with statistics and the monitor callbacks on, and sample resident memory, live tensors and the event
+The campaign reports, per precision: faults injected, reported with the right phase (every one, the first
+included: the replay names it), forward/backward faults attributed to the right module, and steps after which
+a parameter, BatchNorm's running statistics or an optimizer state was non-finite (must be 0). The long runs
+(fp16 and bf16) inject a fault in 30% of their steps, with statistics and the monitor callbacks on, and sample resident memory, live tensors and the event
 buffer's length as they go: all three must stay flat once the run is warm.
 """
 
@@ -31,7 +32,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_mp import AdaptiveMP, LossScaleMonitor, OverflowDiagnostics
 
 MODULES = ["net.0", "net.3", "net.5"]  # the three Linear layers
-PHASES = ["input", "forward", "loss", "backward"]
+OWN = "net.4"  # the Gate: a fault inside its own forward arithmetic is a forward fault of net.4
+PHASES = ["input", "forward", "loss", "backward", "own"]
 Plan = dict[int, tuple[str, "str | None", str]]
 
 
@@ -42,7 +44,7 @@ def schedule(steps: int, rate: float, seed: int = 0) -> Plan:
     for step in range(2, steps + 1):
         if rng.random() < rate:
             phase = rng.choice(PHASES)
-            module = rng.choice(MODULES) if phase in ("forward", "backward") else None
+            module = rng.choice(MODULES) if phase in ("forward", "backward") else OWN if phase == "own" else None
             plan[step] = (phase, module, rng.choice(["inf", "nan"]))
     return plan
 
@@ -64,6 +66,17 @@ class Batches(IterableDataset):
             yield x, y
 
 
+class Gate(nn.Module):
+    """A ReLU with arithmetic of its own: ``scale`` multiplies its output (1.0, or inf/NaN on a planned step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = 1.0
+
+    def forward(self, x):
+        return torch.relu(x) * self.scale
+
+
 class FaultyNet(L.LightningModule):
     """A three-layer MLP with a BatchNorm after the first layer, whose forward outputs, weight gradients and loss
     are poisoned on planned steps. Input faults and net.0's forward faults reach BatchNorm's running statistics,
@@ -73,7 +86,7 @@ class FaultyNet(L.LightningModule):
         super().__init__()
         self.plan = plan
         self.net = nn.Sequential(
-            nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1)
+            nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16), Gate(), nn.Linear(16, 1)
         )  # fmt: skip
         for fqn in MODULES:
             module = self.net[int(fqn.split(".")[1])]
@@ -108,8 +121,9 @@ class FaultyNet(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        loss = F.mse_loss(self.net(x).float(), y)
         phase, _, kind = self._fault()
+        self.net[4].scale = float(kind) if phase == "own" else 1.0
+        loss = F.mse_loss(self.net(x).float(), y)
         if phase == "loss":
             loss = loss * float(kind)
         return loss
@@ -190,15 +204,15 @@ def fit(plugin: AdaptiveMP, plan: Plan, steps: int, callbacks=(), model: FaultyN
 
 
 def score(plan: Plan, events: dict) -> tuple[int, int, int]:
-    """(faults reported with the right phase, forward/backward faults, of those the right module)."""
-    first_forward = min((s for s, (p, _, _) in plan.items() if p in ("forward", "loss")), default=None)
+    """(faults reported with the right phase, forward/backward faults, of those the right module).
+
+    A fault in a module's own arithmetic ("own") is a forward fault of that module."""
     right_phase = right_module = located = 0
     for step, (phase, module, _) in plan.items():
         event = events.get(step)
-        # The first loss/forward event arms the forward probe: it can only say "forward", with no module.
-        expected = "forward" if step == first_forward and phase == "loss" else phase
+        expected = "forward" if phase == "own" else phase
         right_phase += event is not None and event.phase == expected
-        if phase in ("forward", "backward"):
+        if phase in ("forward", "backward", "own"):
             located += 1
             right_module += event is not None and event.module == module
     return right_phase, located, right_module

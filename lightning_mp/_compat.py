@@ -23,8 +23,17 @@ torch
         ``ModelOutput``); ``torch.utils.pytree`` is public only from torch 2.6 on, we support 2.4.
     ``torch._C._cpu._get_cpu_capability``
         the only way to ask whether a CPU has AVX512-BF16 / AMX-BF16 instructions; falls back to "no".
+    ``torch.utils._python_dispatch.TorchDispatchMode``, ``torch.utils.weak.WeakIdKeyDictionary``
+        the replay's tracer (``replay.py``) sees every aten operation through a dispatch mode (documented, but
+        importable only from the private module) and keys non-finite tensors weakly by identity.
+    ``torch._C._autograd._get_sequence_nr``, ``torch._C._current_autograd_node``, ``Node._sequence_nr``
+        connect a backward operation to the forward operation it differentiates (the node being created /
+        run); the only link there is. Read during a replay only, never on a training step.
 
 Lightning
+    ``LightningOptimizer._on_before_step`` / ``_on_after_step``
+        the manual-optimization loop counts optimizer steps through them; a replayed ``training_step`` must not
+        count its ``opt.step()`` calls (they never step), so the replay mutes them for its duration.
     ``lightning.fabric.plugins.precision.amp._optimizer_handles_unscaling``
         whether an optimizer (``fused=True``) unscales inside its own ``step``; it reads torch's private
         ``_step_supports_amp_scaling`` flag. Lightning's own ``MixedPrecision`` uses the same helper.
@@ -39,17 +48,26 @@ state in ``Precision.on_load_checkpoint``), ``LightningModule._trainer`` (``modu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch.plugins.precision import Precision
 from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "GRADSCALER_HOOKS",
     "OptState",
+    "TorchDispatchMode",
+    "WeakIdKeyDictionary",
+    "autograd_sequence_nr",
+    "current_autograd_node",
+    "muted_step_counting",
+    "node_sequence_nr",
     "after_closure",
     "cpu_capability",
     "foreach_non_finite_check_and_unscale_",
@@ -94,3 +112,44 @@ def cpu_capability() -> dict[str, Any]:
         return dict(torch._C._cpu._get_cpu_capability())
     except (AttributeError, RuntimeError):
         return {}
+
+
+def autograd_sequence_nr() -> int:
+    """The sequence number the next autograd node will get (inside a dispatch mode: the node being made, + 1)."""
+    return torch._C._autograd._get_sequence_nr()
+
+
+def current_autograd_node() -> Any:
+    """The autograd node whose backward is running on this thread, or None."""
+    return torch._C._current_autograd_node()
+
+
+def node_sequence_nr(node: Any) -> int:
+    return node._sequence_nr()
+
+
+LIGHTNING_OPTIMIZER_COUNTERS = ("_on_before_step", "_on_after_step")
+
+
+def muted_step_counting(lightning_optimizers: list[Any]) -> Callable[[], None]:
+    """Make ``LightningOptimizer.step`` count nothing; returns the function that undoes it."""
+    saved = [
+        (opt, {name: opt.__dict__.get(name) for name in LIGHTNING_OPTIMIZER_COUNTERS}) for opt in lightning_optimizers
+    ]
+    for opt, _ in saved:
+        for name in LIGHTNING_OPTIMIZER_COUNTERS:
+            setattr(opt, name, _nothing)
+
+    def undo() -> None:
+        for opt, values in saved:
+            for name, value in values.items():
+                if value is None:
+                    opt.__dict__.pop(name, None)
+                else:
+                    setattr(opt, name, value)
+
+    return undo
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None

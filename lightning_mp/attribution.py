@@ -24,10 +24,11 @@ of the current step, the execution order is a list of names.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 Phase = Literal["input", "forward", "loss", "backward"]
-Kind = Literal["inf", "nan"]
+Kind = Literal["inf", "nan", "spike"]  # "spike": finite, but far above its recent history (core.py)
 FINITE, INF, NAN = 0, 1, 2
 KINDS: dict[int, Kind] = {INF: "inf", NAN: "nan"}
 
@@ -62,12 +63,20 @@ class Finding:
     ``module`` is the fully qualified name (``encoder.layers.3.attn``), or ``None`` when the phase has no
     module (``input``, ``loss``) or the forward pass was not localized yet. ``dtype`` is the dtype of the
     offending tensor (``"input"`` / ``"loss"`` / ``"unknown"`` where there is none to name).
+
+    A replay of the step (``replay.py``) adds the operation that produced the first non-finite value
+    (``"aten::mul"``) and the user's source line (``"model.py:67"``); ``reproduced`` is ``True`` when the
+    replay went bad the same way, ``False`` when it ran and stayed finite (the other fields then come from
+    the cheap attribution), ``None`` when no replay ran.
     """
 
     phase: Phase
     module: str | None
     kind: Kind
     dtype: str
+    op: str | None = None
+    source: str | None = None
+    reproduced: bool | None = None
 
 
 def floating(values: Any) -> list[torch.Tensor]:
@@ -161,6 +170,17 @@ class ForwardProbe:
         """Forget the records of an earlier micro-batch: only the one that went bad is read."""
         self._records = []
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Keep this step's records as they are while the step is replayed (the hooks stay, their calls
+        during the replay are dropped)."""
+        records = self._records
+        self._records = []
+        try:
+            yield
+        finally:
+            self._records = records
+
     def first_offender(self) -> Finding | None:
         """The first module call whose output went non-finite from finite inputs, as a forward finding."""
         if not self._records:
@@ -227,6 +247,16 @@ def module_from_traceback(error: BaseException, model: nn.Module) -> str | None:
     return found
 
 
+def agree_replay(found: Finding | None) -> Finding | None:
+    """Combine the ranks' replay findings: the lowest rank's reproduced finding, on every rank (a collective
+    under DDP: each rank replayed its own batch, and only some went bad)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return found
+    gathered: list[Finding | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, found)
+    return next((f for f in gathered if f is not None), None)
+
+
 def agree(model: nn.Module, phase: Phase, found: Finding | None) -> Finding | None:
     """Combine one rank's module finding across ranks: the lowest module index any rank found, with that
     rank's kind and dtype. Every rank gets the same answer, so every rank blames the same module."""
@@ -258,6 +288,8 @@ class OverflowTracker:
         # one forward/backward, and a bad batch is one event, not one per optimizer.
         self._batch_finding: Finding | None = None
         self._batch_optimizers: set[int] = set()  # ids of the optimizers that stepped on this batch
+        # Replays the bad step (``replay.py``): expected phase -> (a replay ran, its reproduced finding or None).
+        self.replayer: Callable[[Phase], tuple[bool, Finding | None]] | None = None
 
     # Per step, always on: one float32 sum per floating input tensor, kept on the device and never read unless
     # the step turns out bad. The loss is kept as it is (a detached scalar): its code is derived when read.
@@ -268,6 +300,11 @@ class OverflowTracker:
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         self._losses.append(loss.detach())
+
+    @property
+    def losses(self) -> list[torch.Tensor]:
+        """This step's losses (one per backward pass), detached and never read unless someone asks."""
+        return list(self._losses)
 
     def start_micro_step(self) -> None:
         self.probe.start_micro_step()
@@ -318,11 +355,28 @@ class OverflowTracker:
         input_code, loss_code = (int(v) for v in all_reduce([float(c) for c in codes], "MAX"))
         if input_code:
             return Finding("input", None, KINDS[input_code], "input")
+        replayed, reproduced = self._replay("forward" if loss_code else "backward")
+        if replayed is not None:
+            return replayed
         if loss_code:
-            return self._attribute_forward(model, loss_code)
+            return replace(self._attribute_forward(model, loss_code), reproduced=reproduced)
         # With sharded (FSDP2) gradients each rank sees only its shard: agree on one module.
         found = agree(model, "backward", nearest_nonfinite_grad(model, self.order.names))
-        return found if found is not None else Finding("backward", None, "nan", "unknown")
+        found = found if found is not None else Finding("backward", None, "nan", "unknown")
+        return replace(found, reproduced=reproduced)
+
+    def _replay(self, expected: Phase) -> tuple[Finding | None, bool | None]:
+        """Replay the step when the shell can: (its finding if it went bad in the expected phase, reproduced)."""
+        if self.replayer is None:
+            return None, None
+        with self.probe.paused():
+            ran, found = self.replayer(expected)
+        if found is not None and (found.phase == "backward") != (expected == "backward"):
+            found = None  # it went bad, but not the way the real step did
+        found = agree_replay(found)
+        if found is not None:
+            return found, True
+        return None, (False if ran else None)
 
     def _attribute_forward(self, model: nn.Module, loss_code: int) -> Finding:
         if not self.probe.armed:

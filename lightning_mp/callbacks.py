@@ -101,7 +101,9 @@ class LossScaleMonitor(pl.Callback):
 
 
 class OverflowDiagnostics(pl.Callback):
-    """Logs per-module headroom and underflow after each sampled step; warns once per newly blamed module.
+    """Logs per-module headroom and underflow after each sampled step; warns once per new place a step went
+    non-finite (module, operation and line: ``step 7: blocks.1.attn: aten::softmax in float16 produced inf
+    (model.py:67); action: skipped``).
 
     Args:
         top_k: how many modules (least headroom first) to log each time; the report keeps all of them.
@@ -109,7 +111,7 @@ class OverflowDiagnostics(pl.Callback):
 
     def __init__(self, top_k: int = 10) -> None:
         self.top_k = top_k
-        self._warned: set[str] = set()
+        self._warned: set[tuple] = set()  # (phase, module, operation, line) already told
         self._last_seq = 0  # sequence number of the newest event looked at (the event buffer is bounded)
         self._samples_seen = 0
 
@@ -120,12 +122,10 @@ class OverflowDiagnostics(pl.Callback):
             return
         for event in plugin.ledger.events_after(self._last_seq):
             self._last_seq = event.seq
-            if event.module is not None and event.module not in self._warned:
-                self._warned.add(event.module)
-                rank_zero_warn(
-                    f"lightning-mp: {event.module} produced a non-finite {event.phase} value ({event.kind},"
-                    f" {event.dtype}) at step {event.step}; action: {event.action}."
-                )
+            key = (event.phase, event.module, event.op, event.source)
+            if (event.module is not None or event.op is not None) and key not in self._warned:
+                self._warned.add(key)
+                rank_zero_warn(f"lightning-mp: step {event.step}: {event.where}; action: {event.action}.")
         samples = plugin.statistics.samples_taken
         if samples == self._samples_seen:
             return

@@ -23,7 +23,10 @@ statistics back when a step is skipped.
 from __future__ import annotations
 
 import contextlib
+import math
+from collections import deque
 from collections.abc import Callable
+from statistics import median
 from typing import Any
 
 import torch
@@ -31,8 +34,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_mp._compat import scaler_device
-from lightning_mp._grads import gradients_nonfinite
+from lightning_mp._compat import optimizer_handles_unscaling, scaler_device
+from lightning_mp._grads import gradients_nonfinite, is_sharded
 from lightning_mp.attribution import Finding, OverflowTracker, is_kernel_error, module_from_traceback
 from lightning_mp.buffers import BufferSnapshot
 from lightning_mp.escalation import Escalation, EscalationLadder, give_up_message
@@ -40,10 +43,20 @@ from lightning_mp.fallback import FallbackManager
 from lightning_mp.ledger import Rung, RunLedger
 from lightning_mp.options import PluginOptions
 from lightning_mp.precision import AUTOCAST_DTYPES, autocast, default_device, resolve_auto_precision
+from lightning_mp.replay import StepReplay
 from lightning_mp.scaling import AdaptiveLossScaler, LossScaleFloorError, ScaleAction
 from lightning_mp.statistics import ModuleStatistics
 
 __all__ = ["PrecisionCore"]
+
+# The sanity rule after a promotion. A module promoted to fp32 turns an overflow into a finite value; if the
+# harm itself recurs (a bad batch, a diverging layer), the next such step is finite but huge, and applying it
+# would wreck the weights the skip protected. So for ``promote_window`` steps after a promotion, a step whose loss
+# (mean magnitude over its backward passes) exceeds SPIKE_FACTOR times the median of the last SPIKE_HISTORY clean
+# steps' losses before the promotion is skipped as a "spike". It reads the loss on the host once per step, only
+# in that window (a clean run never pays it).
+SPIKE_FACTOR = 100.0
+SPIKE_HISTORY = 16
 
 
 class PrecisionCore:
@@ -67,6 +80,12 @@ class PrecisionCore:
         self.ledger = RunLedger(options.max_events)
         self.statistics = ModuleStatistics(options.stats)
         self.buffers = BufferSnapshot()  # what a skipped step puts back (BatchNorm statistics)
+        # A bad step is replayed under a tracer to name its operation and line. Not with sharded gradients
+        # (FSDP): a replayed forward/backward would run the strategy's collectives again.
+        self.replay = StepReplay()
+        self.replay.enabled = options.replay and not options.sharded_gradients
+        self.tracker.replayer = self._replay
+        self._backward_passes = 0  # backward passes of this optimizer step so far (manual: before each step)
         self._batch_due = True  # the next micro-batch begins a new optimizer step (a new batch)
         self._micro_batches = 0  # micro-batches of this step (a kernel-error retry restores only the first)
         self._batch_stepped = False  # an optimizer stepped cleanly on this batch: its buffer updates are kept
@@ -75,6 +94,10 @@ class PrecisionCore:
         self.switched_to_bf16 = False
         self._last_step_skipped: dict[int, bool] = {}  # id(optimizer) -> skipped, for the LR schedulers
         self._refused: set[str] = set()  # modules too big to promote that the user was told about
+        self._clean_losses: deque[list[Tensor]] = deque(maxlen=SPIKE_HISTORY)  # references; read after a promotion
+        self._probation_until = 0  # last optimizer step of the spike rule's window (0: no window open)
+        self._loss_reference: float | None = None  # median recent loss magnitude before the promotion
+        self._spike_ratio = 0.0
         if self.precision == "16-mixed" and self.scaler is None:
             self.scaler = AdaptiveLossScaler(self.device or default_device(), **options.scaler_knobs)
         if self.precision != "auto":
@@ -139,6 +162,8 @@ class PrecisionCore:
 
     def teardown(self) -> None:
         """Remove every hook we may still hold (an interrupted run, or a run with no optimizer step)."""
+        self.replay.clear()  # the last batch is the user's, not ours to keep alive
+        self._clean_losses.clear()
         self.tracker.stop()
         self.collect_statistics()
 
@@ -168,9 +193,18 @@ class PrecisionCore:
             self._batch_due = False
             self.tracker.new_batch()
             self.buffers.take()
+            self.replay.begin_batch(self.device)
+            self._backward_passes = 0
             self._micro_batches, self._batch_stepped = 0, False
 
+    def keep_micro_batch(self, run: Callable[[Callable[[Tensor], None]], None]) -> None:
+        """Register how to run the current micro-batch again (see ``StepReplay``): called by the shell as each
+        micro-batch's step starts. Keeps references only."""
+        self._begin_batch_if_due()
+        self.replay.keep(run)
+
     def scale_loss(self, loss: Tensor) -> Tensor:
+        self._backward_passes += 1
         self.tracker.observe_loss(loss)
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
@@ -220,6 +254,13 @@ class PrecisionCore:
             ``(skipped, what optimizer.step returned)``.
         """
         repeat = self.tracker.note_optimizer(id(optimizer))  # another optimizer already skipped on this batch
+        if self._loss_spiked(optimizer):
+            if self.scaler is not None:
+                self.scaler.update()  # the gradients were finite: the scale sees a clean iteration
+            self.ledger.guard_skipped += 1
+            finding = Finding("loss", None, "spike", "float32")
+            self._decide(optimizer, finding, repeat=repeat)
+            return True, None
         if self.scaler is not None:
             skipped_before = self.scaler.skipped_steps
             output = self.scaler.step(optimizer, **kwargs)  # skips optimizer.step() on non-finite gradients
@@ -245,6 +286,21 @@ class PrecisionCore:
             scale = self.scaler.get_scale() if self.scaler is not None else 1.0
             self.statistics.collect(self.model, scale, self.stats_dtype)
 
+    def _replay(self, expected: str) -> tuple[bool, Finding | None]:
+        """Run the bad step again under the tracer (the tracker calls this): (ran, its finding or None)."""
+        passes = self._backward_passes
+        if self.model is None or not self.replay.ready or passes == 0:
+            return False, None
+        if is_sharded(self.model.parameters()):
+            return False, None  # FSDP2 / tensor parallel: a replayed forward/backward would run collectives again
+        scale = self.scaler.get_scale() if self.scaler is not None else None
+        try:
+            found = self.replay.replay(self.model, self.buffers.restore, self.autocast(), scale, passes)
+        except Exception as error:  # a replay must never break training: fall back to the cheap attribution
+            rank_zero_warn(f"AdaptiveMP: could not replay the bad step to locate it ({first_line(error)}).")
+            return True, None
+        return True, found
+
     def _attribute(self) -> Finding:
         if self.model is None:
             return Finding("backward", None, "nan", "unknown")
@@ -259,6 +315,7 @@ class PrecisionCore:
         self._last_step_skipped[id(optimizer)] = finding is not None
         if finding is None:
             self._batch_stepped = True
+            self._clean_losses.append(self.tracker.losses)
         elif not self._batch_stepped:
             # "Skipped" means nothing changed, BatchNorm statistics included. Once another optimizer has stepped
             # cleanly on this batch (a GAN's generator), its forward's buffer updates stay with that step.
@@ -275,6 +332,8 @@ class PrecisionCore:
         promoted = self._promote_blamed(finding)
         scale = self.scaler.get_scale() if self.scaler is not None else None  # before a switch to bf16 drops it
         escalation = self._escalate(why, finding.module or self.ledger.last_blamed_module()) if why else None
+        if promoted is not None or (escalation is not None and escalation.rung is Rung.PROMOTE):
+            self._open_probation()
         self.ledger.record(
             finding,
             scale,
@@ -282,9 +341,42 @@ class PrecisionCore:
             promoted=promoted,
             escalation=escalation.rung if escalation is not None else None,
             escalated_module=escalation.module if escalation is not None else None,
+            action=self._spike_action(scaler_action) if finding.kind == "spike" else "",
         )
         if escalation is not None and escalation.rung is Rung.GIVE_UP:
             raise LossScaleFloorError(give_up_message(escalation.reason, self.ledger.events[-5:]))
+
+    # --------------------------------------------------------------------------- the spike rule (top)
+    def _open_probation(self) -> None:
+        """A module was just promoted: judge the next ``promote_window`` steps' losses against the recent ones."""
+        losses = [
+            float(torch.stack([t.float().abs().mean() for t in step]).mean()) for step in self._clean_losses if step
+        ]
+        losses = [v for v in losses if math.isfinite(v)]
+        if not losses:
+            return  # nothing to compare with (a promotion on the first steps)
+        self._loss_reference = median(losses)
+        self._probation_until = self.ledger.optimizer_steps + self.options.promote_window
+
+    def _loss_spiked(self, optimizer: Optimizer) -> bool:
+        """On probation after a promotion: is this step's loss finite but SPIKE_FACTOR above the reference?"""
+        if self.ledger.optimizer_steps > self._probation_until or self._loss_reference is None:
+            return False
+        if self.scaler is not None and optimizer_handles_unscaling(optimizer):
+            return False  # a fused optimizer unscales inside step(): there is no point to skip it cleanly
+        losses = self.tracker.losses
+        if not losses:
+            return False
+        value = float(torch.stack([t.float().abs().mean() for t in losses]).mean())  # the one host read
+        reference = max(self._loss_reference, 1e-12)
+        self._spike_ratio = value / reference
+        return math.isfinite(value) and value > SPIKE_FACTOR * reference
+
+    def _spike_action(self, scaler_action: ScaleAction | None) -> str:
+        return (
+            f"skipped as a loss spike: finite, but {self._spike_ratio:.3g}x the median loss before the last"
+            f" promotion (more than {SPIKE_FACTOR:g}x within promote_window steps of a promotion)"
+        )
 
     def _promote_blamed(self, finding: Finding) -> str | None:
         """Blame layers, never bad batches or bad losses; a backward overflow only when scaling cannot help."""

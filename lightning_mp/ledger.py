@@ -50,6 +50,9 @@ class OverflowEvent:
     promoted: str | None = None  # the module promoted to fp32 for repeated blame at this event
     escalation: Rung | None = None  # the escalation rung taken at this event
     escalated_module: str | None = None  # the module the PROMOTE rung put in fp32
+    op: str | None = None  # the operation that produced the first non-finite value ("aten::softmax"), from a replay
+    source: str | None = None  # the user's line that ran it ("model.py:67"), from a replay
+    reproduced: bool | None = None  # the replay went bad the same way (None: no replay ran)
 
     def __post_init__(self) -> None:
         if not self.action:
@@ -66,6 +69,17 @@ class OverflowEvent:
         elif self.escalation is Rung.SWITCH_TO_BF16:
             words.append("escalation: switched fp16 to bf16")
         return "; ".join(words)
+
+    @property
+    def where(self) -> str:
+        """Where it went non-finite, in one line: ``"blocks.1.attn: aten::softmax in float16 produced inf
+        (model.py:67)"``; without a replay, what the cheap attribution knows (``"forward (inf, float16)"``)."""
+        place = self.module or {"loss": "the loss", "input": "the batch"}.get(self.phase, f"{self.phase} pass")
+        if self.op is None:
+            return f"{place}: {self.phase} value {self.kind} ({self.dtype})"
+        backward = " in backward" if self.phase == "backward" else ""
+        line = f" ({self.source})" if self.source else ""
+        return f"{place}: {self.op}{backward} in {self.dtype} produced {self.kind}{line}"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python values only (enums as their strings): JSON and ``torch.load(weights_only=True)`` safe."""
@@ -126,6 +140,9 @@ class RunLedger:
             dtype=finding.dtype,
             scale=scale,
             seq=self.last_seq,
+            op=finding.op,
+            source=finding.source,
+            reproduced=finding.reproduced,
             **outcome,
         )
         self._events.append(event)

@@ -16,7 +16,7 @@ from lightning_mp.statistics import LEVELS
 
 __all__ = ["PluginOptions"]
 
-_FLAGS = ("auto_fallback", "fp32_defaults", "guard_nonfinite", "attach_callbacks", "sharded_gradients")
+_FLAGS = ("auto_fallback", "fp32_defaults", "guard_nonfinite", "attach_callbacks", "sharded_gradients", "replay")
 _COUNTS = ("promote_after", "promote_window", "watch_steps", "max_consecutive_skips", "max_events", "stats_every")
 
 
@@ -44,6 +44,7 @@ class PluginOptions:
     stats_every: int = 25
     attach_callbacks: bool = True
     sharded_gradients: bool = False
+    replay: bool = True
 
     def __post_init__(self) -> None:
         precision, device, scaler = self.precision, self.device, self.scaler

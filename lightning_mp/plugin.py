@@ -8,7 +8,8 @@ autocast context, the same unscale / clip / step order, so the weights match it 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Generator
+import functools
+from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -23,12 +24,13 @@ from torch.nn import Module
 from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
 
-from lightning_mp._compat import after_closure, optimizer_handles_unscaling
+from lightning_mp._compat import after_closure, muted_step_counting, optimizer_handles_unscaling
 from lightning_mp.core import PrecisionCore, first_line
 from lightning_mp.fallback import Promotion
 from lightning_mp.ledger import OverflowEvent, RunLedger
 from lightning_mp.options import PluginOptions
 from lightning_mp.precision import PrecisionName, cpu_has_native_bf16, resolve_auto_precision
+from lightning_mp.replay import ReplayDone
 from lightning_mp.scaling import AdaptiveLossScaler
 from lightning_mp.schedulers import skip_aware
 from lightning_mp.statistics import ModuleStatistics
@@ -68,6 +70,8 @@ class AdaptiveMP(Precision):
             Trainer at setup unless it already has them.
         sharded_gradients: each rank holds only a shard of plain-tensor gradients (FSDP1's flat parameters;
             ``AdaptiveFSDPMP`` sets it): every non-finite flag is combined across ranks before a step is taken.
+        replay: run a bad step again under an operation tracer to name the operation and source line where its
+            first non-finite value was born (bad steps only; off with ``sharded_gradients``).
 
     Raises:
         ValueError: an unknown ``precision``, a ``scaler`` that is not an ``AdaptiveLossScaler``, a scaler
@@ -93,11 +97,12 @@ class AdaptiveMP(Precision):
         stats_every: int = 25,
         attach_callbacks: bool = True,
         sharded_gradients: bool = False,
+        replay: bool = True,
     ) -> None:
         options = PluginOptions(
             precision, device, scaler, fp32_modules, auto_fallback, fp32_defaults, guard_nonfinite, promote_after,
             promote_window, watch_steps, max_consecutive_skips, max_events, stats, stats_every, attach_callbacks,
-            sharded_gradients,
+            sharded_gradients, replay,
         )  # fmt: skip
         self.core = PrecisionCore(options)
         self._trainer: pl.Trainer | None = None
@@ -186,6 +191,8 @@ class AdaptiveMP(Precision):
         module = _unwrap(model)
         self._trainer = _trainer_of(module)
         self.core.setup(module, record_order=self._trainer is None or self._trainer.training)
+        if self._trainer is not None:
+            self._keep_training_steps(self._trainer, module)
         if self.core.options.attach_callbacks and self._trainer is not None:
             from lightning_mp.callbacks import attach_default_callbacks  # they import this module
 
@@ -195,8 +202,48 @@ class AdaptiveMP(Precision):
 
     @override
     def teardown(self) -> None:
+        if self._trainer is not None:
+            self._trainer.strategy.__dict__.pop("training_step", None)  # our wrapper (see _keep_training_steps)
         self.core.teardown()
         super().teardown()
+
+    # ---------------------------------------------------------------------------------------- replay
+    def _keep_training_steps(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        """Let the core replay a bad step: every ``training_step`` call registers how to run it again.
+
+        The strategy's ``training_step`` (what Lightning's loop calls, with the batch already on the device) is
+        wrapped on this strategy instance for the fit; only references to its arguments are kept.
+        """
+        strategy = trainer.strategy
+        strategy.__dict__.pop("training_step", None)  # a wrapper from an earlier fit
+        original = strategy.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            self.core.keep_micro_batch(functools.partial(self._replay_micro_batch, module, args, kwargs))
+            return original(*args, **kwargs)
+
+        strategy.training_step = training_step
+
+    def _replay_micro_batch(
+        self, module: pl.LightningModule, args: tuple, kwargs: dict, backward: Callable[[Tensor], None]
+    ) -> None:
+        """Run one micro-batch's ``training_step`` again, handing its loss to ``backward`` where Lightning's
+        loop would call backward. Logging is muted and optimizer steps are never taken."""
+        undo = muted_step_counting(_lightning_optimizers(module))
+        module.log = module.log_dict = _ignore  # instance attributes, removed below: no double-counted metric
+        if not module.automatic_optimization:
+            module.manual_backward = lambda loss, *a, **k: backward(loss)
+        try:
+            output = module.training_step(*args, **kwargs)
+            if module.automatic_optimization:
+                loss = output.get("loss") if isinstance(output, Mapping) else output
+                if isinstance(loss, Tensor):
+                    accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
+                    backward(loss / accumulate if accumulate > 1 else loss)
+        finally:
+            for name in ("log", "log_dict", "manual_backward"):
+                module.__dict__.pop(name, None)
+            undo()
 
     # -------------------------------------------------------------------------------------- autocast
     def autocast_context_manager(self) -> contextlib.AbstractContextManager:
@@ -247,6 +294,11 @@ class AdaptiveMP(Precision):
         closure: Callable[[], Any],
         **kwargs: Any,
     ) -> Any:
+        if self.core.replay.active:
+            # A replayed manual-optimization training_step reached opt.step(): its closure may hold the backward
+            # the replay needs (opt.step(closure=...)); nothing is stepped, and the replay ends here.
+            closure()
+            raise ReplayDone
         if isinstance(optimizer, LBFGS) and self.scaler is not None:
             raise MisconfigurationException("AMP and the LBFGS optimizer are not compatible.")
         if isinstance(optimizer, LBFGS) or (self.scaler is None and not self.core.options.guard_nonfinite):
@@ -325,6 +377,18 @@ def refuse_clipping_fused(optimizer: Optimizer, clip_val: float) -> None:
             f"The current optimizer, {type(optimizer).__qualname__}, does not allow for gradient clipping"
             " because it performs unscaling of gradients internally. HINT: Are you using a 'fused' optimizer?"
         )
+
+
+def _lightning_optimizers(module: pl.LightningModule) -> list[Any]:
+    try:
+        optimizers = module.optimizers(use_pl_optimizer=True)
+    except RuntimeError:  # no trainer attached
+        return []
+    return optimizers if isinstance(optimizers, list) else [optimizers]
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
 
 
 def _trainer_of(model: Module) -> pl.Trainer | None:

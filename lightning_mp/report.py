@@ -110,12 +110,16 @@ def render_markdown(report: dict[str, Any], limit: int = 10) -> str:
         lines.append("none")
     lines += ["", "## Overflow events", ""]
     if report["events"]:
-        lines += ["| step | phase | module | kind | dtype | scale | action |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| step | phase | module | operation | source | kind | dtype | scale | action |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for e in report["events"][-limit:]:
             scale = f"{e['scale']:g}" if e["scale"] is not None else ""
+            op = f"`{e['op']}`" if e.get("op") else ("not reproduced" if e.get("reproduced") is False else "")
             lines.append(
-                f"| {e['step']} | {e['phase']} | `{e['module'] or '-'}` | {e['kind']} | {e['dtype']} | {scale}"
-                f" | {e['action']} |"
+                f"| {e['step']} | {e['phase']} | `{e['module'] or '-'}` | {op} | {e.get('source') or ''} | {e['kind']}"
+                f" | {e['dtype']} | {scale} | {e['action']} |"
             )
         if len(report["events"]) > limit:
             lines.append(f"\n(last {limit} of {len(report['events'])} kept events)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -113,6 +115,12 @@ def fit(plugin=None, model=None, model_cls=TinyRegressor, seed=0, data=None, **t
     t = trainer(plugins=[plugin] if plugin is not None else None, **trainer_kwargs)
     t.fit(model, data if data is not None else loader())
     return model, t
+
+
+def line_of(function, text: str) -> int:
+    """The line number of the first line of ``function`` containing ``text`` (what a source line must name)."""
+    lines, start = inspect.getsourcelines(function)
+    return start + next(i for i, line in enumerate(lines) if text in line)
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:

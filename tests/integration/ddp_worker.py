@@ -46,7 +46,7 @@ def run(out: Path, model: L.LightningModule, strategy) -> None:
         "fp32_modules": plugin.fp32_modules,
         "skipped_steps": plugin.skipped_steps,
         "scale": plugin.scaler.get_scale(),
-        "events": [(e.step, e.phase, e.module) for e in plugin.overflow_events],
+        "events": [(e.step, e.phase, e.module, e.op, e.source, e.reproduced) for e in plugin.overflow_events],
         "weights": [v for p in full for v in p.detach().flatten().tolist()],
     }
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

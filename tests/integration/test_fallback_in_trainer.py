@@ -16,6 +16,7 @@ from tests.helpers import (
     TinyRegressor,
     TroubleNet,
     fit,
+    line_of,
     loader,
     loader_with,
     same_weights,
@@ -37,12 +38,12 @@ def test_forward_overflow_is_named_promoted_and_training_continues():
     plugin = fp16(init_scale=16.0)  # low enough that the backward never overflows here
     model, _ = fit(plugin, model_cls=lse_net, data=scaled_loader(1.5), max_steps=9)
     forward = [e for e in plugin.overflow_events if e.phase == "forward"]
-    assert forward[0].module is None, "the first one arms the probe"
-    assert [e.module for e in forward[1:]] == ["middle", "middle"]
-    assert forward[1].kind == "inf" and forward[1].dtype == "float16"
-    assert forward[-1].promoted == "middle"
+    assert [e.module for e in forward] == ["middle", "middle"], "named from the first one on (replayed)"
+    assert (forward[0].op, forward[0].kind, forward[0].dtype) == ("aten::exp", "inf", "float16")
+    assert forward[0].source == f"helpers.py:{line_of(NaiveLogSumExp.forward, 'torch.exp')}"
+    assert forward[-1].promoted == "middle", "promote_after=2: the second event promotes"
     assert "middle" in plugin.fp32_modules and is_fp32_island(model.middle)
-    assert plugin.skipped_steps == 3, "after the promotion the remaining steps train"
+    assert plugin.skipped_steps == 2, "after the promotion the remaining steps train"
     assert plugin.scaler.get_scale() == 16.0, "a forward overflow must not drag the scale down"
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -83,8 +84,8 @@ def test_nan_in_a_batch_is_an_input_event_and_blames_no_layer(precision):
 def test_nan_loss_is_a_loss_event_and_blames_no_layer():
     plugin = fp16()
     fit(plugin, model_cls=lambda: TinyRegressor(poison_steps={1, 2, 3}), max_steps=6)
-    phases = [(e.phase, e.module) for e in plugin.overflow_events]
-    assert phases == [("forward", None), ("loss", None), ("loss", None)], "first unlocalized, then localized"
+    phases = [(e.phase, e.module, e.op) for e in plugin.overflow_events]
+    assert phases == [("loss", None, "aten::mul")] * 3, "the loss line of training_step, from the first one on"
     assert plugin.fp32_modules == []
     assert plugin.scaler.get_scale() == 256.0
 
@@ -334,6 +335,51 @@ def test_a_critic_skip_keeps_the_generator_step_and_its_batchnorm_statistics():
     plugin = AdaptiveMP("bf16-mixed", auto_fallback=False)
     model, _ = fit(plugin, model_cls=lambda: CriticFault(bad_batch=1), max_epochs=1, max_steps=-1)
     assert [(e.phase, e.module) for e in plugin.overflow_events] == [("backward", "critic.2")]
+    assert plugin.overflow_events[0].op == "aten::mul" and plugin.overflow_events[0].reproduced
     assert plugin.skipped_steps == 1, "only the critic skipped"
     bn = model.gen[1]
     assert bn.num_batches_tracked.item() == 3 and torch.isfinite(bn.running_mean).all(), "every batch counted"
+
+
+class Gain(nn.Module):
+    """Multiplies by ``gain``: a leaf with no parameters, promotable alone."""
+
+    gain = 1.0
+
+    def forward(self, x):
+        return x * self.gain
+
+
+class AmplifiedRegressor(TinyRegressor):
+    """TinyRegressor whose output goes through ``amp``; ``gains`` maps a global step to amp's gain."""
+
+    def __init__(self, gains):
+        super().__init__(lr=0.01)
+        self.amp = Gain()
+        self.gains = gains
+
+    def forward(self, x):
+        self.amp.gain = self.gains.get(self.global_step, 1.0)
+        return self.amp(self.net(x))
+
+
+class Weights(L.Callback):
+    def __init__(self):
+        self.after_step = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.after_step.append([p.detach().clone() for p in module.parameters()])
+
+
+def test_after_a_promotion_a_finite_but_huge_step_is_skipped_as_a_spike():
+    """Steps 2 and 3 overflow fp16 in amp: named, then promoted. On step 5 amp's harm is back, finite in fp32 now,
+    with a loss hundreds of times the usual: applying it is what the promotion must not lead to."""
+    weights = Weights()
+    plugin = fp16(init_scale=1.0)
+    fit(plugin, model_cls=lambda: AmplifiedRegressor({1: 1e9, 2: 1e9, 4: 300.0}), max_steps=6, callbacks=[weights])
+    events = [(e.step, e.phase, e.module, e.kind) for e in plugin.overflow_events]
+    assert events == [(2, "forward", "amp", "inf"), (3, "forward", "amp", "inf"), (5, "loss", None, "spike")]
+    assert plugin.fp32_modules == ["amp"] and "spike" in plugin.overflow_events[-1].action
+    assert all(torch.equal(a, b) for a, b in zip(weights.after_step[3], weights.after_step[4])), "step 5 not applied"
+    assert not all(torch.equal(a, b) for a, b in zip(weights.after_step[4], weights.after_step[5])), "step 6 trains"
+    assert plugin.skipped_steps == 3

@@ -1,0 +1,342 @@
+"""Replay: run a bad step again under a tracer and name the operation where its first non-finite value was born.
+
+The cheap flags of ``attribution.py`` say *that* a step went bad and in which phase (input, forward or loss,
+backward); forward hooks can say which module's output went bad, but only on later steps and only at module
+boundaries. A user needs the first bad step understood, down to the line: "``blocks.1.attn``: ``aten::mul``
+in float16 produced inf (model.py:67)". So a bad step is run a second time, eagerly, from the state it started
+from, with every operation's output checked:
+
+* **What is kept, per step, at no measurable cost**: a reference to the arguments of each micro-batch's
+  ``training_step`` (the batch is alive anyway), and the RNG state at the start of the step (a 5 KB host copy,
+  no device synchronisation). Floating buffers are already copied by ``buffers.BufferSnapshot``. Parameters
+  need nothing: the step was skipped.
+* **On a bad step only**: gradients are set aside, buffers and RNG go back to the start of the step, and the
+  micro-batches run again under the same autocast and loss scale, with ``torch.compile`` forced eager, logging
+  muted and optimizer steps never reached. Then gradients, buffers and RNG are put back as the real step left
+  them, so the run goes on exactly as it would have without the replay.
+* **The tracer** (:class:`OpTracer`, a ``TorchDispatchMode``) sees every aten operation, forward and backward,
+  including arithmetic written in a module's own ``forward`` that no hook can see. A non-finite output whose
+  inputs were finite is a *birth*; an output computed from a non-finite input inherits that input's birth.
+  The reported birth is the one the bad loss (forward) or the bad parameter gradient (backward) inherited:
+  a ``-inf`` written on purpose into an attention mask is born too, but ``softmax`` turns it finite again and
+  it reaches nothing. A constant (``float("nan")`` lifted to a tensor) is not a birth until an operation
+  mixes it into data: that operation is where the user's line wrote it.
+* **Naming**: the module is the innermost ``nn.Module`` whose call was running (a forward hook belongs to its
+  module); code in the ``LightningModule``'s own ``training_step`` after the network ran is the ``loss`` phase.
+  The source line is the innermost frame outside torch, Lightning and this package. A backward operation is
+  named after the forward operation whose gradient it computes (autograd sequence numbers connect the two),
+  or after the parameter whose gradient hook ran.
+
+If the replay does not go bad in the same phase (a non-deterministic kernel, randomness drawn outside the
+step), the result says ``reproduced=False`` and the caller falls back to the cheap attribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_mp._compat import (
+    TorchDispatchMode,
+    WeakIdKeyDictionary,
+    autograd_sequence_nr,
+    current_autograd_node,
+    node_sequence_nr,
+)
+from lightning_mp.attribution import Finding, Kind, Phase, floating
+
+__all__ = ["Birth", "OpTracer", "ReplayDone", "StepReplay"]
+
+
+@dataclass(frozen=True)
+class Birth:
+    """One operation whose output became non-finite from finite (or no) data inputs."""
+
+    phase: Phase  # "forward", "loss" or "backward"
+    module: str | None  # innermost module running it; None for the LightningModule's own code
+    op: str  # "aten::mul"
+    dtype: str  # "float16"
+    kind: Kind
+    source: str | None  # "model.py:67", the user's line
+    constant: bool  # a constant made non-finite (no floating data input): not yet written into data
+
+    def finding(self) -> Finding:
+        return Finding(self.phase, self.module, self.kind, self.dtype, self.op, self.source, True)
+
+
+def _library_dirs() -> tuple[str, ...]:
+    """Directories whose frames are never "the user's line": torch, Lightning, this package, the stdlib."""
+    import lightning
+
+    dirs = {os.path.dirname(torch.__file__), os.path.dirname(lightning.__file__), os.path.dirname(__file__)}
+    try:
+        import lightning_fabric
+
+        dirs.add(os.path.dirname(lightning_fabric.__file__))
+    except ImportError:
+        pass
+    dirs.add(sysconfig.get_paths()["stdlib"])
+    return tuple(os.path.join(d, "") for d in dirs)
+
+
+_LIBRARY_DIRS: tuple[str, ...] | None = None
+
+
+class OpTracer(TorchDispatchMode):
+    """Checks the output of every aten operation and records where non-finite values are born.
+
+    Args:
+        model: the module whose submodules name the births (fqns relative to it; the root itself is "no module").
+        stop_frame: the frame that started the replay; frames at or above it are not the user's step.
+    """
+
+    def __init__(self, model: nn.Module, stop_frame: Any = None) -> None:
+        super().__init__()
+        global _LIBRARY_DIRS
+        if _LIBRARY_DIRS is None:
+            _LIBRARY_DIRS = _library_dirs()
+        self._names = {id(m): fqn for fqn, m in model.named_modules()}
+        self._param_owner = {id(p): fqn for fqn, m in model.named_modules() for p in m.parameters(recurse=False)}
+        self._stop = stop_frame
+        self.backward = False  # the phase of the operations now running
+        self.births: list[Birth] = []
+        self._origin: WeakIdKeyDictionary = WeakIdKeyDictionary()  # non-finite tensor -> index into births
+        self._made_by: dict[int, tuple[str | None, str | None, str]] = {}  # autograd seq nr -> (module, line, op)
+        self._network_ran = False  # an operation ran inside a submodule: root-level code after it is the loss
+
+    # ----------------------------------------------------------------------------------------- tracing
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        seq = None if self.backward else autograd_sequence_nr() - 1  # the node this forward op just created
+        node = current_autograd_node() if self.backward else None
+        name = func.name()  # "aten::add_.Tensor", "aten::add.out"
+        op = name.split(".")[0]
+        # An operation that writes into its inputs (copy_, index_put_, out=): which of them were finite data
+        # must be known before it runs.
+        writes = op.endswith("_") or name.endswith(".out")
+        finite_before = {id(t) for t in floating((args, kwargs)) if bool(torch.isfinite(t).all())} if writes else None
+        out = func(*args, **kwargs)
+        where: tuple[str | None, str | None] | None = None
+        if seq is not None and seq not in self._made_by:
+            where = self._where()
+            self._made_by[seq] = (where[0], where[1], op)
+            self._network_ran |= where[0] is not None
+        outputs = floating(out)
+        if outputs:
+            finite = torch.stack([torch.isfinite(t).all() for t in outputs]).tolist()
+            bad = [t for t, ok in zip(outputs, finite) if not ok]
+            for t in outputs if all(finite) else ():
+                self._origin.pop(t, None)  # an in-place op made it finite again
+            if bad:
+                self._record(op, args, kwargs, bad, node, where, finite_before)
+        return out
+
+    def _record(self, op, args, kwargs, bad, node, where, finite_before) -> None:
+        inputs = floating((args, kwargs))
+        origins = [self._origin[t] for t in inputs if t in self._origin]
+        inherited = [i for i in origins if not self.births[i].constant]
+        # Data: a finite input. A non-finite input no traced operation made (a scalar lifted to a tensor, a -inf
+        # mask buffer) is a constant, and so is one made from constants only.
+        data = [
+            t
+            for t in inputs
+            if (id(t) in finite_before if finite_before is not None else bool(torch.isfinite(t).all()))
+            and (t not in self._origin or finite_before is not None)
+        ]
+        if inherited:
+            index = min(inherited)
+        else:
+            index = len(self.births)
+            self.births.append(self._birth(op, bad[0], node, where, constant=not data))
+        for t in bad:
+            self._origin[t] = index
+            if t._base is not None:  # an in-place write through a view made its base non-finite too
+                self._origin[t._base] = index
+
+    def _birth(self, op: str, tensor: Tensor, node: Any, where: Any, constant: bool) -> Birth:
+        kind: Kind = "nan" if bool(torch.isnan(tensor).any()) else "inf"
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        if not self.backward:
+            module, source = where if where is not None else self._where()
+            phase: Phase = "forward" if module is not None or not self._network_ran else "loss"
+            return Birth(phase, module, op, dtype, kind, source, constant)
+        module, source, forward_op = self._node_origin(node)
+        frame_source = self._where()[1]  # a gradient hook the user wrote runs inside the backward
+        return Birth("backward", module, op, dtype, kind, frame_source or source, constant)
+
+    def _node_origin(self, node: Any) -> tuple[str | None, str | None, str | None]:
+        """(module, forward line, forward op) of the autograd node running a backward operation.
+
+        The gradient of a dtype cast is charged to whoever produced the cast's input: an fp32 island casts its
+        fp16 input up, and that cast's backward is where the gradient flowing into the fp16 module before it
+        overflows; autocast's cast of a weight goes to the module owning the weight.
+        """
+        while node is not None and node.name().startswith("ToCopyBackward") and node.next_functions:
+            producer = node.next_functions[0][0]
+            if producer is None:
+                break
+            node = producer
+        if node is None:
+            return None, None, None
+        variable = getattr(node, "variable", None)  # AccumulateGrad: the parameter itself
+        if variable is not None:
+            return self._param_owner.get(id(variable)), None, None
+        return self._made_by.get(node_sequence_nr(node), (None, None, None))
+
+    def _where(self) -> tuple[str | None, str | None]:
+        """(innermost submodule being called, the user's source line) from the Python stack."""
+        module: str | None = None
+        source: str | None = None
+        frame = sys._getframe(2)
+        while frame is not None and frame is not self._stop:
+            code = frame.f_code
+            if module is None and code.co_name == "_call_impl":
+                fqn = self._names.get(id(frame.f_locals.get("self")))
+                if fqn:  # "" is the root: not a submodule
+                    module = fqn
+            if source is None and not code.co_filename.startswith(_LIBRARY_DIRS) and "<" not in code.co_filename:
+                source = f"{os.path.basename(code.co_filename)}:{frame.f_lineno}"
+            if module is not None and source is not None:
+                break
+            frame = frame.f_back
+        return module, source
+
+    # ----------------------------------------------------------------------------------------- reading
+    def origin_of(self, tensors: list[Tensor]) -> Birth | None:
+        """The earliest birth any of ``tensors`` inherited; else the first non-constant birth of the phase."""
+        indices = [self._origin[t] for t in tensors if t in self._origin]
+        if indices:
+            written = [i for i in indices if not self.births[i].constant]
+            return self.births[min(written or indices)]
+        want_backward = self.backward
+        return next(
+            (b for b in self.births if not b.constant and (b.phase == "backward") == want_backward),
+            None,
+        )
+
+
+class ReplayDone(Exception):
+    """Raised inside the replayed step once it has gone bad (or done all the backward passes it needs)."""
+
+
+class StepReplay:
+    """What a replay needs from the current optimizer step, and the replay itself.
+
+    The shell registers each micro-batch as a callable that runs it again: ``keep(run)``, where
+    ``run(backward)`` recomputes the micro-batch's loss and passes it to ``backward`` exactly where the real
+    step called backward (automatic optimization: once, with Lightning's normalisation; manual: from
+    ``manual_backward``).
+    """
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self._runs: list[Callable[[Callable[[Tensor], None]], None]] = []
+        self._rng: tuple[Tensor, Tensor | None] | None = None
+        self.active = False  # a replay is running: the shell must not step optimizers or count anything
+
+    def begin_batch(self, device: str | None) -> None:
+        """Before the first micro-batch of an optimizer step: forget the last one, keep the RNG state."""
+        self._runs = []
+        if self.enabled:
+            cuda = torch.cuda.get_rng_state() if device == "cuda" and torch.cuda.is_available() else None
+            self._rng = (torch.get_rng_state(), cuda)
+
+    def keep(self, run: Callable[[Callable[[Tensor], None]], None]) -> None:
+        if self.enabled and not self.active:
+            self._runs.append(run)
+
+    def clear(self) -> None:
+        self._runs, self._rng = [], None
+
+    @property
+    def ready(self) -> bool:
+        return self.enabled and bool(self._runs) and self._rng is not None
+
+    def replay(
+        self,
+        model: nn.Module,
+        restore_buffers: Callable[[], None],
+        autocast: contextlib.AbstractContextManager,
+        scale: float | None,
+        backward_passes: int,
+    ) -> Finding | None:
+        """Run the kept micro-batches again under an :class:`OpTracer`; the first birth that reaches the bad
+        loss or gradient, as a reproduced finding, or ``None`` when the replay stays finite.
+
+        ``backward_passes`` is how many backward passes the real step made before it went bad (manual
+        optimization may step between two): the replay stops after as many.
+        """
+        params = [p for p in model.parameters()]
+        grads = [p.grad for p in params]
+        buffers = [b.detach().clone() for b in model.buffers()]
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if self._rng and self._rng[1] is not None else None)
+        tracer = OpTracer(model, stop_frame=sys._getframe())
+        result: list[Finding] = []
+        passes = 0
+
+        def backward(loss: Tensor) -> None:
+            nonlocal passes
+            losses = floating(loss)
+            if not all(bool(torch.isfinite(t).all()) for t in losses):
+                birth = tracer.origin_of(losses)
+                if birth is not None:
+                    result.append(birth.finding())
+                raise ReplayDone
+            tracer.backward = True
+            (loss * scale if scale is not None else loss).backward()
+            tracer.backward = False
+            passes += 1
+            bad = [p.grad for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+            if bad:
+                tracer.backward = True
+                birth = tracer.origin_of(bad)
+                if birth is not None:
+                    result.append(birth.finding())
+                raise ReplayDone
+            if passes >= backward_passes:
+                raise ReplayDone
+
+        self.active = True
+        try:
+            for p in params:
+                p.grad = None
+            restore_buffers()
+            torch.set_rng_state(self._rng[0])
+            if self._rng[1] is not None:
+                torch.cuda.set_rng_state(self._rng[1])
+            with _eager(), autocast, tracer:
+                for run in self._runs:
+                    run(backward)
+        except ReplayDone:
+            pass
+        finally:
+            self.active = False
+            tracer.backward = False
+            with torch.no_grad():
+                for p, g in zip(params, grads):
+                    p.grad = g
+                for b, saved in zip(model.buffers(), buffers):
+                    b.copy_(saved)
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1])
+        return result[0] if result else None
+
+
+@contextlib.contextmanager
+def _eager() -> Iterator[None]:
+    """``torch.compile``d code runs eagerly during a replay (the tracer must see every operation)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
