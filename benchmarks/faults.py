@@ -8,8 +8,9 @@ run, and what AdaptiveMP made of each.
 The campaign reports, per precision: faults injected, reported with the right phase (every one, the first
 included: the replay names it), forward/backward faults attributed to the right module, and steps after which
 a parameter, BatchNorm's running statistics or an optimizer state was non-finite (must be 0). The long runs
-(fp16 and bf16) inject a fault in 30% of their steps, with statistics and the monitor callbacks on, and sample resident memory, live tensors and the event
-buffer's length as they go: all three must stay flat once the run is warm.
+(fp16 and bf16) inject a fault in 30% of their steps, with statistics and the monitor callbacks on, and sample
+resident memory, live tensors and the event buffer's length as they go: all three must stay flat once the run
+is warm.
 """
 
 from __future__ import annotations

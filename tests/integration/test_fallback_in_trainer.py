@@ -383,3 +383,34 @@ def test_after_a_promotion_a_finite_but_huge_step_is_skipped_as_a_spike():
     assert all(torch.equal(a, b) for a, b in zip(weights.after_step[3], weights.after_step[4])), "step 5 not applied"
     assert not all(torch.equal(a, b) for a, b in zip(weights.after_step[4], weights.after_step[5])), "step 6 trains"
     assert plugin.skipped_steps == 3
+
+
+class GeneratorFault(TwoOptimizers):
+    """The GAN shape with arithmetic of its own in the generator (``gen.2``) that goes NaN on one batch."""
+
+    def __init__(self, bad_batch: int):
+        super().__init__()
+        self.gen = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Gain(), nn.Linear(8, 4))
+        self.bad_batch = bad_batch
+
+    def training_step(self, batch, batch_idx):
+        self.gen[2].gain = float("nan") if batch_idx == self.bad_batch else 1.0
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"], ids=["fp16", "bf16"])
+def test_manual_optimization_replays_the_step_and_gives_one_exact_event(precision):
+    plugin = fp16() if precision == "16-mixed" else AdaptiveMP("bf16-mixed")
+    model, _ = fit(plugin, model_cls=lambda: GeneratorFault(bad_batch=1), max_epochs=1, max_steps=-1)
+    [event] = plugin.overflow_events
+    assert (event.phase, event.module, event.op, event.kind, event.reproduced) == (
+        "forward",
+        "gen.2",
+        "aten::mul",
+        "nan",
+        True,
+    )
+    assert event.source == f"test_fallback_in_trainer.py:{line_of(Gain.forward, 'x * self.gain')}"
+    assert plugin.skipped_steps == 2, "both optimizers skip the bad batch"
+    assert model.trainer.global_step == 6, "the replay's opt.step() calls counted nothing (3 batches x 2)"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
