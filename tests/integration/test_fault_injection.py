@@ -104,6 +104,7 @@ def test_diagnostics_keep_no_batch_or_loss_alive(precision):
     plugin = faults.make_plugin(precision)
     faults.fit(plugin, plan, 40, model=Recorded(plan))
     gc.collect()
-    assert len(refs) == 80
+    replays = sum(e.reproduced is not None for e in plugin.overflow_events)  # each ran training_step once more
+    assert replays > 0 and len(refs) == 2 * (40 + replays)
     assert [i for i, ref in enumerate(refs) if ref() is not None] == [], "a batch or loss outlived its step"
     assert plugin.overflow_events, "faults were seen (the plugin is still alive and holds its events)"
