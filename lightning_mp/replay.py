@@ -106,11 +106,22 @@ class OpTracer(TorchDispatchMode):
         self._names = {id(m): fqn for fqn, m in model.named_modules()}
         self._param_owner = {id(p): fqn for fqn, m in model.named_modules() for p in m.parameters(recurse=False)}
         self._stop = stop_frame
-        self.backward = False  # the phase of the operations now running
+        self.backward = False  # the phase of the operations now running (set through ``backward_pass``)
+        self._backward_frame: Any = None  # the frame that called backward: user frames above it are not the line
         self.births: list[Birth] = []
         self._origin: WeakIdKeyDictionary = WeakIdKeyDictionary()  # non-finite tensor -> index into births
         self._made_by: dict[int, tuple[str | None, str | None, str]] = {}  # autograd seq nr -> (module, line, op)
         self._network_ran = False  # an operation ran inside a submodule: root-level code after it is the loss
+
+    @contextlib.contextmanager
+    def backward_pass(self) -> Iterator[None]:
+        """Trace a backward pass started from the caller's frame (manual optimization calls it from the
+        user's ``training_step``: that line is where backward was asked for, not where anything overflowed)."""
+        self.backward, self._backward_frame = True, sys._getframe(2)
+        try:
+            yield
+        finally:
+            self.backward, self._backward_frame = False, None
 
     # ----------------------------------------------------------------------------------------- tracing
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -168,12 +179,12 @@ class OpTracer(TorchDispatchMode):
             module, source = where if where is not None else self._where()
             phase: Phase = "forward" if module is not None or not self._network_ran else "loss"
             return Birth(phase, module, op, dtype, kind, source, constant)
-        module, source, forward_op = self._node_origin(node)
-        frame_source = self._where()[1]  # a gradient hook the user wrote runs inside the backward
+        module, source = self._node_origin(node)
+        frame_source = self._where()[1]  # a gradient hook or autograd.Function the user wrote, run by backward
         return Birth("backward", module, op, dtype, kind, frame_source or source, constant)
 
-    def _node_origin(self, node: Any) -> tuple[str | None, str | None, str | None]:
-        """(module, forward line, forward op) of the autograd node running a backward operation.
+    def _node_origin(self, node: Any) -> tuple[str | None, str | None]:
+        """(module, forward line) of the autograd node running a backward operation.
 
         The gradient of a dtype cast is charged to whoever produced the cast's input: an fp32 island casts its
         fp16 input up, and that cast's backward is where the gradient flowing into the fp16 module before it
@@ -185,18 +196,20 @@ class OpTracer(TorchDispatchMode):
                 break
             node = producer
         if node is None:
-            return None, None, None
+            return None, None
         variable = getattr(node, "variable", None)  # AccumulateGrad: the parameter itself
         if variable is not None:
-            return self._param_owner.get(id(variable)), None, None
-        return self._made_by.get(node_sequence_nr(node), (None, None, None))
+            return self._param_owner.get(id(variable)), None
+        module, source, _ = self._made_by.get(node_sequence_nr(node), (None, None, None))
+        return module, source
 
     def _where(self) -> tuple[str | None, str | None]:
         """(innermost submodule being called, the user's source line) from the Python stack."""
         module: str | None = None
         source: str | None = None
         frame = sys._getframe(2)
-        while frame is not None and frame is not self._stop:
+        stop = self._backward_frame if self.backward and self._backward_frame is not None else self._stop
+        while frame is not None and frame is not stop:
             code = frame.f_code
             if module is None and code.co_name == "_call_impl":
                 fqn = self._names.get(id(frame.f_locals.get("self")))
@@ -210,17 +223,14 @@ class OpTracer(TorchDispatchMode):
         return module, source
 
     # ----------------------------------------------------------------------------------------- reading
-    def origin_of(self, tensors: list[Tensor]) -> Birth | None:
-        """The earliest birth any of ``tensors`` inherited; else the first non-constant birth of the phase."""
+    def origin_of(self, tensors: list[Tensor], backward: bool) -> Birth | None:
+        """The earliest birth any of ``tensors`` inherited; else the first non-constant birth of the phase
+        (forward, or ``backward``)."""
         indices = [self._origin[t] for t in tensors if t in self._origin]
         if indices:
             written = [i for i in indices if not self.births[i].constant]
             return self.births[min(written or indices)]
-        want_backward = self.backward
-        return next(
-            (b for b in self.births if not b.constant and (b.phase == "backward") == want_backward),
-            None,
-        )
+        return next((b for b in self.births if not b.constant and (b.phase == "backward") == backward), None)
 
 
 class ReplayDone(Exception):
@@ -286,18 +296,16 @@ class StepReplay:
             nonlocal passes
             losses = floating(loss)
             if not all(bool(torch.isfinite(t).all()) for t in losses):
-                birth = tracer.origin_of(losses)
+                birth = tracer.origin_of(losses, backward=False)
                 if birth is not None:
                     result.append(birth.finding())
                 raise ReplayDone
-            tracer.backward = True
-            (loss * scale if scale is not None else loss).backward()
-            tracer.backward = False
+            with tracer.backward_pass():
+                (loss * scale if scale is not None else loss).backward()
             passes += 1
             bad = [p.grad for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
             if bad:
-                tracer.backward = True
-                birth = tracer.origin_of(bad)
+                birth = tracer.origin_of(bad, backward=True)
                 if birth is not None:
                     result.append(birth.finding())
                 raise ReplayDone
@@ -319,7 +327,6 @@ class StepReplay:
             pass
         finally:
             self.active = False
-            tracer.backward = False
             with torch.no_grad():
                 for p, g in zip(params, grads):
                     p.grad = g
