@@ -270,13 +270,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     steps = 120 if args.quick else 600
     results = {"campaign": [], "long_run": None}
-    print("precision   steps  faults  phase right  module right  non-finite weights  skipped")
+    print("precision   steps  faults  phase right  module right  non-finite weights  skipped  faults by phase")
     for precision in ("16-mixed", "bf16-mixed", "32-true"):
         r = campaign(precision, steps)
         results["campaign"].append(r)
         print(
             f"{precision:10} {r['steps']:6} {r['faults']:7} {r['right_phase']:12} "
-            f"{r['right_module']:6}/{r['located']:<6} {r['nonfinite_steps']:18} {r['skipped']:8}",
+            f"{r['right_module']:6}/{r['located']:<6} {r['nonfinite_steps']:18} {r['skipped']:8}  "
+            + "/".join(f"{p} {r['by_phase'].get(p, 0)}" for p in PHASES),
             flush=True,
         )
     long_steps = 1000 if args.quick else args.long_steps

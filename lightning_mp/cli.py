@@ -44,21 +44,72 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
 
+class TrainingFailed(RuntimeError):
+    """An exception inside ``trainer.fit`` that is not about the user's input: printed with its traceback."""
+
+
 # ---------------------------------------------------------------------------------------------- compose
 def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
     """The training config for these overrides (Hydra's compose API; no working-directory change)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    overrides = plugin_knob_overrides(overrides)
+    overrides = plugin_knob_overrides(normalize_overrides(overrides))
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=return_hydra_config)
     _validate(cfg)
     return cfg
 
 
+# Lightning's spellings of the precisions, accepted as aliases of the precision group's options.
+PRECISION_ALIASES = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16", "16": "fp16"}
+GROUPS = ("recipe", "precision", "experiment", "trainer", "logger", "callbacks")
+# Keys of conf/train.yaml and of what its groups put at the top level; anything else is read by nothing.
+TOP_LEVEL_KEYS = (*GROUPS, "seed", "output_dir", "ckpt_path", "overwrite", "data", "model", "hydra")
+
+
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """What users type, in the form Hydra takes, and typos refused before Hydra sees them.
+
+    ``precision=16-mixed`` (and Lightning's other spellings) -> ``precision=fp16``; ``logger=null`` ->
+    ``~logger``; a value starting with ``~/`` is expanded to the home directory (Hydra's lexer rejects it);
+    a key nothing reads (``reciep=nlp``, ``+reciep=nlp``) is an error that suggests the nearest real key.
+    """
+    normalized = []
+    for override in overrides:
+        key, eq, value = override.partition("=")
+        bare = key.lstrip("+~")
+        root = bare.split(".")[0].split("/")[0]
+        if eq and root not in TOP_LEVEL_KEYS:
+            raise UsageError(_unknown_key(bare, value))
+        if not eq:
+            if bare and root not in TOP_LEVEL_KEYS:
+                raise UsageError(_unknown_key(bare, None))
+            normalized.append(override)
+            continue
+        if bare == "precision":
+            value = ",".join(PRECISION_ALIASES.get(v.strip(), v.strip()) for v in value.split(","))
+        if bare in GROUPS and value.strip().lower() in ("null", "none") and not key.startswith("~"):
+            normalized.append(f"~{bare}")  # no logger / no callbacks: Hydra deletes a group with ~group
+            continue
+        if value == "~" or value.startswith("~/"):
+            value = os.path.expanduser(value)
+        normalized.append(f"{key}={value}")
+    return normalized
+
+
+def _unknown_key(key: str, value: str | None) -> str:
+    import difflib
+
+    nearest = difflib.get_close_matches(key.split(".")[0], TOP_LEVEL_KEYS, n=1, cutoff=0.6)
+    hint = f" Did you mean {nearest[0]}{'.' + key.split('.', 1)[1] if '.' in key else ''}" if nearest else ""
+    hint += f"={value}?" if nearest and value is not None else ("?" if nearest else "")
+    known = ", ".join(TOP_LEVEL_KEYS[:-1])
+    return f"{key!r} is not a key of the training config (nothing would read it).{hint} Top-level keys: {known}."
+
+
 def plugin_knob_overrides(overrides: list[str]) -> list[str]:
-    """Let every argument of AdaptiveMP and AdaptiveLossScaler be overridden without Hydra's ``+``.
+    """Let every argument of AdaptiveMP, AdaptiveLossScaler and the Trainer be overridden without Hydra's ``+``.
 
     ``conf/precision/*.yaml`` write only what differs from the code's defaults (the code stays the one source
     of truth), so most knobs are absent from the composed config and Hydra would refuse to override them. An
@@ -72,6 +123,8 @@ def plugin_knob_overrides(overrides: list[str]) -> list[str]:
 
     knobs = {f"precision.{name}" for name in inspect.signature(AdaptiveMP).parameters}
     knobs |= {f"precision.scaler.{field.name}" for field in dataclasses.fields(ScalerConfig)}
+    # Any Trainer argument, as the README promises (trainer.strategy=ddp, trainer.gradient_clip_val=1.0).
+    knobs |= {f"trainer.{name}" for name in inspect.signature(L.Trainer).parameters if name != "self"}
     return [f"++{o}" if o.split("=", 1)[0] in knobs and "=" in o else o for o in overrides]
 
 
@@ -79,6 +132,12 @@ _TRAINER_NUMBERS = ("max_epochs", "max_steps", "log_every_n_steps", "accumulate_
 
 
 def _validate(cfg: DictConfig) -> None:
+    output_dir = str(cfg.get("output_dir") or "").strip()
+    if not output_dir:
+        raise UsageError(
+            "output_dir='' is invalid: must be a directory path, e.g. output_dir=outputs/my_run"
+            " (an unset shell variable gives an empty value)."
+        )
     if "precision" in cfg.trainer:
         raise UsageError(
             f"trainer.precision={cfg.trainer.precision!r} is not allowed: choose precision="
@@ -88,10 +147,19 @@ def _validate(cfg: DictConfig) -> None:
         value = cfg.trainer.get(key)
         if value is not None and not isinstance(value, int) and not (key == "devices" and value == "auto"):
             raise UsageError(f"trainer.{key}={value!r} is invalid: must be an integer.")
-    for key in ("batch_size", "train_size", "val_size"):
-        value = cfg.data.get(key)
-        if value is not None and (not isinstance(value, int) or value < 1):
-            raise UsageError(f"data.{key}={value!r} is invalid: must be an integer >= 1.")
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise UsageError(f"seed={seed!r} is invalid: must be an integer.")
+    for key in cfg.data:
+        if key in ("seed", "root", "_target_"):
+            continue
+        value = cfg.data[key]
+        lowest = 2 if key == "num_classes" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise UsageError(f"data.{key}={value!r} is invalid: must be an integer >= {lowest}.")
+    accumulate = cfg.trainer.get("accumulate_grad_batches")
+    if isinstance(accumulate, int) and accumulate < 1:
+        raise UsageError(f"trainer.accumulate_grad_batches={accumulate} is invalid: must be an integer >= 1.")
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -99,29 +167,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one recipe under one precision; write and return its ``result.json``. Reads top to bottom."""
     import torch
     from hydra.utils import instantiate
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from lightning_mp.checkpoint import AtomicCheckpointIO
+    from lightning_mp.errors import ConfigError
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    output_dir = Path(cfg.output_dir)
-    data = instantiate(cfg.data)
-    model = instantiate(cfg.model)
-    plugin = instantiate(cfg.precision)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    throughput = Throughput()
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None] + [throughput]
-    # Atomic checkpoint writes: a run killed during a save keeps its previous last.ckpt intact.
-    plugins = [plugin, AtomicCheckpointIO()]
-    trainer = instantiate(cfg.trainer, plugins=plugins, logger=logger, callbacks=callbacks)
-
+    output_dir = prepare_output_dir(cfg)
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":
         ckpt_path = output_dir / "checkpoints" / "last.ckpt"
         if not ckpt_path.exists():
             raise UsageError(f"ckpt_path=last but {ckpt_path} does not exist; train once without ckpt_path first.")
-    elif ckpt_path is not None and not Path(ckpt_path).exists():
+    elif ckpt_path is not None and not Path(os.path.expanduser(str(ckpt_path))).exists():
         raise UsageError(f"ckpt_path={str(ckpt_path)!r} does not exist.")
-    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    _warn_about_devices(cfg)
+    data = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    plugin = instantiate(cfg.precision)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    throughput = Throughput()
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += [throughput, SaveConfig(cfg, output_dir / "config.yaml")]
+    # Atomic checkpoint writes: a run killed during a save keeps its previous last.ckpt intact.
+    plugins = [plugin, AtomicCheckpointIO()]
+    trainer = instantiate(cfg.trainer, plugins=plugins, logger=logger, callbacks=callbacks)
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    except (ConfigError, UsageError, MisconfigurationException, KeyboardInterrupt):
+        _remove_empty_log_dir(logger, output_dir)
+        raise  # the user's data, patterns or Trainer settings, found while training starts: one line
+    except Exception as error:
+        _remove_empty_log_dir(logger, output_dir)
+        raise TrainingFailed(f"training failed: {type(error).__name__}: {error}") from error
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     if torch.cuda.is_available():
@@ -138,6 +216,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "peak_memory_mb": peak_mb,
         "skipped_steps": plugin.skipped_steps,
         "fp32_promotions": [p.module for p in plugin.promotions if p.reason not in ("static", "default")],
+        # Every module that ran in fp32 at the end, and why: static (fp32_modules), default (fp16 norms and
+        # softmax), overflow, kernel error, escalation.
+        "fp32_modules": [{"module": p.module, "reason": p.reason, "step": p.step} for p in plugin.promotions],
         "optimizer_steps": plugin.optimizer_steps,
         "output_dir": str(output_dir),
     }
@@ -145,6 +226,54 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _warn_about_devices(cfg: DictConfig) -> None:
+    """More CPU processes than cores is accepted by Lightning and crawls: say so before it starts."""
+    devices, accelerator = cfg.trainer.get("devices"), str(cfg.trainer.get("accelerator", "auto"))
+    cores = os.cpu_count() or 1
+    import torch
+
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and isinstance(devices, int) and devices > cores:
+        print(
+            f"lightning-mp: warning: trainer.devices={devices} on a CPU with {cores} cores: each of the {devices}"
+            " processes gets less than a core, so training is much slower than trainer.devices=1.",
+            file=sys.stderr,
+        )
+
+
+def _remove_empty_log_dir(logger: Any, output_dir: Path) -> None:
+    """A run that failed before logging anything leaves no empty ``version_N`` folder behind (only empty
+    folders inside ``output_dir`` are removed)."""
+    log_dir = getattr(logger, "log_dir", None) if logger else None
+    if log_dir is None:
+        return
+    path, root = Path(log_dir).resolve(), output_dir.resolve()
+    while path != root and root in path.parents and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+        path = path.parent
+
+
+def prepare_output_dir(cfg: DictConfig) -> Path:
+    """The run directory, created and checked before anything is built: writable, and not holding an earlier
+    run that this one would silently mix with (resume it with ``ckpt_path=last`` or pass ``overwrite=true``)."""
+    output_dir = Path(os.path.expanduser(str(cfg.output_dir)))
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".lightning-mp-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise UsageError(f"output_dir={str(cfg.output_dir)!r} cannot be written: {reason}.") from None
+    earlier = [p for p in (output_dir / "result.json", output_dir / "checkpoints" / "last.ckpt") if p.exists()]
+    if earlier and cfg.ckpt_path is None and not cfg.get("overwrite", False):
+        raise UsageError(
+            f"output_dir={str(cfg.output_dir)!r} already holds a run ({earlier[0].relative_to(output_dir)}): resume it"
+            " with ckpt_path=last, train elsewhere with output_dir=..., or train over it with overwrite=true."
+        )
+    return output_dir
 
 
 # ---------------------------------------------------------------------------------------------- multirun
@@ -205,6 +334,18 @@ def _multirun_job(cfg: DictConfig) -> dict[str, Any]:
     return train(cfg)
 
 
+class SaveConfig(L.Callback):
+    """Writes the whole composed config, resolved, to the run directory once training starts (after the data
+    and the model were accepted: a refused command leaves an earlier run's ``config.yaml`` as it was)."""
+
+    def __init__(self, cfg: DictConfig, path: Path) -> None:
+        self.cfg, self.path = cfg, path
+
+    def on_train_start(self, trainer, module):
+        if trainer.is_global_zero:
+            self.path.write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+
+
 class Throughput(L.Callback):
     """Training samples per second, counting only time spent inside training batches."""
 
@@ -229,7 +370,14 @@ def compare(overrides: list[str]) -> list[dict[str, Any]]:
     and save a table with the difference to fp32."""
     precisions, rest = _split_precisions(overrides)
     cfg = compose(rest)  # fail fast on a bad override, before the first run
-    out = Path(cfg.output_dir).parent / "compare"
+    out = Path(os.path.expanduser(str(cfg.output_dir))).parent / "compare"
+    if (out / "compare.json").exists() and not cfg.overwrite:
+        raise UsageError(
+            f"{out} already holds a comparison (compare.json): compare into another output_dir=..., or replace it"
+            " with overwrite=true."
+        )
+    if cfg.overwrite:
+        rest = [*[o for o in rest if not o.startswith("overwrite=")], "overwrite=true"]
     rows = []
     for index, name in enumerate(precisions, start=1):
         run_dir = out / name
@@ -345,6 +493,51 @@ def list_configs() -> dict[str, list[tuple[str, str]]]:
     return found
 
 
+def command_help(command: str) -> str:
+    """``lightning-mp train --help`` / ``compare --help``: the groups and the knobs most runs change."""
+    import dataclasses
+    import inspect
+
+    from lightning_mp import AdaptiveMP, ScalerConfig
+
+    if command == "compare":
+        head = [
+            "usage: lightning-mp compare [precisions=fp32,bf16,fp16] [key=value ...]",
+            "",
+            "Train one recipe under each precision (one process each) and print accuracy, speed, memory and skipped",
+            "steps side by side, relative to fp32; writes compare.json and compare.md next to the runs.",
+            "Every key=value below applies to every run; precision= is replaced by precisions=.",
+        ]
+    else:
+        head = [
+            "usage: lightning-mp train [key=value ...]",
+            "       lightning-mp train --multirun [key=a,b ...]   (a sweep: one run per combination)",
+            "",
+            "Train one recipe under one precision; logs, checkpoints, the precision report and result.json",
+            "go to output_dir.",
+        ]
+    lines = [*head, "", "config groups (group=option):"]
+    for group, entries in list_configs().items():
+        if group == "hydra/launcher" and command != "train":
+            continue
+        lines.append(f"  {group + ':':16}" + ", ".join(name for name, _ in entries))
+    adaptive = [n for n in inspect.signature(AdaptiveMP).parameters if n not in ("precision", "device", "scaler")]
+    scaler = [f.name for f in dataclasses.fields(ScalerConfig)]
+    lines += [
+        "  precision also takes Lightning's names: 32-true, bf16-mixed, 16-mixed, 32, 16",
+        "",
+        "common keys:",
+        "  seed=0  output_dir=outputs/<recipe>/<precision>  ckpt_path=last (resume)  overwrite=true  logger=null",
+        "  trainer.max_epochs=3  trainer.max_steps=200  trainer.devices=1  trainer.<any Trainer argument>=...",
+        "  data.batch_size=64  data.root=~/data (the recipe's real dataset instead of its generated one)",
+        "  precision.<knob>=...   " + ", ".join(adaptive),
+        "  precision.scaler.<knob>=...   " + ", ".join(scaler),
+        "",
+        "lightning-mp ls lists every option with a line about it; the README explains each knob.",
+    ]
+    return "\n".join(lines)
+
+
 def _print_configs() -> None:
     for group, entries in list_configs().items():
         print(f"{group}:")
@@ -375,10 +568,14 @@ def _one_line(error: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     command, overrides = argv[0], argv[1:]
+    if command == "help" or (command in ("train", "compare") and ({"-h", "--help", "help"} & set(overrides))):
+        topic = overrides[0] if command == "help" and overrides else command
+        print(command_help(topic) if topic in ("train", "compare") else USAGE)
+        return 0
     # torchdata's StatefulDataLoader calls a deprecated torch function on every construction: noise to a user.
     warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
     try:
@@ -405,10 +602,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(error: BaseException) -> bool:
     from hydra.errors import HydraException
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
     from omegaconf.errors import OmegaConfBaseException
 
-    user = (UsageError, HydraException, OmegaConfBaseException, ValueError, TypeError, FileNotFoundError)
-    return isinstance(error, user)
+    user = (
+        UsageError, HydraException, OmegaConfBaseException, MisconfigurationException, ValueError, TypeError,
+        FileNotFoundError,
+    )  # fmt: skip
+    return isinstance(error, user) and not isinstance(error, TrainingFailed)
 
 
 if __name__ == "__main__":

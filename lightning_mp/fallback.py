@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_mp.errors import ConfigError
+
 __all__ = [
     "DEFAULT_FP32_MODULES",
     "ModuleFilter",
@@ -283,7 +285,7 @@ class FallbackManager:
             if misses:
                 names = [fqn for fqn, _ in model.named_modules() if fqn]
                 shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
-                raise ValueError(
+                raise ConfigError(
                     f"AdaptiveMP(fp32_modules=...) pattern(s) {misses} match no module of"
                     f" {type(model).__name__}; its modules are: {shown}."
                 )

@@ -11,6 +11,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_mp.errors import ConfigError
+
 
 class Classifier(L.LightningModule):
     """Cross-entropy classification of ``net(inputs)`` with accuracy from torchmetrics.
@@ -77,7 +79,7 @@ class TensorDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         train, val, found = self.load()
         if found != self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"data.num_classes={self.num_classes} but the data has {found} classes; set data.num_classes={found}."
             )
         self.train_set, self.val_set = TensorDataset(*train), TensorDataset(*val)
@@ -103,7 +105,7 @@ def check_root(root, field: str = "data.root"):
 
     path = Path(root).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
+        raise ConfigError(
             f"{field}={str(root)!r} does not exist; give an existing directory or null for the built-in data."
         )
     return path

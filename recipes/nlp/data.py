@@ -12,6 +12,7 @@ import random
 
 import torch
 
+from lightning_mp.errors import ConfigError
 from lightning_mp.recipes.common import TensorDataModule, check_root
 
 SUBJECTS = [
@@ -71,10 +72,10 @@ def read_text_csv(path) -> tuple[list[str], list[int]]:
             if not row:
                 continue
             if len(row) < 2 or not row[1].strip():
-                raise ValueError(f"{path}:{line_number}: expected 'label, text', got {row!r}.")
+                raise ConfigError(f"{path}:{line_number}: expected 'label, text', got {row!r}.")
             rows.append((row[0].strip(), " ".join(part.strip() for part in row[1:])))
     if not rows:
-        raise ValueError(f"{path} has no rows.")
+        raise ConfigError(f"{path} has no rows.")
     classes = sorted({label for label, _ in rows}, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else v))
     index = {label: i for i, label in enumerate(classes)}
     return [text for _, text in rows], [index[label] for label, _ in rows]
@@ -115,7 +116,7 @@ class TextData(TensorDataModule):
             train, test = path / f"train{suffix}", path / f"test{suffix}"
             if train.exists() and test.exists():
                 return train, test
-        raise FileNotFoundError(
+        raise ConfigError(
             f"data.root={str(self.root)!r} needs train.csv and test.csv (or .tsv) with rows 'label, text'."
         )
 

@@ -13,6 +13,7 @@ import zlib
 import torch
 import torch.nn.functional as F
 
+from lightning_mp.errors import ConfigError
 from lightning_mp.recipes.common import TensorDataModule, check_root
 
 KEYWORDS = 6
@@ -62,7 +63,7 @@ def load_wav_folder(root, sample_rate: int = 8000, seconds: float = 1.0):
     path = check_root(root)
     labels = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(("_", ".")))
     if not labels:
-        raise ValueError(f"data.root={str(root)!r} has no label folders (expected root/<label>/*.wav).")
+        raise ConfigError(f"data.root={str(root)!r} has no label folders (expected root/<label>/*.wav).")
     listed = path / "validation_list.txt"
     validation = set(listed.read_text().split()) if listed.exists() else None
     length = int(sample_rate * seconds)
@@ -73,7 +74,7 @@ def load_wav_folder(root, sample_rate: int = 8000, seconds: float = 1.0):
             try:
                 audio, rate = soundfile.read(file, dtype="float32", always_2d=True)
             except Exception as error:  # soundfile raises its own LibsndfileError / RuntimeError subclasses
-                raise ValueError(f"{file} is not a readable WAV file ({error}).") from error
+                raise ConfigError(f"{file} is not a readable WAV file ({error}).") from error
             wave = torch.from_numpy(audio).mean(dim=1)
             if rate != sample_rate:
                 wave = F.interpolate(wave[None, None], scale_factor=sample_rate / rate, mode="linear")[0, 0]
@@ -82,7 +83,7 @@ def load_wav_folder(root, sample_rate: int = 8000, seconds: float = 1.0):
             waves.append(_fit_length(wave, length))
             targets.append(index)
     if not splits["train"][0]:
-        raise ValueError(f"data.root={str(root)!r} has no .wav files under its label folders.")
+        raise ConfigError(f"data.root={str(root)!r} has no .wav files under its label folders.")
 
     def stack(split):
         waves, targets = splits[split]

@@ -6,6 +6,7 @@ import pickle
 
 import torch
 
+from lightning_mp.errors import ConfigError
 from lightning_mp.recipes.common import TensorDataModule, check_root
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
@@ -56,7 +57,7 @@ def load_cifar10(root) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.T
         for name in names:
             file = path / name
             if not file.exists():
-                raise FileNotFoundError(
+                raise ConfigError(
                     f"data.root={str(root)!r} has no CIFAR-10 batch {name!r} (expected data_batch_1..5 and test_batch)."
                 )
             try:
@@ -64,7 +65,7 @@ def load_cifar10(root) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.T
                     batch = pickle.load(f, encoding="bytes")
                 data, target = batch[b"data"], batch[b"labels"]
             except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as error:
-                raise ValueError(f"{file} is not a CIFAR-10 python batch ({error}).") from error
+                raise ConfigError(f"{file} is not a CIFAR-10 python batch ({error}).") from error
             images.append(torch.as_tensor(data, dtype=torch.uint8).view(-1, 3, 32, 32))
             labels.append(torch.as_tensor(target, dtype=torch.long))
         return torch.cat(images).float() / 255.0, torch.cat(labels)

@@ -136,7 +136,7 @@ def test_bad_input_leaves_an_earlier_runs_files_untouched(tmp_path, capsys):
         ["ckpt_path=/nope.ckpt"],
         ["trainer.max_epochs=many"],
     ):
-        assert main(["train", *run, *bad]) == 2, bad
+        assert main(["train", *run, "overwrite=true", *bad]) == 2, bad
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
         after = snapshot()
         assert {p: h for p, h in after.items() if p in before} == before, bad
