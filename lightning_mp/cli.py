@@ -65,7 +65,7 @@ def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConf
 PRECISION_ALIASES = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16", "16": "fp16"}
 GROUPS = ("recipe", "precision", "experiment", "trainer", "logger", "callbacks")
 # Keys of conf/train.yaml and of what its groups put at the top level; anything else is read by nothing.
-TOP_LEVEL_KEYS = (*GROUPS, "seed", "output_dir", "ckpt_path", "overwrite", "data", "model", "hydra")
+TOP_LEVEL_KEYS = (*GROUPS, "seed", "output_dir", "ckpt_path", "overwrite", "data", "model", "sweep_keys", "hydra")
 
 
 def normalize_overrides(overrides: list[str]) -> list[str]:
@@ -104,7 +104,7 @@ def _unknown_key(key: str, value: str | None) -> str:
     nearest = difflib.get_close_matches(key.split(".")[0], TOP_LEVEL_KEYS, n=1, cutoff=0.6)
     hint = f" Did you mean {nearest[0]}{'.' + key.split('.', 1)[1] if '.' in key else ''}" if nearest else ""
     hint += f"={value}?" if nearest and value is not None else ("?" if nearest else "")
-    known = ", ".join(TOP_LEVEL_KEYS[:-1])
+    known = ", ".join(k for k in TOP_LEVEL_KEYS if k not in ("sweep_keys", "hydra"))
     return f"{key!r} is not a key of the training config (nothing would read it).{hint} Top-level keys: {known}."
 
 
@@ -306,11 +306,22 @@ def multirun(argv: list[str]) -> None:
 
     hydra_main = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="train", version_base="1.3")
     saved_argv = sys.argv
-    sys.argv = ["lightning-mp", "--multirun", *plugin_knob_overrides(overrides)]
+    # Every job gets its own folder: the swept keys not already in output_dir's default name the subfolder.
+    swept = [k for k in swept_keys(overrides) if k not in ("recipe", "precision", "output_dir")]
+    sweep = [f"sweep_keys=[{','.join(swept)}]"] if swept else []
+    sys.argv = ["lightning-mp", "--multirun", *plugin_knob_overrides(normalize_overrides(overrides)), *sweep]
     try:
         hydra_main(_multirun_job)()
     finally:
         sys.argv = saved_argv
+
+
+def swept_keys(overrides: list[str]) -> list[str]:
+    """The keys a sweep varies (``seed=0,1`` -> ``seed``), as Hydra's override parser reads them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(normalize_overrides(overrides))
+    return [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
 
 
 def sweep_jobs(overrides: list[str]) -> list[list[str]]:
@@ -319,7 +330,7 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     choices = []
-    for override in OverridesParser.create().parse_overrides(overrides):
+    for override in OverridesParser.create().parse_overrides(normalize_overrides(overrides)):
         if override.is_sweep_override():
             key = override.get_key_element()
             choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
@@ -329,8 +340,23 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
 
 def _multirun_job(cfg: DictConfig) -> dict[str, Any]:
-    """One job of a multirun, possibly on another machine (submitit pickles this function by name)."""
+    """One job of a multirun, possibly on another machine (submitit pickles this function by name).
+
+    Its run folder is ``output_dir/<swept key=value,...>`` (``outputs/nlp/bf16/seed=1``), so jobs that differ
+    only in a swept key other than recipe and precision never share a folder."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
     _validate(cfg)
+    keys = list(cfg.get("sweep_keys") or [])
+    if keys:
+        mine = {}
+        for override in HydraConfig.get().overrides.task:
+            key, _, value = override.partition("=")
+            if key.lstrip("+~") in keys:
+                mine[key.lstrip("+~")] = value.replace("/", "_")
+        with open_dict(cfg):
+            cfg.output_dir = str(Path(str(cfg.output_dir)) / ",".join(f"{k}={mine[k]}" for k in keys if k in mine))
     return train(cfg)
 
 

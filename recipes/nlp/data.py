@@ -60,25 +60,58 @@ def generate_sentences(count: int, seed: int) -> tuple[list[str], list[int]]:
     return texts, labels
 
 
+HEADER_LABELS = {"label", "labels", "class", "class index", "class_index", "category", "target", "y"}
+
+
 def read_text_csv(path) -> tuple[list[str], list[int]]:
     """Rows of ``label, text[, more text]`` (AG News: class 1..4, title, description); ``.tsv`` is tab-separated.
 
-    Labels are mapped to 0..K-1 in sorted order of their values.
+    Labels are mapped to 0..K-1 in sorted order of their values. A header row is recognised (its first field is
+    a known column name, or is not a number while every other label is) and skipped. Errors name the file and
+    the line: a row without text, a quote that is never closed (it would swallow the rest of the file as one
+    field), a file that is not UTF-8 text.
     """
     delimiter = "\t" if str(path).endswith(".tsv") else ","
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for line_number, row in enumerate(csv.reader(f, delimiter=delimiter), start=1):
-            if not row:
-                continue
-            if len(row) < 2 or not row[1].strip():
-                raise ConfigError(f"{path}:{line_number}: expected 'label, text', got {row!r}.")
-            rows.append((row[0].strip(), " ".join(part.strip() for part in row[1:])))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f, delimiter=delimiter, strict=True)
+            line = 1  # where the current row starts
+            try:
+                for row in reader:
+                    start, line = line, reader.line_num + 1
+                    if not row:
+                        continue
+                    if reader.line_num > start:  # one row spread over several lines: a quote left open
+                        raise ConfigError(
+                            f"{path}:{start}: a quoted field runs over {reader.line_num - start + 1} lines"
+                            " (an unterminated quote?); expected one 'label, text' row per line."
+                        )
+                    if len(row) < 2 or not row[1].strip():
+                        raise ConfigError(f"{path}:{start}: expected 'label, text', got {row!r}.")
+                    rows.append((start, row[0].strip(), " ".join(part.strip() for part in row[1:])))
+            except csv.Error as error:  # the row starting at `line` never ended: a quote left open
+                raise ConfigError(
+                    f"{path}:{line}: not a valid CSV row ({error}; an unterminated quote runs to line"
+                    f" {reader.line_num})."
+                ) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start}).") from None
+    if rows and _is_header(rows):
+        rows = rows[1:]
     if not rows:
         raise ConfigError(f"{path} has no rows.")
-    classes = sorted({label for label, _ in rows}, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else v))
+    classes = sorted({label for _, label, _ in rows}, key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else v))
     index = {label: i for i, label in enumerate(classes)}
-    return [text for _, text in rows], [index[label] for label, _ in rows]
+    return [text for _, _, text in rows], [index[label] for _, label, _ in rows]
+
+
+def _is_header(rows: list[tuple[int, str, str]]) -> bool:
+    first = rows[0][1]
+    if first.lower() in HEADER_LABELS:
+        return True
+    rest = [label for _, label, _ in rows[1:]]
+    return bool(rest) and not first.isdigit() and all(label.isdigit() for label in rest)
 
 
 class TextData(TensorDataModule):

@@ -45,6 +45,28 @@ def draw_shapes(count: int, seed: int, size: int = 32) -> tuple[torch.Tensor, to
     return (images - 0.35) / 0.3, labels
 
 
+# What a CIFAR-10 "python version" batch is made of: a dict of bytes keys, lists, and NumPy arrays. NumPy's
+# arrays are rebuilt through these functions and classes; any other global in a file is refused, because
+# unpickling calls whatever a file names (a crafted data_batch_1 would run code).
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only the types a CIFAR-10 batch uses (see ``_CIFAR_GLOBALS``)."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only arrays and lists")
+
+
 def load_cifar10(root) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The CIFAR-10 "python version" batches (data_batch_1..5, test_batch) under ``root`` (or
     ``root/cifar-10-batches-py``), normalised per channel. Returns (train, test) as (images, labels)."""
@@ -62,9 +84,9 @@ def load_cifar10(root) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.T
                 )
             try:
                 with open(file, "rb") as f:
-                    batch = pickle.load(f, encoding="bytes")
+                    batch = _CifarUnpickler(f, encoding="bytes").load()
                 data, target = batch[b"data"], batch[b"labels"]
-            except (pickle.UnpicklingError, EOFError, KeyError, TypeError) as error:
+            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as error:
                 raise ConfigError(f"{file} is not a CIFAR-10 python batch ({error}).") from error
             images.append(torch.as_tensor(data, dtype=torch.uint8).view(-1, 3, 32, 32))
             labels.append(torch.as_tensor(target, dtype=torch.long))

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -92,6 +93,26 @@ def test_corrupt_cifar_batch_is_a_clear_error(tmp_path):
         load_cifar10(tmp_path)
 
 
+class _Exploit:
+    """Unpickling this calls os.system: what a crafted data_batch_1 could do to pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_without_running_it(tmp_path):
+    write_cifar(tmp_path)
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": _Exploit(marker), b"labels": [0]}, f)
+    with pytest.raises(ValueError, match=r"data_batch_1 is not a CIFAR-10 python batch .*refused to load posix.system"):
+        load_cifar10(tmp_path)
+    assert not marker.exists(), "the file's code never ran"
+
+
 @pytest.mark.parametrize("suffix", [".csv", ".tsv"])
 def test_text_loader_reads_ag_news_layout(tmp_path, suffix):
     delimiter = "\t" if suffix == ".tsv" else ","
@@ -114,6 +135,26 @@ def test_text_loader_reads_ag_news_layout(tmp_path, suffix):
 def test_corrupt_csv_is_a_clear_error(tmp_path):
     (tmp_path / "train.csv").write_text("3\n")
     with pytest.raises(ValueError, match=r"train.csv:1: expected 'label, text'"):
+        read_text_csv(tmp_path / "train.csv")
+
+
+@pytest.mark.parametrize("header", ["Class Index,Title,Description", "label,text", "sentiment,review"])
+def test_a_header_row_is_recognised_and_skipped(tmp_path, header):
+    body = "3,Wall St. Bears,Short-sellers\n1,Talks,Peace talks resume.\n3,Oil,Prices up\n"
+    (tmp_path / "train.csv").write_text(f"{header}\n{body}")
+    texts, labels = read_text_csv(tmp_path / "train.csv")
+    assert len(texts) == 3 and labels == [1, 0, 1], "two classes, not three: the header is not a class"
+
+
+def test_an_unterminated_quote_is_refused_with_its_line(tmp_path):
+    (tmp_path / "train.csv").write_text('1,fine\n2,"never closed\n1,swallowed\n2,also swallowed\n')
+    with pytest.raises(ValueError, match=r"train.csv:2: .*(unterminated quote|not a valid CSV row)"):
+        read_text_csv(tmp_path / "train.csv")
+
+
+def test_a_binary_file_is_refused_with_its_name(tmp_path):
+    (tmp_path / "train.csv").write_bytes(b"1,ok\n\xff\xfe\x00\x81 binary")
+    with pytest.raises(ValueError, match=r"train.csv: not a UTF-8 text file"):
         read_text_csv(tmp_path / "train.csv")
 
 
