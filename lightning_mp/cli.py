@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -189,16 +190,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     throughput = Throughput()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks += [throughput, SaveConfig(cfg, output_dir / "config.yaml")]
+    if plugin.options.attach_callbacks:
+        # The plugin would add these at setup; given to the Trainer here, a resumed run finds them when
+        # Lightning restores callback state (no "Please add the following callbacks" warning).
+        from lightning_mp.callbacks import LossScaleMonitor, OverflowDiagnostics, PrecisionReport
+
+        callbacks = [LossScaleMonitor(), OverflowDiagnostics(), PrecisionReport(), *callbacks]
     # Atomic checkpoint writes: a run killed during a save keeps its previous last.ckpt intact.
     plugins = [plugin, AtomicCheckpointIO()]
     trainer = instantiate(cfg.trainer, plugins=plugins, logger=logger, callbacks=callbacks)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     except (ConfigError, UsageError, MisconfigurationException, KeyboardInterrupt):
-        _remove_empty_log_dir(logger, output_dir)
+        _remove_unused_log_dir(trainer, logger, output_dir)
         raise  # the user's data, patterns or Trainer settings, found while training starts: one line
     except Exception as error:
-        _remove_empty_log_dir(logger, output_dir)
+        _remove_unused_log_dir(trainer, logger, output_dir)
         raise TrainingFailed(f"training failed: {type(error).__name__}: {error}") from error
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -243,13 +250,24 @@ def _warn_about_devices(cfg: DictConfig) -> None:
         )
 
 
-def _remove_empty_log_dir(logger: Any, output_dir: Path) -> None:
-    """A run that failed before logging anything leaves no empty ``version_N`` folder behind (only empty
-    folders inside ``output_dir`` are removed)."""
+# What a logger writes when a run starts, before anything was trained: removable when the run fails then.
+_STARTUP_LOG_FILES = ("events.out.tfevents.*", "hparams.yaml", "metrics.csv")
+
+
+def _remove_unused_log_dir(trainer: Any, logger: Any, output_dir: Path) -> None:
+    """A run that failed before its first optimizer step leaves no ``version_N`` folder behind: only the files
+    a logger writes at start-up are removed, and then the folders left empty inside ``output_dir``."""
     log_dir = getattr(logger, "log_dir", None) if logger else None
-    if log_dir is None:
+    if log_dir is None or trainer.global_step > 0:
         return
     path, root = Path(log_dir).resolve(), output_dir.resolve()
+    if not (path.is_dir() and root in path.parents):
+        return
+    files = list(path.iterdir())
+    if not all(f.is_file() and any(f.match(pattern) for pattern in _STARTUP_LOG_FILES) for f in files):
+        return  # something else is in there: not ours to delete
+    for f in files:
+        f.unlink()
     while path != root and root in path.parents and path.is_dir() and not any(path.iterdir()):
         path.rmdir()
         path = path.parent
@@ -497,10 +515,12 @@ def _print_table(table: list[dict[str, str]], title: str) -> None:
 
     rich_table = Table(title=title)
     for _, name in COLUMNS:
-        rich_table.add_column(name)
+        rich_table.add_column(name, overflow="fold")
     for row in table:
         rich_table.add_row(*(row[key] for key, _ in COLUMNS))
-    Console().print(rich_table)
+    # Piped or captured output has no terminal width (rich assumes 80 and cuts the headers): give it room.
+    console = Console()
+    Console(width=None if console.is_terminal else 160).print(rich_table)
 
 
 # ------------------------------------------------------------------------------------------------------ ls
@@ -512,9 +532,7 @@ def list_configs() -> dict[str, list[tuple[str, str]]]:
         entries = []
         for item in sorted(root.joinpath(group).iterdir(), key=lambda p: p.name):
             if item.name.endswith(".yaml"):
-                header = [ln.lstrip("# ").strip() for ln in item.read_text().splitlines() if ln.startswith("#")]
-                header = [h for h in header if h and not h.startswith("@package")]
-                entries.append((item.name.removesuffix(".yaml"), header[0] if header else ""))
+                entries.append((item.name.removesuffix(".yaml"), _description(item.read_text())))
         found[group] = entries
     return found
 
@@ -564,11 +582,33 @@ def command_help(command: str) -> str:
     return "\n".join(lines)
 
 
+def _description(text: str) -> str:
+    """A config's opening comment, whole sentences: its lines up to the first example command or blank."""
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line.lstrip("#").strip()
+        if body.startswith("@package"):
+            continue
+        if not body or body.startswith("lightning-mp "):
+            break
+        lines.append(body)
+    return " ".join(lines)
+
+
 def _print_configs() -> None:
+    import shutil
+    import textwrap
+
+    width = max(shutil.get_terminal_size((100, 20)).columns, 60)
     for group, entries in list_configs().items():
         print(f"{group}:")
-        for name, header in entries:
-            print(f"  {name:12} {header}")
+        for name, description in entries:
+            wrapped = textwrap.wrap(description, width=width - 17) or [""]
+            print(f"  {name:14} {wrapped[0]}")
+            for more in wrapped[1:]:
+                print(" " * 17 + more)
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -592,6 +632,23 @@ def _one_line(error: BaseException) -> str:
     return key + text.replace("\t", "")
 
 
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _quiet_known_noise() -> None:
+    """Messages every run printed that say nothing to a user of this command."""
+    # torchdata's StatefulDataLoader calls a deprecated torch function on every construction.
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+    # Lightning's model summary cannot size bf16/fp16 plugins it does not know; the summary is printed anyway.
+    warnings.filterwarnings("ignore", message=r".*is not supported by the model summary.*")
+    # Lightning's pytree helper on torch >= 2.10 (not ours, not actionable).
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropLitLoggerTip())  # an advertisement on every run
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -600,10 +657,12 @@ def main(argv: list[str] | None = None) -> int:
     command, overrides = argv[0], argv[1:]
     if command == "help" or (command in ("train", "compare") and ({"-h", "--help", "help"} & set(overrides))):
         topic = overrides[0] if command == "help" and overrides else command
-        print(command_help(topic) if topic in ("train", "compare") else USAGE)
+        try:
+            print(command_help(topic) if topic in ("train", "compare") else USAGE)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    # torchdata's StatefulDataLoader calls a deprecated torch function on every construction: noise to a user.
-    warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+    _quiet_known_noise()
     try:
         if command == "train" and ("--multirun" in overrides or "-m" in overrides):
             multirun(overrides)
@@ -618,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lightning-mp: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lightning-mp ls | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as error:  # noqa: BLE001 - user input errors become one line; others keep their trace
         if not _is_user_error(error) or os.environ.get("LIGHTNING_MP_DEBUG"):
             raise

@@ -136,6 +136,15 @@ def render_markdown(report: dict[str, Any], limit: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Headroom below this many bits (within 256x of the format's largest value) is worth a user's attention.
+RISKY_HEADROOM_BITS = 8.0
+
+
+def _lowest(stats: dict[str, Any]) -> float:
+    values = [stats.get("activation_headroom_bits"), stats.get("grad_headroom_bits")]
+    return min((v for v in values if v is not None), default=float("inf"))
+
+
 def _fmt(bits: float | None) -> str:
     return "-" if bits is None else f"{bits:.1f}"
 
@@ -149,29 +158,50 @@ def render_png(report: dict[str, Any], path: Path, limit: int = 15) -> Path:
 
     fig, (ax_scale, ax_head) = plt.subplots(1, 2, figsize=(13, 4.5))
     history = report["scale_history"]
-    if history:
+    precision = report["run"]["precision"]
+    phases = sorted({e["phase"] for e in report["events"]})
+    if history:  # fp16: the loss scale over steps, events marked at the scale they happened at
         steps, scales = zip(*history)
         ax_scale.step(steps, scales, where="post", label="loss scale")
         ax_scale.set_yscale("log", base=2)
-    phases = sorted({e["phase"] for e in report["events"]})
-    for phase, marker in zip(phases, "ovsx^"):
-        events = [e for e in report["events"] if e["phase"] == phase]
-        y = [e["scale"] if e["scale"] is not None else 1.0 for e in events]
-        ax_scale.scatter([e["step"] for e in events], y, marker=marker, label=f"{phase} overflow", zorder=3)
-    ax_scale.set(xlabel="optimizer step", ylabel="loss scale", title=f"Loss scale ({report['run']['precision']})")
+        for phase, marker in zip(phases, "ovsx^"):
+            events = [e for e in report["events"] if e["phase"] == phase]
+            y = [e["scale"] if e["scale"] is not None else 1.0 for e in events]
+            ax_scale.scatter([e["step"] for e in events], y, marker=marker, label=f"{phase} overflow", zorder=3)
+        ax_scale.set(xlabel="optimizer step", ylabel="loss scale", title=f"Loss scale ({precision})")
+    else:  # bf16 / fp32: no scale to draw; skipped steps over the run, by phase
+        for row, phase in enumerate(phases):
+            steps = [e["step"] for e in report["events"] if e["phase"] == phase]
+            ax_scale.scatter(steps, [row] * len(steps), marker="|", s=200, label=f"{phase} ({len(steps)})")
+        ax_scale.set_yticks(range(len(phases)), phases)
+        title = f"Skipped steps ({precision}): {report['run']['skipped_steps']} of {report['run']['optimizer_steps']}"
+        ax_scale.set(xlabel="optimizer step", title=title)
+        if not phases:
+            ax_scale.text(0.5, 0.5, "no skipped step", ha="center", va="center", transform=ax_scale.transAxes)
     if history or report["events"]:
         ax_scale.legend(loc="best", fontsize=8)
     rows = _lowest_headroom(report, limit)
-    if rows:
-        names = [fqn for fqn, _ in rows][::-1]
-        act = [s["activation_headroom_bits"] or 0.0 for _, s in rows][::-1]
-        grad = [s["grad_headroom_bits"] or 0.0 for _, s in rows][::-1]
+    risky = [(fqn, stats) for fqn, stats in rows if _lowest(stats) < RISKY_HEADROOM_BITS]
+    if risky or (rows and history):
+        shown = risky or rows
+        names = [fqn for fqn, _ in shown][::-1]
+        act = [s["activation_headroom_bits"] or 0.0 for _, s in shown][::-1]
+        grad = [s["grad_headroom_bits"] or 0.0 for _, s in shown][::-1]
         pos = range(len(names))
         ax_head.barh([p + 0.2 for p in pos], act, height=0.4, label="activations")
         ax_head.barh([p - 0.2 for p in pos], grad, height=0.4, label="gradients")
         ax_head.set_yticks(list(pos), names, fontsize=7)
         ax_head.legend(loc="best", fontsize=8)
-    ax_head.set(xlabel="headroom (bits below the format's max)", title="Lowest per-module headroom")
+        ax_head.set(xlabel="headroom (bits below the format's max)", title="Lowest per-module headroom")
+    else:  # the format's range is no risk here: say so, and show what runs in fp32 instead of 120-bit bars
+        lowest = min((_lowest(s) for _, s in rows), default=None)
+        lines = [f"range is no risk in {precision}"]
+        if lowest is not None:
+            lines.append(f"lowest headroom of any module: {lowest:.0f} bits")
+        fp32 = [f"{p['module']} ({p['reason']})" for p in report["promotions"]]
+        lines.append("fp32 modules: " + (", ".join(fp32[:8]) if fp32 else "none"))
+        ax_head.text(0.02, 0.5, "\n".join(lines), va="center", transform=ax_head.transAxes, fontsize=10)
+        ax_head.set_axis_off()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -195,6 +225,8 @@ def render_table(report: dict[str, Any], limit: int = 8) -> Any:
         ", ".join(f"{p['module']} ({p['reason']})" for p in report["promotions"][:limit]) or "none",
     )
     for fqn, s in _lowest_headroom(report, 3):
+        if _lowest(s) >= RISKY_HEADROOM_BITS:
+            continue  # bf16/fp32 headroom is over 100 bits: not worth a line, let alone "low"
         table.add_row(
             f"low headroom: {fqn}",
             f"act {_fmt(s['activation_headroom_bits'])} bits, grad {_fmt(s['grad_headroom_bits'])} bits,"

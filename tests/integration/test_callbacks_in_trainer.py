@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP, LossScaleMonitor, OverflowDiagnostics, PrecisionReport
+from lightning_mp.report import render_table
 from tests.helpers import NaiveLogSumExp, TinyRegressor, TroubleNet, fit, scaled_loader
 
 
@@ -97,6 +98,12 @@ def test_bf16_run_reports_events_and_headroom_without_scaler_fields(tmp_path):
         - torch.log2(torch.tensor(report["modules"]["net.0"]["activation_amax"])).item(),
         rel=1e-4,
     )
+    # 120-odd bits of headroom are no risk: the console table does not call them "low headroom".
+    rows = render_table(report).columns[0]._cells
+    assert not any("low headroom" in row for row in rows) and "optimizer steps / skipped" in rows
+    risky = json.loads(json.dumps(report))
+    risky["modules"]["net.0"]["activation_headroom_bits"] = 3.0  # what an fp16 run near its range looks like
+    assert "low headroom: net.0" in render_table(risky).columns[0]._cells
 
 
 def test_statistics_off_leaves_modules_empty(tmp_path):
