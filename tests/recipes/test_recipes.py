@@ -12,7 +12,7 @@ import pytest
 import soundfile
 import torch
 
-from lightning_mp.cli import compare, compose, main, train
+from lightning_mp.cli import compare, compose, main, train, verdict
 from lightning_mp.recipes.nlp import TextData, generate_sentences, read_text_csv
 from lightning_mp.recipes.speech import SpeechData, load_wav_folder
 from lightning_mp.recipes.speech.model import LogMel
@@ -199,13 +199,33 @@ def test_num_classes_must_match_the_data(tmp_path):
 # ---------------------------------------------------------------------------------------- compare, CLI
 @pytest.mark.slow
 def test_compare_produces_the_table(tmp_path, capsys):
-    rows = compare(["recipe=nlp", "precisions=fp32,bf16", f"output_dir={tmp_path}/run", *COMMON, *TINY["nlp"]])
-    assert [r["precision"] for r in rows] == ["fp32", "bf16"]
+    args = ["recipe=nlp", "precisions=fp32,bf16-mixed", "seeds=2", f"output_dir={tmp_path}/run", *COMMON, *TINY["nlp"]]
+    rows = compare(args)
+    assert [(r["precision"], r["seed"]) for r in rows] == [("fp32", 0), ("fp32", 1), ("bf16", 0), ("bf16", 1)]
+    assert all(r["best_val_acc"] is not None for r in rows), "the best validation accuracy is kept per run"
     table = (tmp_path / "compare" / "compare.md").read_text()
-    assert table.splitlines()[0].startswith("| precision | val acc | vs fp32 |")
-    assert "| fp32 |" in table and "| bf16 |" in table and "+0.000" in table
+    assert table.splitlines()[0].startswith("| precision | seeds | final val acc | vs fp32 | best val acc |")
+    assert "| fp32 | 2 |" in table and "| bf16 | 2 |" in table and "reference" in table and "+-" in table
+    assert "verdict: a precision is within noise of fp32 when" in table
     assert json.loads((tmp_path / "compare" / "compare.json").read_text()) == rows
-    assert "precision comparison" in capsys.readouterr().out
+    assert (tmp_path / "compare" / "fp32" / "seed=1" / "result.json").exists()
+    assert "precision comparison, 2 seed(s) each" in capsys.readouterr().out
+    assert main(["compare", *args]) == 2, "an earlier comparison is not replaced without overwrite=true"
+
+
+def test_the_verdict_follows_its_stated_rule():
+    def runs(accs, bests=None):
+        return [{"val_acc": a, "best_val_acc": b} for a, b in zip(accs, bests or accs)]
+
+    fp32 = runs([0.90, 0.92, 0.94])  # mean 0.92, sd 0.02
+    assert verdict(fp32, fp32) == "reference"
+    assert verdict(runs([0.91, 0.93, 0.95]), fp32) == "within noise of fp32", "+0.01 is inside 2 SE (0.033)"
+    assert verdict(runs([0.80, 0.82, 0.84]), fp32).startswith("differs from fp32: final -0.100")
+    assert verdict(runs([0.92, 0.92, 0.92], [0.70, 0.71, 0.72]), fp32).startswith("differs from fp32: best")
+    assert verdict(runs([0.92]), fp32) == "one seed: no verdict (use seeds=3)"
+    same = runs([1.0, 1.0, 1.0])
+    assert verdict(runs([1.0, 1.0, 1.0]), same) == "within noise of fp32", "no spread, no difference"
+    assert verdict(runs([0.99, 0.99, 0.99]), same).startswith("differs"), "no spread: the 0.005 floor decides"
 
 
 def test_compare_refuses_unknown_precisions(capsys):
