@@ -20,13 +20,11 @@ import os
 import resource
 import subprocess
 import sys
-import time
 import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_MODULE = "lightning_mp.conf"
@@ -118,6 +116,11 @@ def plugin_knob_overrides(overrides: list[str]) -> list[str]:
     override of a knob the code defines (``precision.<AdaptiveMP argument>``, ``precision.scaler.<ScalerConfig
     field>``) is turned into ``++`` (add or override); anything else is left for Hydra, which names it.
     """
+    # Any Trainer argument, as the README promises (trainer.strategy=ddp): always add-or-override; a name the
+    # Trainer does not take is refused when it is built, naming the argument.
+    overrides = [f"++{o}" if o.startswith("trainer.") and "=" in o else o for o in overrides]
+    if not any(o.startswith("precision.") for o in overrides):
+        return overrides  # nothing to look up: do not import Lightning for it
     import dataclasses
     import inspect
 
@@ -125,8 +128,6 @@ def plugin_knob_overrides(overrides: list[str]) -> list[str]:
 
     knobs = {f"precision.{name}" for name in inspect.signature(AdaptiveMP).parameters}
     knobs |= {f"precision.scaler.{field.name}" for field in dataclasses.fields(ScalerConfig)}
-    # Any Trainer argument, as the README promises (trainer.strategy=ddp, trainer.gradient_clip_val=1.0).
-    knobs |= {f"trainer.{name}" for name in inspect.signature(L.Trainer).parameters if name != "self"}
     return [f"++{o}" if o.split("=", 1)[0] in knobs and "=" in o else o for o in overrides]
 
 
@@ -167,15 +168,7 @@ def _validate(cfg: DictConfig) -> None:
 # ------------------------------------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one recipe under one precision; write and return its ``result.json``. Reads top to bottom."""
-    import torch
-    from hydra.utils import instantiate
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
-
-    from lightning_mp.checkpoint import AtomicCheckpointIO
-    from lightning_mp.errors import ConfigError
-
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    output_dir = prepare_output_dir(cfg)
+    output_dir = prepare_output_dir(cfg)  # the checks that need no Lightning come first: a refusal is quick
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":
         ckpt_path = output_dir / "checkpoints" / "last.ckpt"
@@ -183,6 +176,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             raise UsageError(f"ckpt_path=last but {ckpt_path} does not exist; train once without ckpt_path first.")
     elif ckpt_path is not None and not Path(os.path.expanduser(str(ckpt_path))).exists():
         raise UsageError(f"ckpt_path={str(ckpt_path)!r} does not exist.")
+
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_mp.checkpoint import AtomicCheckpointIO
+    from lightning_mp.errors import ConfigError
+    from lightning_mp.run_callbacks import SaveConfig, Throughput
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     _warn_about_devices(cfg)
     data = instantiate(cfg.data)
     model = instantiate(cfg.model)
@@ -387,36 +391,6 @@ def _multirun_job(cfg: DictConfig) -> dict[str, Any]:
         with open_dict(cfg):
             cfg.output_dir = str(Path(str(cfg.output_dir)) / ",".join(f"{k}={mine[k]}" for k in keys if k in mine))
     return train(cfg)
-
-
-class SaveConfig(L.Callback):
-    """Writes the whole composed config, resolved, to the run directory once training starts (after the data
-    and the model were accepted: a refused command leaves an earlier run's ``config.yaml`` as it was)."""
-
-    def __init__(self, cfg: DictConfig, path: Path) -> None:
-        self.cfg, self.path = cfg, path
-
-    def on_train_start(self, trainer, module):
-        if trainer.is_global_zero:
-            self.path.write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
-
-
-class Throughput(L.Callback):
-    """Training samples per second, counting only time spent inside training batches."""
-
-    def __init__(self) -> None:
-        self.samples, self.seconds = 0, 0.0
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.seconds += time.perf_counter() - self._start
-        self.samples += len(batch[0])
-
-    @property
-    def samples_per_second(self) -> float | None:
-        return self.samples / self.seconds if self.seconds else None
 
 
 # ----------------------------------------------------------------------------------------------- compare
@@ -766,13 +740,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(error: BaseException) -> bool:
     from hydra.errors import HydraException
-    from lightning.pytorch.utilities.exceptions import MisconfigurationException
     from omegaconf.errors import OmegaConfBaseException
 
-    user = (
-        UsageError, HydraException, OmegaConfBaseException, MisconfigurationException, ValueError, TypeError,
-        FileNotFoundError,
-    )  # fmt: skip
+    user = (UsageError, HydraException, OmegaConfBaseException, ValueError, TypeError, FileNotFoundError)
+    exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")  # only if Lightning was imported
+    if exceptions is not None:
+        user = (*user, exceptions.MisconfigurationException)
     return isinstance(error, user) and not isinstance(error, TrainingFailed)
 
 

@@ -47,3 +47,25 @@ def test_every_package_folder_is_listed_for_the_wheel():
             parts = init.parent.relative_to(ROOT / root).parts
             found.add(".".join([name, *parts]))
     assert found - set(listed) == set(), "add these to [tool.setuptools] packages and package-dir"
+
+
+def test_public_names_load_on_first_use_and_checking_a_command_line_does_not_import_lightning():
+    """``import lightning_mp`` and the CLI's argument checks stay fast (Lightning costs ~5 s to import on a small
+    CPU): every public name is still there, loaded when first used."""
+    import subprocess
+    import sys
+
+    import lightning_mp
+
+    assert lightning_mp.__all__ == sorted(lightning_mp._EXPORTS)
+    for name in lightning_mp.__all__:
+        assert getattr(lightning_mp, name) is not None, name
+    probe = (
+        "import sys; from lightning_mp.cli import main; "
+        "assert main(['train', 'seed=abc']) == 2; "
+        "assert main(['train', 'reciep=nlp']) == 2; "
+        "print('lightning' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False", "a refused command line imported Lightning"
