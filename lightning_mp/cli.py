@@ -160,9 +160,33 @@ def _validate(cfg: DictConfig) -> None:
         lowest = 2 if key == "num_classes" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
             raise UsageError(f"data.{key}={value!r} is invalid: must be an integer >= {lowest}.")
+    _validate_model(cfg.get("model") or {})
     accumulate = cfg.trainer.get("accumulate_grad_batches")
     if isinstance(accumulate, int) and accumulate < 1:
         raise UsageError(f"trainer.accumulate_grad_batches={accumulate} is invalid: must be an integer >= 1.")
+
+
+# The recipes' model knobs: name -> (lowest allowed, whether the lowest itself is allowed, integer only).
+_MODEL_NUMBERS = {"lr": (0, False, False), "weight_decay": (0, True, False), "warmup_steps": (0, True, True)}
+_NET_INTEGERS = ("dim", "heads", "layers", "width")
+
+
+def _validate_model(model: Any) -> None:
+    """Wrong-typed or out-of-range model knobs are the user's input: refuse them before anything is built
+    (inside ``fit`` they would surface as an optimizer's or a layer's error, with a traceback)."""
+    for key, (lowest, inclusive, integer) in _MODEL_NUMBERS.items():
+        value = model.get(key)
+        if value is None:
+            continue
+        number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+        if not number or value < lowest or (value == lowest and not inclusive):
+            what = "an integer" if integer else "a number"
+            raise UsageError(f"model.{key}={value!r} is invalid: must be {what} {'>=' if inclusive else '>'} {lowest}.")
+    net = model.get("net") or {}
+    for key in _NET_INTEGERS:
+        value = net.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise UsageError(f"model.net.{key}={value!r} is invalid: must be an integer >= 1.")
 
 
 # ------------------------------------------------------------------------------------------------- train
