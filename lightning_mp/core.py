@@ -97,7 +97,6 @@ class PrecisionCore:
         self._clean_losses: deque[list[Tensor]] = deque(maxlen=SPIKE_HISTORY)  # references; read after a promotion
         self._probation_until = 0  # last optimizer step of the spike rule's window (0: no window open)
         self._loss_reference: float | None = None  # median recent loss magnitude before the promotion
-        self._spike_ratio = 0.0
         if self.precision == "16-mixed" and self.scaler is None:
             self.scaler = AdaptiveLossScaler(self.device or default_device(), **options.scaler_knobs)
         if self.precision != "auto":
@@ -254,12 +253,13 @@ class PrecisionCore:
             ``(skipped, what optimizer.step returned)``.
         """
         repeat = self.tracker.note_optimizer(id(optimizer))  # another optimizer already skipped on this batch
-        if self._loss_spiked(optimizer):
+        spike = self._loss_spike(optimizer)
+        if spike is not None:
             if self.scaler is not None:
                 self.scaler.update()  # the gradients were finite: the scale sees a clean iteration
             self.ledger.guard_skipped += 1
             finding = Finding("loss", None, "spike", "float32")
-            self._decide(optimizer, finding, repeat=repeat)
+            self._decide(optimizer, finding, repeat=repeat, action=_spike_action(spike))
             return True, None
         if self.scaler is not None:
             skipped_before = self.scaler.skipped_steps
@@ -306,11 +306,12 @@ class PrecisionCore:
             return Finding("backward", None, "nan", "unknown")
         return self.tracker.attribute(self.model)
 
-    def _decide(self, optimizer: Optimizer, finding: Finding | None, repeat: bool = False) -> None:
+    def _decide(self, optimizer: Optimizer, finding: Finding | None, repeat: bool = False, action: str = "") -> None:
         """After a step: promote a repeatedly blamed module, climb the ladder if due, record the event.
 
         ``repeat``: the batch was already attributed for another optimizer (manual optimization); its step is
-        skipped too, but the bad batch is one event, already recorded.
+        skipped too, but the bad batch is one event, already recorded. ``action``: the event's display text when
+        the typed fields cannot say it (a loss spike); built from them otherwise.
         """
         self._last_step_skipped[id(optimizer)] = finding is not None
         if finding is None:
@@ -341,7 +342,7 @@ class PrecisionCore:
             promoted=promoted,
             escalation=escalation.rung if escalation is not None else None,
             escalated_module=escalation.module if escalation is not None else None,
-            action=self._spike_action(scaler_action) if finding.kind == "spike" else "",
+            action=action,
         )
         if escalation is not None and escalation.rung is Rung.GIVE_UP:
             raise LossScaleFloorError(give_up_message(escalation.reason, self.ledger.events[-5:]))
@@ -349,34 +350,26 @@ class PrecisionCore:
     # --------------------------------------------------------------------------- the spike rule (top)
     def _open_probation(self) -> None:
         """A module was just promoted: judge the next ``promote_window`` steps' losses against the recent ones."""
-        losses = [
-            float(torch.stack([t.float().abs().mean() for t in step]).mean()) for step in self._clean_losses if step
-        ]
+        losses = [_loss_magnitude(step) for step in self._clean_losses if step]
         losses = [v for v in losses if math.isfinite(v)]
         if not losses:
             return  # nothing to compare with (a promotion on the first steps)
         self._loss_reference = median(losses)
         self._probation_until = self.ledger.optimizer_steps + self.options.promote_window
 
-    def _loss_spiked(self, optimizer: Optimizer) -> bool:
-        """On probation after a promotion: is this step's loss finite but SPIKE_FACTOR above the reference?"""
+    def _loss_spike(self, optimizer: Optimizer) -> float | None:
+        """On probation after a promotion: this step's loss over the reference when it is finite but more than
+        SPIKE_FACTOR times it (a spike), else None."""
         if self.ledger.optimizer_steps > self._probation_until or self._loss_reference is None:
-            return False
+            return None
         if self.scaler is not None and optimizer_handles_unscaling(optimizer):
-            return False  # a fused optimizer unscales inside step(): there is no point to skip it cleanly
+            return None  # a fused optimizer unscales inside step(): there is no point to skip it cleanly
         losses = self.tracker.losses
         if not losses:
-            return False
-        value = float(torch.stack([t.float().abs().mean() for t in losses]).mean())  # the one host read
+            return None
+        value = _loss_magnitude(losses)  # the one host read
         reference = max(self._loss_reference, 1e-12)
-        self._spike_ratio = value / reference
-        return math.isfinite(value) and value > SPIKE_FACTOR * reference
-
-    def _spike_action(self, scaler_action: ScaleAction | None) -> str:
-        return (
-            f"skipped as a loss spike: finite, but {self._spike_ratio:.3g}x the median loss before the last"
-            f" promotion (more than {SPIKE_FACTOR:g}x within promote_window steps of a promotion)"
-        )
+        return value / reference if math.isfinite(value) and value > SPIKE_FACTOR * reference else None
 
     def _promote_blamed(self, finding: Finding) -> str | None:
         """Blame layers, never bad batches or bad losses; a backward overflow only when scaling cannot help."""
@@ -477,6 +470,18 @@ class PrecisionCore:
             self.scaler.load_state_dict(scaler_state)
         if self.model is not None:
             self.fallback.load_state_dict(self.model, state_dict.get("promotions", ()), self.device)
+
+
+def _loss_magnitude(losses: list[Tensor]) -> float:
+    """Mean magnitude of a step's losses (one per backward pass), read on the host."""
+    return float(torch.stack([t.float().abs().mean() for t in losses]).mean())
+
+
+def _spike_action(ratio: float) -> str:
+    return (
+        f"skipped as a loss spike: finite, but {ratio:.3g}x the median loss before the last"
+        f" promotion (more than {SPIKE_FACTOR:g}x within promote_window steps of a promotion)"
+    )
 
 
 def _escalate_in_core(scaler: AdaptiveLossScaler) -> None:
