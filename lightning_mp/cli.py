@@ -734,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(command_help(topic) if topic in ("train", "compare") else USAGE)
         except BrokenPipeError:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            _reader_left()
         return 0
     _quiet_known_noise()
     try:
@@ -751,8 +751,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lightning-mp: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `lightning-mp ls | head`: the reader left; not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:
+        _reader_left()
         return 0
     except Exception as error:  # noqa: BLE001 - user input errors become one line; others keep their trace
         if not _is_user_error(error) or os.environ.get("LIGHTNING_MP_DEBUG"):
@@ -760,6 +760,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lightning-mp: error: {_one_line(error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _reader_left() -> None:
+    """``lightning-mp ls | head``: the reader closed the pipe. Not an error; send what is left of the output
+    (and Python's flush at exit) to /dev/null instead of a BrokenPipe traceback."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _is_user_error(error: BaseException) -> bool:
