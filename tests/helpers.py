@@ -138,7 +138,9 @@ class NaiveLogSumExp(nn.Module):
         return torch.log(torch.exp(self.k * x).sum(dim=-1, keepdim=True))
 
 
-class _Explode(torch.autograd.Function):
+class Explode(torch.autograd.Function):
+    """Identity in the forward; multiplies the gradient by ``factor`` in the backward (a backward overflow)."""
+
     @staticmethod
     def forward(ctx, x, factor):
         ctx.factor = factor
@@ -158,7 +160,7 @@ class ExplodingBackward(nn.Module):
         self.factor = factor
 
     def forward(self, x):
-        return _Explode.apply(x * self.gain, self.factor)
+        return Explode.apply(x * self.gain, self.factor)
 
 
 class TroubleNet(TinyRegressor):

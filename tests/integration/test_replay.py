@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP, ScaleAction
-from tests.helpers import line_of, trainer
+from tests.helpers import Explode, line_of, trainer
 
 WIDTH, TOKENS = 8, 4
 
@@ -145,16 +145,6 @@ def test_a_single_nan_loss_is_one_loss_event_and_nothing_is_promoted():
     assert plugin.scaler.get_scale() >= 256.0, "a bad loss is not a scaling problem"
 
 
-class Exploding(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * 1e6  # the exploding backward line
-
-
 class ExplodingTransformer(Transformer):
     """A custom autograd function after block 0 blows the gradient up on chosen steps."""
 
@@ -165,7 +155,7 @@ class ExplodingTransformer(Transformer):
     def forward(self, x):
         h = self.blocks[0](self.embed(x))
         if self.global_step in self.explode_steps:
-            h = Exploding.apply(h)
+            h = Explode.apply(h, 1e6)
         return self.head(self.blocks[1](h)).mean(dim=1)
 
 
@@ -175,7 +165,7 @@ def test_a_backward_overflow_names_the_operation_its_module_and_the_line():
     run(plugin, ExplodingTransformer(steps={2}))
     [event] = plugin.overflow_events
     assert (event.phase, event.op, event.kind, event.reproduced) == ("backward", "aten::mul", "inf", True)
-    assert event.source == f"test_replay.py:{line_of(Exploding.backward, 'the exploding backward line')}"
+    assert event.source == f"helpers.py:{line_of(Explode.backward, 'grad * ctx.factor')}"
     assert event.module is None, "the custom function runs in the LightningModule's own forward"
     assert event.scaler_action is not ScaleAction.EXCUSED, "a backward overflow is the scale's business"
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lightning_mp.replay import OpTracer
-from tests.helpers import line_of
+from tests.helpers import Explode, line_of
 
 
 class Scores(nn.Module):
@@ -71,16 +71,6 @@ def test_a_constant_is_charged_to_the_operation_that_writes_it_into_data():
     assert birth.source == f"test_replay.py:{line_of(poisoned, 'the write')}"
 
 
-class Blowup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")  # the backward line
-
-
 class Exp(nn.Module):
     def forward(self, x):
         return torch.exp(x)  # the exp line
@@ -115,12 +105,12 @@ def test_a_custom_backward_names_its_own_line():
     model = nn.Linear(4, 4)
     tracer = OpTracer(model, stop_frame=sys._getframe())
     with tracer:
-        loss = Blowup.apply(model(torch.randn(2, 4))).sum()
+        loss = Explode.apply(model(torch.randn(2, 4)), float("inf")).sum()
         with tracer.backward_pass():
             loss.backward()
     birth = tracer.origin_of([model.weight.grad], backward=True)
     assert (birth.op, birth.kind) == ("aten::mul", "inf")
-    assert birth.source == f"test_replay.py:{line_of(Blowup.backward, 'the backward line')}"
+    assert birth.source == f"helpers.py:{line_of(Explode.backward, 'grad * ctx.factor')}"
 
 
 def test_the_gradient_of_a_cast_is_charged_to_the_module_that_produced_the_input():
