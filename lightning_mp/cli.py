@@ -169,6 +169,7 @@ def _validate(cfg: DictConfig) -> None:
 # The recipes' model knobs: name -> (lowest allowed, whether the lowest itself is allowed, integer only).
 _MODEL_NUMBERS = {"lr": (0, False, False), "weight_decay": (0, True, False), "warmup_steps": (0, True, True)}
 _NET_INTEGERS = ("dim", "heads", "layers", "width")
+_MODEL_CHOICES = {"lr_schedule": ("cosine", "constant")}  # as recipes.common.LR_SCHEDULES (not imported: slow)
 
 
 def _validate_model(model: Any) -> None:
@@ -182,6 +183,10 @@ def _validate_model(model: Any) -> None:
         if not number or value < lowest or (value == lowest and not inclusive):
             what = "an integer" if integer else "a number"
             raise UsageError(f"model.{key}={value!r} is invalid: must be {what} {'>=' if inclusive else '>'} {lowest}.")
+    for key, allowed in _MODEL_CHOICES.items():
+        value = model.get(key)
+        if value is not None and value not in allowed:
+            raise UsageError(f"model.{key}={value!r} is invalid: must be one of {', '.join(allowed)}.")
     net = model.get("net") or {}
     for key in _NET_INTEGERS:
         value = net.get(key)

@@ -88,6 +88,7 @@ def test_scaler_knobs_reach_the_scaler():
         (["data.batch_size=0"], "data.batch_size=0 is invalid"),
         (["model.lr=abc"], "model.lr='abc' is invalid: must be a number > 0."),
         (["model.warmup_steps=-1"], "model.warmup_steps=-1 is invalid: must be an integer >= 0."),
+        (["model.lr_schedule=linear"], "model.lr_schedule='linear' is invalid: must be one of cosine, constant."),
         (["model.net.width=0"], "model.net.width=0 is invalid: must be an integer >= 1."),
         (["precision.stats=most"], "AdaptiveMP(stats='most') is invalid"),
         (["precision.fp32_modules=[encoderr.*]", "experiment=quick"], "match no module"),
