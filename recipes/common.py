@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -73,7 +74,9 @@ class Classifier(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = self.trainer.estimated_stepping_batches if self.hparams.lr_schedule == "cosine" else math.inf
+        # Read when the warm-up ends, not here: asking Lightning for the step count inside configure_optimizers
+        # sets up the train loader before a resumed run restores its mid-epoch position (the batches differ).
+        total = (lambda: self.trainer.estimated_stepping_batches) if self.hparams.lr_schedule == "cosine" else math.inf
         factor = lr_factor(warmup_steps=self.hparams.warmup_steps, total_steps=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -82,17 +85,22 @@ class Classifier(L.LightningModule):
 LR_SCHEDULES = ("cosine", "constant")
 
 
-def lr_factor(warmup_steps: int, total_steps: float):
+def lr_factor(warmup_steps: int, total_steps: float | Callable[[], float]) -> Callable[[int], float]:
     """The learning-rate multiplier per optimizer step: linear warm-up over ``warmup_steps``, then a half cosine
-    from 1 to 0 at ``total_steps`` (constant when ``total_steps`` is infinite, as with ``max_epochs=-1``)."""
+    from 1 to 0 at ``total_steps`` (constant when it is infinite, as with ``max_epochs=-1``). A callable
+    ``total_steps`` is asked once, when the warm-up ends."""
     warmup = max(warmup_steps, 1)
+    known: list[float] = [] if callable(total_steps) else [total_steps]
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        if not math.isfinite(total_steps) or total_steps <= warmup:
+        if not known:
+            known.append(float(total_steps()))
+        total = known[0]
+        if not math.isfinite(total) or total <= warmup:
             return 1.0
-        progress = min(1.0, (step - warmup) / (total_steps - warmup))
+        progress = min(1.0, (step - warmup) / (total - warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor

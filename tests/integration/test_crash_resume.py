@@ -35,6 +35,7 @@ RUN = [
     "callbacks.early_stopping=null",
     "callbacks.progress_bar=null",
     "logger=csv",
+    "model.warmup_steps=5",  # the cosine decay runs (and is resumed) inside the 30 steps
 ]
 TIMEOUT = 240
 

@@ -13,6 +13,7 @@ import soundfile
 import torch
 
 from lightning_mp.cli import compare, compose, main, train, verdict
+from lightning_mp.recipes.common import lr_factor
 from lightning_mp.recipes.nlp import TextData, generate_sentences, read_text_csv
 from lightning_mp.recipes.speech import SpeechData, load_wav_folder
 from lightning_mp.recipes.speech.model import LogMel
@@ -45,6 +46,22 @@ def test_resume_from_last_checkpoint_continues(tmp_path):
     train(compose(args))  # one epoch: 3 steps
     result = train(compose([*args, "trainer.max_epochs=2", "ckpt_path=last"]))
     assert result["optimizer_steps"] == 6, "the step count continues from the checkpoint (3 + 3)"
+
+
+def test_the_learning_rate_warms_up_then_follows_torchs_cosine_to_zero_at_the_last_step():
+    asked = []
+    factor = lr_factor(warmup_steps=4, total_steps=lambda: asked.append(1) or 20)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0] and asked == []  # read after warm-up only
+    param = torch.nn.Parameter(torch.zeros(1))
+    reference = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.SGD([param], lr=1.0), T_max=16)
+    expected = []
+    for _ in range(17):
+        expected.append(reference.get_last_lr()[0])
+        reference.step()
+    assert [factor(s) for s in range(4, 21)] == pytest.approx(expected, abs=1e-12)
+    assert factor(20) == pytest.approx(0.0, abs=1e-12) and asked == [1]  # asked once
+    assert factor(10_000) == pytest.approx(0.0, abs=1e-12)  # past the end: stays at zero
+    assert lr_factor(warmup_steps=4, total_steps=float("inf"))(100) == 1.0  # no end known: constant
 
 
 def test_speech_frontend_overflows_fp16_and_is_promoted():
