@@ -18,8 +18,9 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_mp.ledger import EventWarnings, ScaleHistory
 from lightning_mp.plugin import adaptive_plugin as _plugin
-from lightning_mp.report import build_report, render_table, write_report
+from lightning_mp.report import build_report, headroom_metrics, render_table, run_metrics, write_report
 
 __all__ = ["LossScaleMonitor", "OverflowDiagnostics", "PrecisionReport", "attach_default_callbacks"]
 
@@ -42,26 +43,24 @@ class LossScaleMonitor(pl.Callback):
     def __init__(self, max_points: int = 4096) -> None:
         if not isinstance(max_points, int) or max_points < 2:
             raise ValueError(f"LossScaleMonitor: max_points={max_points!r} is invalid: an integer >= 2.")
-        self.max_points = max_points
-        self.scale_history: list[tuple[int, float]] = []
-        self._stride = 1
-        self._latest: tuple[int, float] | None = None
+        self.scales = ScaleHistory(max_points)
         self._steps_seen = 0
 
+    @property
+    def max_points(self) -> int:
+        return self.scales.max_points
+
+    @property
+    def scale_history(self) -> list[tuple[int, float]]:
+        """The kept points (``history()`` adds the latest step when it fell between them)."""
+        return self.scales.kept
+
     def record(self, step: int, scale: float) -> None:
-        self._latest = (step, scale)
-        if step % self._stride:
-            return
-        self.scale_history.append((step, scale))
-        if len(self.scale_history) > self.max_points:
-            self._stride *= 2
-            self.scale_history = [p for p in self.scale_history if p[0] % self._stride == 0]
+        self.scales.record(step, scale)
 
     def history(self) -> list[tuple[int, float]]:
         """The kept points, ending with the latest step seen."""
-        if self._latest is not None and (not self.scale_history or self.scale_history[-1] != self._latest):
-            return [*self.scale_history, self._latest]
-        return list(self.scale_history)
+        return self.scales.points()
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
@@ -73,30 +72,15 @@ class LossScaleMonitor(pl.Callback):
         if scale is not None:
             self.record(step, scale)
         if step % max(trainer.log_every_n_steps, 1) == 0:
-            metrics = {
-                "precision/skipped_steps": plugin.skipped_steps,
-                "precision/overflow_events": sum(plugin.overflow_counts.values()),
-                "precision/fp32_modules": len(plugin.fp32_modules),
-            }
-            if scale is not None:
-                metrics["precision/loss_scale"] = scale
-            _log(trainer, metrics)
+            _log(trainer, run_metrics(plugin))
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "scale_history": [list(p) for p in self.scale_history],
-            "stride": self._stride,
-            "latest": list(self._latest) if self._latest is not None else None,
-            "steps_seen": self._steps_seen,
-        }
+        return {**self.scales.state_dict(), "steps_seen": self._steps_seen}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.scale_history = [tuple(p) for p in state_dict.get("scale_history", [])]
-        self._stride = state_dict.get("stride", 1)
-        latest = state_dict.get("latest")
-        self._latest = tuple(latest) if latest is not None else None
+        self.scales.load_state_dict(state_dict)
         self._steps_seen = state_dict.get("steps_seen", 0)
 
 
@@ -111,8 +95,7 @@ class OverflowDiagnostics(pl.Callback):
 
     def __init__(self, top_k: int = 10) -> None:
         self.top_k = top_k
-        self._warned: set[tuple] = set()  # (phase, module, operation, line) already told
-        self._last_seq = 0  # sequence number of the newest event looked at (the event buffer is bounded)
+        self._warnings = EventWarnings()
         self._samples_seen = 0
 
     @override
@@ -120,26 +103,13 @@ class OverflowDiagnostics(pl.Callback):
         plugin = _plugin(trainer)
         if plugin is None:
             return
-        for event in plugin.ledger.events_after(self._last_seq):
-            self._last_seq = event.seq
-            key = (event.phase, event.module, event.op, event.source)
-            if (event.module is not None or event.op is not None) and key not in self._warned:
-                self._warned.add(key)
-                rank_zero_warn(f"lightning-mp: step {event.step}: {event.where}; action: {event.action}.")
+        for message in self._warnings.new(plugin.ledger):
+            rank_zero_warn(message)
         samples = plugin.statistics.samples_taken
         if samples == self._samples_seen:
             return
         self._samples_seen = samples
-        summary = plugin.statistics.summary(plugin.stats_dtype)
-
-        def lowest(item: tuple[str, dict[str, float]]) -> float:
-            return min(item[1]["activation_headroom_bits"], item[1]["grad_headroom_bits"])
-
-        metrics = {}
-        for fqn, stats in sorted(summary.items(), key=lowest)[: self.top_k]:
-            metrics[f"precision/headroom_bits/{fqn}"] = lowest((fqn, stats))
-            metrics[f"precision/underflow/{fqn}"] = stats["underflow_fraction"]
-        metrics = {k: v for k, v in metrics.items() if v == v and abs(v) != float("inf")}
+        metrics = headroom_metrics(plugin.statistics.summary(plugin.stats_dtype), self.top_k)
         if metrics:
             _log(trainer, metrics)
 

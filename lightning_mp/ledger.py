@@ -17,7 +17,7 @@ from typing import Any
 from lightning_mp.attribution import Finding, Kind, Phase
 from lightning_mp.scaling import ScaleAction
 
-__all__ = ["OverflowEvent", "Rung", "RunLedger"]
+__all__ = ["EventWarnings", "OverflowEvent", "Rung", "RunLedger", "ScaleHistory"]
 
 
 class Rung(str, Enum):
@@ -168,3 +168,70 @@ class RunLedger:
         self._events.extend(events)
         self.counts = dict(state.get("overflow_counts", {}))
         self.last_seq = int(state.get("last_seq", events[-1].seq if events else 0))
+
+
+class ScaleHistory:
+    """A bounded ``(step, scale)`` history of the loss scale, for the report's plot.
+
+    Args:
+        max_points: the most points kept. The history starts with every optimizer step; when it would exceed
+            this, every other point is dropped and from then on only every second (fourth, ...) step is
+            recorded, so memory stays bounded on any run length with an even resolution over the whole run.
+            ``points()`` always ends with the latest step.
+    """
+
+    def __init__(self, max_points: int = 4096) -> None:
+        if not isinstance(max_points, int) or isinstance(max_points, bool) or max_points < 2:
+            raise ValueError(f"max_points={max_points!r} is invalid: must be an integer >= 2.")
+        self.max_points = max_points
+        self.kept: list[tuple[int, float]] = []
+        self._stride = 1
+        self._latest: tuple[int, float] | None = None
+
+    def record(self, step: int, scale: float) -> None:
+        self._latest = (step, scale)
+        if step % self._stride:
+            return
+        self.kept.append((step, scale))
+        if len(self.kept) > self.max_points:
+            self._stride *= 2
+            self.kept = [p for p in self.kept if p[0] % self._stride == 0]
+
+    def points(self) -> list[tuple[int, float]]:
+        """The kept points, ending with the latest step recorded."""
+        if self._latest is not None and (not self.kept or self.kept[-1] != self._latest):
+            return [*self.kept, self._latest]
+        return list(self.kept)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scale_history": [list(p) for p in self.kept],
+            "stride": self._stride,
+            "latest": list(self._latest) if self._latest is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.kept = [tuple(p) for p in state.get("scale_history", [])]
+        self._stride = state.get("stride", 1)
+        latest = state.get("latest")
+        self._latest = tuple(latest) if latest is not None else None
+
+
+class EventWarnings:
+    """The warning text for each new place a step went non-finite, once per place (phase, module, operation,
+    line): ``step 7: blocks.1.attn: aten::softmax in float16 produced inf (model.py:67); action: skipped``."""
+
+    def __init__(self) -> None:
+        self._told: set[tuple] = set()
+        self._last_seq = 0  # the newest event looked at (the ledger's buffer is bounded: ask by number)
+
+    def new(self, ledger: RunLedger) -> list[str]:
+        """Messages for the ledger's events not looked at yet whose place was not told before."""
+        messages = []
+        for event in ledger.events_after(self._last_seq):
+            self._last_seq = event.seq
+            key = (event.phase, event.module, event.op, event.source)
+            if (event.module is not None or event.op is not None) and key not in self._told:
+                self._told.add(key)
+                messages.append(f"lightning-mp: step {event.step}: {event.where}; action: {event.action}.")
+        return messages

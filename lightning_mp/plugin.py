@@ -13,7 +13,6 @@ from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.fabric.utilities.types import Optimizable
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
@@ -26,19 +25,17 @@ from typing_extensions import override
 
 from lightning_mp._compat import after_closure, muted_step_counting, optimizer_handles_unscaling
 from lightning_mp.core import PrecisionCore, first_line
-from lightning_mp.fallback import Promotion
-from lightning_mp.ledger import OverflowEvent, RunLedger
 from lightning_mp.options import PluginOptions
 from lightning_mp.precision import PrecisionName, cpu_has_native_bf16, resolve_auto_precision
 from lightning_mp.replay import ReplayDone
 from lightning_mp.scaling import AdaptiveLossScaler
 from lightning_mp.schedulers import skip_aware
-from lightning_mp.statistics import ModuleStatistics
+from lightning_mp.shell import CoreView
 
 __all__ = ["AdaptiveMP", "adaptive_plugin", "cpu_has_native_bf16", "resolve_auto_precision"]
 
 
-class AdaptiveMP(Precision):
+class AdaptiveMP(CoreView, Precision):
     """Mixed precision for Lightning: adaptive loss scaling, a non-finite guard, attribution and fp32 fallback.
 
     Use as ``Trainer(plugins=[AdaptiveMP()])`` and do not also pass ``Trainer(precision=...)``.
@@ -108,80 +105,18 @@ class AdaptiveMP(Precision):
         self._trainer: pl.Trainer | None = None
         self._attached: list[pl.Callback] = []  # the default callbacks this plugin added to the Trainer
 
-    # ------------------------------------------------------------------------------ state, read-only
-    @property
-    def precision(self) -> str:  # type: ignore[override]
-        """The precision in force: ``"auto"`` until setup resolves it; ``"bf16-mixed"`` after a switch."""
-        return self.core.precision
-
-    @property
-    def device(self) -> str | None:
-        return self.core.device
-
-    @property
-    def scaler(self) -> AdaptiveLossScaler | None:
-        return self.core.scaler
-
-    @scaler.setter
-    def scaler(self, scaler: AdaptiveLossScaler | None) -> None:
-        self.core.scaler = scaler
-
-    @property
-    def ledger(self) -> RunLedger:
-        """Optimizer steps, skipped steps and overflow events of this run (what callbacks and reports read)."""
-        return self.core.ledger
-
-    @property
-    def statistics(self) -> ModuleStatistics:
-        """Per-module headroom and underflow sampled so far."""
-        return self.core.statistics
-
-    @property
-    def optimizer_steps(self) -> int:
-        """Optimizer steps attempted so far, skipped ones included."""
-        return self.core.ledger.optimizer_steps
-
-    @property
-    def skipped_steps(self) -> int:
-        """Optimizer steps skipped for non-finite gradients, whatever the precision."""
-        return self.core.skipped_steps
-
-    @property
-    def overflow_events(self) -> list[OverflowEvent]:
-        """Non-finite events, oldest first (the last ``max_events``)."""
-        return self.core.ledger.events
-
-    @property
-    def overflow_counts(self) -> dict[str, int]:
-        """Events per phase over the whole run (never truncated)."""
-        return dict(self.core.ledger.counts)
-
-    @property
-    def fp32_modules(self) -> list[str]:
-        """Fully qualified names of the modules running in fp32 now (static, default and promoted)."""
-        return list(self.core.fallback.promotions)
-
-    @property
-    def promotions(self) -> list[Promotion]:
-        """Why each module in ``fp32_modules`` runs in fp32."""
-        return list(self.core.fallback.promotions.values())
-
-    @property
-    def options(self) -> PluginOptions:
-        """The knobs this plugin was built with (``plugin.options.stats_every``, ...)."""
-        return self.core.options
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        """``torch.float16`` / ``torch.bfloat16`` under mixed precision, ``None`` for fp32."""
-        return self.core.autocast_dtype
-
-    @property
-    def stats_dtype(self) -> torch.dtype:
-        """The format headroom and underflow are judged against: the autocast dtype, fp32 without one."""
-        return self.core.stats_dtype
-
     # ------------------------------------------------------------------------------------------ setup
+    @override
+    def convert_module(self, module: Module) -> Module:
+        # Every Trainer strategy calls this with the LightningModule, already attached to its Trainer. Anything
+        # else is Fabric (whose hooks this class does not implement): say which class to use there.
+        if _trainer_of(_unwrap(module)) is None:
+            raise TypeError(
+                "lightning_mp.AdaptiveMP is the Trainer plugin; with Lightning Fabric use"
+                " `from lightning_mp.fabric import AdaptiveMP` (the same knobs): Fabric(plugins=[AdaptiveMP()])."
+            )
+        return module
+
     @override
     def connect(
         self, model: Module, optimizers: list[Optimizer], lr_schedulers: list[Any]

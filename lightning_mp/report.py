@@ -28,7 +28,16 @@ from typing import Any
 SCHEMA = "lightning-mp/precision-report/1"
 MAX_POINTS = 2000
 
-__all__ = ["SCHEMA", "build_report", "render_markdown", "render_png", "render_table", "write_report"]
+__all__ = [
+    "SCHEMA",
+    "build_report",
+    "headroom_metrics",
+    "run_metrics",
+    "render_markdown",
+    "render_png",
+    "render_table",
+    "write_report",
+]
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -72,6 +81,33 @@ def build_report(plugin: Any, scale_history: list[tuple[int, float]]) -> dict[st
         "promotions": [vars(p).copy() for p in plugin.promotions],
         "modules": modules,
     }
+
+
+def run_metrics(plugin: Any) -> dict[str, float]:
+    """The run's figures under their logged names: ``precision/skipped_steps``, ``precision/overflow_events``,
+    ``precision/fp32_modules`` and, with a scaler, ``precision/loss_scale`` (a host float: no device sync)."""
+    metrics = {
+        "precision/skipped_steps": plugin.skipped_steps,
+        "precision/overflow_events": sum(plugin.overflow_counts.values()),
+        "precision/fp32_modules": len(plugin.fp32_modules),
+    }
+    if plugin.scaler is not None:
+        metrics["precision/loss_scale"] = plugin.scaler.get_scale()
+    return metrics
+
+
+def headroom_metrics(summary: dict[str, dict[str, float]], top_k: int) -> dict[str, float]:
+    """``precision/headroom_bits/<fqn>`` (lowest of activation and gradient) and ``precision/underflow/<fqn>``
+    for the ``top_k`` modules with the least headroom in a statistics ``summary``; finite values only."""
+
+    def lowest(item: tuple[str, dict[str, float]]) -> float:
+        return min(item[1]["activation_headroom_bits"], item[1]["grad_headroom_bits"])
+
+    metrics = {}
+    for fqn, stats in sorted(summary.items(), key=lowest)[:top_k]:
+        metrics[f"precision/headroom_bits/{fqn}"] = lowest((fqn, stats))
+        metrics[f"precision/underflow/{fqn}"] = stats["underflow_fraction"]
+    return {k: v for k, v in metrics.items() if v == v and abs(v) != float("inf")}
 
 
 def _lowest_headroom(report: dict[str, Any], limit: int) -> list[tuple[str, dict[str, Any]]]:

@@ -1,0 +1,97 @@
+"""``CoreView``: what every shell of the core shows its users, read-only.
+
+``AdaptiveMP`` (the Trainer plugin, ``plugin.py``) and ``lightning_mp.fabric.AdaptiveMP`` (the Fabric plugin)
+each hold one :class:`~.core.PrecisionCore` as ``self.core`` and drive it from their framework's hooks; the
+callbacks, the report and the CLI read a run through these properties, whichever shell ran it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_mp.core import PrecisionCore
+from lightning_mp.fallback import Promotion
+from lightning_mp.ledger import OverflowEvent, RunLedger
+from lightning_mp.options import PluginOptions
+from lightning_mp.scaling import AdaptiveLossScaler
+from lightning_mp.statistics import ModuleStatistics
+
+__all__ = ["CoreView"]
+
+
+class CoreView:
+    """Read-only properties over ``self.core`` (the public names of DESIGN.md's API)."""
+
+    core: PrecisionCore
+
+    @property
+    def precision(self) -> str:  # type: ignore[override]
+        """The precision in force: ``"auto"`` until setup resolves it; ``"bf16-mixed"`` after a switch."""
+        return self.core.precision
+
+    @property
+    def device(self) -> str | None:
+        return self.core.device
+
+    @property
+    def scaler(self) -> AdaptiveLossScaler | None:
+        return self.core.scaler
+
+    @scaler.setter
+    def scaler(self, scaler: AdaptiveLossScaler | None) -> None:
+        self.core.scaler = scaler
+
+    @property
+    def ledger(self) -> RunLedger:
+        """Optimizer steps, skipped steps and overflow events of this run (what callbacks and reports read)."""
+        return self.core.ledger
+
+    @property
+    def statistics(self) -> ModuleStatistics:
+        """Per-module headroom and underflow sampled so far."""
+        return self.core.statistics
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps attempted so far, skipped ones included."""
+        return self.core.ledger.optimizer_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps skipped for non-finite gradients, whatever the precision."""
+        return self.core.skipped_steps
+
+    @property
+    def overflow_events(self) -> list[OverflowEvent]:
+        """Non-finite events, oldest first (the last ``max_events``)."""
+        return self.core.ledger.events
+
+    @property
+    def overflow_counts(self) -> dict[str, int]:
+        """Events per phase over the whole run (never truncated)."""
+        return dict(self.core.ledger.counts)
+
+    @property
+    def fp32_modules(self) -> list[str]:
+        """Fully qualified names of the modules running in fp32 now (static, default and promoted)."""
+        return list(self.core.fallback.promotions)
+
+    @property
+    def promotions(self) -> list[Promotion]:
+        """Why each module in ``fp32_modules`` runs in fp32."""
+        return list(self.core.fallback.promotions.values())
+
+    @property
+    def options(self) -> PluginOptions:
+        """The knobs this plugin was built with (``plugin.options.stats_every``, ...)."""
+        return self.core.options
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """``torch.float16`` / ``torch.bfloat16`` under mixed precision, ``None`` for fp32."""
+        return self.core.autocast_dtype
+
+    @property
+    def stats_dtype(self) -> torch.dtype:
+        """The format headroom and underflow are judged against: the autocast dtype, fp32 without one."""
+        return self.core.stats_dtype
