@@ -37,6 +37,9 @@ Lightning
     ``lightning.fabric.plugins.precision.amp._optimizer_handles_unscaling``
         whether an optimizer (``fused=True``) unscales inside its own ``step``; it reads torch's private
         ``_step_supports_amp_scaling`` flag. Lightning's own ``MixedPrecision`` uses the same helper.
+    ``lightning.fabric.plugins.precision.utils._convert_fp_tensor``
+        how Fabric's ``MixedPrecision`` casts floating-point inputs and outputs; the Fabric plugin casts with it
+        so that its numerics stay Fabric's bit for bit if Lightning changes the rule.
     ``Precision._after_closure``
         the base-class step that runs ``on_before_optimizer_step`` and gradient clipping; ``MixedPrecision``
         calls it the same way, between unscaling and the optimizer step.
@@ -53,6 +56,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
+from lightning.fabric.plugins.precision.utils import _convert_fp_tensor
 from lightning.pytorch.plugins.precision import Precision
 from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -94,6 +98,11 @@ foreach_non_finite_check_and_unscale_ = torch._amp_foreach_non_finite_check_and_
 def optimizer_handles_unscaling(optimizer: Any) -> bool:
     """Whether ``optimizer.step`` unscales the gradients itself (fused optimizers)."""
     return _optimizer_handles_unscaling(optimizer)
+
+
+def convert_fp_tensor(tensor: torch.Tensor, dst_type: torch.dtype) -> torch.Tensor:
+    """A floating-point tensor in ``dst_type`` (others unchanged), as Fabric's ``MixedPrecision`` casts."""
+    return _convert_fp_tensor(tensor, dst_type)
 
 
 def after_closure(plugin: Precision, model: Any, optimizer: Any) -> None:

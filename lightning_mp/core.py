@@ -207,8 +207,11 @@ class PrecisionCore:
         self.tracker.observe_loss(loss)
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
-    def run_closure(self, closure: Callable[[], Any]) -> Any:
-        """Run the closure; a low-precision kernel failure promotes its module to fp32 and retries."""
+    def run_closure(self, closure: Callable[[], Any], training: bool = True) -> Any:
+        """Run the closure; a low-precision kernel failure promotes its module to fp32 and retries.
+
+        ``training=False`` (an evaluation forward) leaves the buffers alone: nothing to undo there.
+        """
         while True:
             try:
                 return closure()
@@ -217,7 +220,7 @@ class PrecisionCore:
                     raise
                 # The failed forward may have updated BatchNorm: undo it, unless that would also undo the clean
                 # micro-batches before it in an accumulated step.
-                if self._micro_batches == 1:
+                if training and self._micro_batches == 1:
                     self.buffers.restore()
 
     def promote_after_kernel_error(self, error: BaseException) -> bool:

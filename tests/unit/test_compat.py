@@ -71,6 +71,12 @@ def test_cpu_capability_query_exists():
     assert isinstance(_compat.cpu_capability(), dict) and _compat.cpu_capability()
 
 
+def test_fabric_casts_floating_point_tensors_only():
+    half = _compat.convert_fp_tensor(torch.ones(2), dst_type=torch.float16)
+    assert half.dtype == torch.float16
+    assert _compat.convert_fp_tensor(torch.ones(2, dtype=torch.long), dst_type=torch.float16).dtype == torch.long
+
+
 def test_optimizer_unscaling_flag_is_read_the_way_lightning_does():
     param = torch.nn.Parameter(torch.ones(2))
     assert _compat.optimizer_handles_unscaling(torch.optim.Adam([param], fused=True))

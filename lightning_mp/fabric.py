@@ -1,0 +1,262 @@
+"""``AdaptiveMP`` for Lightning Fabric: the same :class:`~.core.PrecisionCore` as the Trainer plugin, under
+Fabric's precision hooks.
+
+The name follows Fabric's own convention (``lightning.fabric.plugins.MixedPrecision`` next to
+``lightning.pytorch.plugins.MixedPrecision``)::
+
+    from lightning_mp.fabric import AdaptiveMP
+
+    amp = AdaptiveMP("16-mixed")
+    fabric = Fabric(accelerator="cuda", plugins=[amp])
+    model, optimizer = fabric.setup(model, optimizer)
+    for batch in loader:
+        loss = loss_fn(model(batch))          # the first forward after a step begins the next step
+        fabric.backward(loss)                 # the scaled loss (fp16); any number per step (accumulation)
+        optimizer.step()                      # unscale, guard, step or skip, attribute, promote
+        optimizer.zero_grad()
+        fabric.log_dict(amp.metrics())        # loss scale, skipped steps, headroom (what the callbacks log)
+    amp.report("reports/")                    # precision_report.{json,md,png}
+    fabric.save("ckpt.pt", {"model": model, "optimizer": optimizer, "amp": amp})  # state round-trips
+
+When nothing goes wrong the numerics are Fabric's ``MixedPrecision``: the same autocast, the same casts of the
+inputs and outputs, the same scale / unscale / step order, so the weights match it bit for bit.
+
+What differs from the Trainer plugin, because Fabric runs the user's loop: a bad step is attributed by the
+cheap attribution and the forward probe, not replayed (there is no ``training_step`` to run again); one model
+per plugin (``fabric.setup`` once); there are no callbacks, so :meth:`AdaptiveMP.metrics` and
+:meth:`AdaptiveMP.report` give what they would log and write, and a step's warning (where it went non-finite,
+once per place) is issued from ``optimizer.step()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Generator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.precision import Precision
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
+from lightning.fabric.utilities.types import Optimizable
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from torch.nn import Module
+from torch.optim import LBFGS, Optimizer
+from typing_extensions import override
+
+from lightning_mp._compat import convert_fp_tensor, optimizer_handles_unscaling
+from lightning_mp.core import PrecisionCore
+from lightning_mp.ledger import EventWarnings, ScaleHistory
+from lightning_mp.options import PluginOptions
+from lightning_mp.precision import PrecisionName
+from lightning_mp.report import build_report, headroom_metrics, render_table, run_metrics, write_report
+from lightning_mp.scaling import AdaptiveLossScaler
+from lightning_mp.shell import CoreView
+
+__all__ = ["AdaptiveMP"]
+
+
+class AdaptiveMP(CoreView, Precision):
+    """Mixed precision for Lightning Fabric: adaptive loss scaling, a non-finite guard, attribution and fp32
+    fallback. Use as ``Fabric(plugins=[AdaptiveMP(...)])`` and do not also pass ``Fabric(precision=...)``.
+
+    The arguments are those of the Trainer's :class:`lightning_mp.AdaptiveMP` (see there), without
+    ``attach_callbacks`` (Fabric has no callbacks), ``sharded_gradients`` and ``replay`` (see the module
+    docstring).
+    """
+
+    def __init__(
+        self,
+        precision: PrecisionName = "auto",
+        device: str | None = None,
+        scaler: AdaptiveLossScaler | None = None,
+        fp32_modules: Any = (),
+        auto_fallback: bool = True,
+        *,
+        fp32_defaults: bool = True,
+        guard_nonfinite: bool = True,
+        promote_after: int = 2,
+        promote_window: int = 100,
+        watch_steps: int = 20,
+        max_consecutive_skips: int = 50,
+        max_events: int = 10_000,
+        stats: str = "cheap",
+        stats_every: int = 25,
+    ) -> None:
+        options = PluginOptions(
+            precision, device, scaler, fp32_modules, auto_fallback, fp32_defaults, guard_nonfinite, promote_after,
+            promote_window, watch_steps, max_consecutive_skips, max_events, stats, stats_every,
+            attach_callbacks=False, sharded_gradients=False, replay=False,
+        )  # fmt: skip
+        self.core = PrecisionCore(options)
+        self.scales = ScaleHistory()  # the loss scale per optimizer step, for the report's plot
+        self._warnings = EventWarnings()
+        self._module: Module | None = None  # the model given to fabric.setup; the core takes it at first use
+        self._set_up = False
+        self._step_open = False  # this optimizer step has begun (its first training forward or backward ran)
+        self._micro_open = False  # a micro-batch's forward ran and its backward has not yet
+        self._unscaled: set[int] = set()  # optimizers unscaled in this step (fabric.clip_gradients does it)
+
+    # ------------------------------------------------------------------------------------------ setup
+    @override
+    def convert_module(self, module: Module) -> Module:
+        # Fabric calls this before it moves the model to its device: the core takes the model (and resolves
+        # "auto" from its device) at its first use, when the parameters are where they train.
+        if self._module is not None and self._module is not module:
+            raise ValueError(
+                "lightning_mp.fabric.AdaptiveMP drives one model per Fabric, but fabric.setup was called with a"
+                f" second one ({type(module).__name__}); set up one nn.Module that holds every trained network."
+            )
+        self._module = module
+        self._wrap_forward(module)
+        return module
+
+    def _ensure_set_up(self) -> None:
+        if not self._set_up and self._module is not None:
+            self._set_up = True
+            self.core.setup(self._module)
+
+    def _wrap_forward(self, module: Module) -> None:
+        """A low-precision kernel that raises in the forward promotes its module to fp32 and the forward runs
+        again (the Trainer plugin retries the closure; Fabric has none)."""
+        if "forward" in module.__dict__:
+            return  # already ours (a second setup of the same model), or the user's own instance attribute
+        original = module.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self.core.run_closure(lambda: original(*args, **kwargs), training=self._training())
+
+        module.forward = forward
+
+    @override
+    def teardown(self) -> None:
+        if self._module is not None:
+            self._module.__dict__.pop("forward", None)
+        self.core.teardown()
+
+    # -------------------------------------------------------------------------------------- forward
+    def _training(self) -> bool:
+        return torch.is_grad_enabled() and self._module is not None and self._module.training
+
+    def _begin_micro_step(self) -> None:
+        if not self._step_open:
+            self.core.start_step()
+            self._step_open = True
+        if not self._micro_open:
+            self.core.start_micro_step()
+            self._micro_open = True
+
+    @override
+    @contextlib.contextmanager
+    def forward_context(self) -> Generator[None, None, None]:
+        self._ensure_set_up()
+        if self._training():
+            self._begin_micro_step()
+        with self.core.autocast():
+            yield
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        """Floating-point inputs in the autocast dtype, as Fabric's ``MixedPrecision`` does; observed in training
+        (a value the cast turned into inf is an ``input`` event)."""
+        self._ensure_set_up()
+        dtype = self.core.autocast_dtype
+        if dtype is not None:
+            data = apply_to_collection(data, function=convert_fp_tensor, dtype=Tensor, dst_type=dtype)
+        if self._training():
+            self.core.observe_input(data)
+        return data
+
+    @override
+    def convert_output(self, data: Any) -> Any:
+        if self.core.autocast_dtype is None:
+            return data
+        return apply_to_collection(data, function=convert_fp_tensor, dtype=Tensor, dst_type=torch.get_default_dtype())
+
+    # ------------------------------------------------------------------------------------- backward
+    @override
+    def backward(self, tensor: Tensor, model: Module | None, *args: Any, **kwargs: Any) -> None:
+        self._ensure_set_up()
+        if not self._step_open:
+            self._begin_micro_step()  # a backward with no forward through the Fabric model in this step
+        super().backward(self.core.scale_loss(tensor), model, *args, **kwargs)
+        self._micro_open = False  # the next training forward is the next micro-batch
+
+    @override
+    def unscale_gradients(self, optimizer: Optimizer) -> None:
+        """What ``fabric.clip_gradients`` calls first: unscale once per step (then statistics are sampled)."""
+        if self.core.scaler is not None and optimizer_handles_unscaling(optimizer):
+            raise NotImplementedError("Gradient clipping is not implemented for optimizers handling the unscaling.")
+        self._unscale(optimizer)
+
+    def _unscale(self, optimizer: Optimizer) -> None:
+        if id(optimizer) not in self._unscaled:
+            self._unscaled.add(id(optimizer))
+            self.core.unscale(optimizer, handles_unscaling=optimizer_handles_unscaling(optimizer))
+
+    @override
+    def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
+        self._ensure_set_up()
+        if isinstance(optimizer, LBFGS):
+            if self.core.scaler is not None:
+                raise TypeError("AMP and the LBFGS optimizer are not compatible.")
+            return super().optimizer_step(optimizer, **kwargs)  # re-evaluates its closure: nothing to guard
+        if not self._step_open:
+            self.core.start_step()
+        closure = kwargs.pop("closure", None)
+        try:
+            if closure is not None:
+                with torch.enable_grad():
+                    self.core.run_closure(closure)
+            self._unscale(optimizer)
+            _, output = self.core.step(optimizer, **kwargs)
+            return output
+        finally:
+            self.core.end_step()
+            self._step_open = self._micro_open = False
+            self._unscaled.discard(id(optimizer))
+            if self.core.scaler is not None:
+                self.scales.record(self.core.ledger.optimizer_steps, self.core.scaler.get_scale())
+            for message in self._warnings.new(self.core.ledger):
+                rank_zero_warn(message)
+
+    def step_was_skipped(self, optimizer: Optimizer) -> bool:
+        """Whether the last ``optimizer.step()`` was skipped: step your LR scheduler only when it was not."""
+        return self.core.step_was_skipped(getattr(optimizer, "optimizer", optimizer))
+
+    # -------------------------------------------------------------------------------- what it reports
+    def metrics(self, top_k: int = 10) -> dict[str, float]:
+        """What the Trainer's callbacks log, for ``fabric.log_dict(amp.metrics())``: ``precision/loss_scale``,
+        ``precision/skipped_steps``, ``precision/overflow_events``, ``precision/fp32_modules`` and, once
+        statistics were sampled, ``precision/headroom_bits/<fqn>`` and ``precision/underflow/<fqn>`` for the
+        ``top_k`` modules with the least headroom. Host numbers only: no device sync."""
+        metrics = run_metrics(self)
+        if self.core.statistics.samples_taken:
+            metrics.update(headroom_metrics(self.core.statistics.summary(self.stats_dtype), top_k))
+        return metrics
+
+    def report(self, directory: str | Path = ".", console: bool = False) -> dict[str, Path]:
+        """Write ``precision_report.{json,md,png}`` into ``directory`` (what the Trainer's ``PrecisionReport``
+        writes at the end of fit); print the summary table with ``console=True``. Returns the paths."""
+        document = build_report(self, self.scales.points())
+        paths = write_report(document, directory)
+        if console:
+            from rich.console import Console
+
+            Console().print(render_table(document))
+        return paths
+
+    # ------------------------------------------------------------------------------------- checkpoint
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.core.state_dict(), "scale_history": self.scales.state_dict()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._ensure_set_up()  # promotions apply to the model: it must be the core's first
+        self.core.load_state_dict(state_dict)
+        self.scales.load_state_dict(state_dict.get("scale_history", {}))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(precision={self.precision!r}, device={self.device!r}, scaler={self.scaler!r})"
