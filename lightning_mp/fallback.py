@@ -78,7 +78,16 @@ def by_name(*patterns: str) -> ModuleFilter:
     for p in patterns:
         if not isinstance(p, str) or not p:
             raise ValueError(f"by_name({p!r}) is invalid: expected non-empty fqn glob patterns.")
-    return lambda module, fqn: any(fnmatch.fnmatchcase(fqn, p) for p in patterns)
+    return lambda module, fqn: any(_name_matches(fqn, p) for p in patterns)
+
+
+def _name_matches(fqn: str, pattern: str) -> bool:
+    """``pattern`` matches the fqn, or the fqn as written without ``torch.compile``'s ``_orig_mod`` level
+    (``net.0`` selects ``net._orig_mod.0`` of ``self.net = torch.compile(...)``)."""
+    if fnmatch.fnmatchcase(fqn, pattern):
+        return True
+    plain = ".".join(part for part in fqn.split(".") if part != "_orig_mod")
+    return plain != fqn and fnmatch.fnmatchcase(plain, pattern)
 
 
 def _entries(spec: Any) -> list[Any]:
@@ -115,7 +124,16 @@ def pattern_misses(spec: Any, model: nn.Module) -> list[str]:
     """Glob patterns in ``spec`` that match no module of ``model`` (usually a typo)."""
     items = _entries(spec)
     names = [fqn for fqn, _ in model.named_modules() if fqn]
-    return [p for p in items if isinstance(p, str) and not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    return [p for p in items if isinstance(p, str) and not any(_name_matches(n, p) for n in names)]
+
+
+def prefixed_suggestions(pattern: str, model: nn.Module) -> list[str]:
+    """``child.<pattern>`` for each direct child of ``model`` under which ``pattern`` matches a module: what a
+    pattern written against the user's own network (``transformer.h.*.attn``) means inside the LightningModule
+    that holds it (``model.transformer.h.*.attn``)."""
+    names = [fqn for fqn, _ in model.named_modules() if fqn]
+    children = [name for name, _ in model.named_children()]
+    return [f"{c}.{pattern}" for c in children if any(_name_matches(n, f"{c}.{pattern}") for n in names)]
 
 
 def _to_fp32(value: Any) -> Any:
@@ -285,9 +303,12 @@ class FallbackManager:
             if misses:
                 names = [fqn for fqn, _ in model.named_modules() if fqn]
                 shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
+                hints = [hint for miss in misses for hint in prefixed_suggestions(miss, model)]
+                hint = f" Did you mean {', '.join(hints)}? " if hints else " "
                 raise ConfigError(
                     f"AdaptiveMP(fp32_modules=...) pattern(s) {misses} match no module of"
-                    f" {type(model).__name__}; its modules are: {shown}."
+                    f" {type(model).__name__}.{hint}Names are relative to the model given to the plugin (the"
+                    f" LightningModule); its modules are: {shown}."
                 )
             for fqn in apply_fp32(model, self.filter, device_type):
                 self.promotions[fqn] = Promotion(fqn, "static")
