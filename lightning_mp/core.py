@@ -40,6 +40,7 @@ from lightning_mp.attribution import Finding, OverflowTracker, is_kernel_error, 
 from lightning_mp.buffers import BufferSnapshot
 from lightning_mp.escalation import Escalation, EscalationLadder, give_up_message
 from lightning_mp.fallback import FallbackManager
+from lightning_mp.hooks import eager
 from lightning_mp.ledger import Rung, RunLedger
 from lightning_mp.options import PluginOptions
 from lightning_mp.precision import AUTOCAST_DTYPES, autocast, default_device, resolve_auto_precision
@@ -173,6 +174,16 @@ class PrecisionCore:
         device = self.device or "cpu"
         precision = resolve_auto_precision(device) if self.precision == "auto" else self.precision
         return autocast(device, precision)
+
+    def training_context(self) -> contextlib.AbstractContextManager:
+        """The context of a training micro-step's forward: autocast, and eager execution of compiled code while
+        statistics or attribution hooks are armed (compiled code would not run them; see ``hooks.eager``)."""
+        if not (self.statistics.active or self.tracker.hooked):
+            return self.autocast()
+        stack = contextlib.ExitStack()
+        stack.enter_context(eager())
+        stack.enter_context(self.autocast())
+        return stack
 
     def start_micro_step(self) -> None:
         self._begin_batch_if_due()

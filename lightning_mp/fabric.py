@@ -151,9 +151,12 @@ class AdaptiveMP(CoreView, Precision):
     @contextlib.contextmanager
     def forward_context(self) -> Generator[None, None, None]:
         self._ensure_set_up()
-        if self._training():
-            self._begin_micro_step()
-        with self.core.autocast():
+        if not self._training():
+            with self.core.autocast():
+                yield
+            return
+        self._begin_micro_step()
+        with self.core.training_context():
             yield
 
     @override

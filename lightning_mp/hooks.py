@@ -2,16 +2,23 @@
 
 Attribution (execution order, the forward probe) and the statistics all hook every submodule for a while and
 must leave nothing behind; this is the one place that keeps the handles.
+
+Compiled code does not run hooks added after it was compiled (dynamo does not guard on module hooks:
+its ``skip_nnmodule_hook_guards`` setting), and guarding on them would recompile at every sample.
+So a step whose hooks are armed runs its forward eagerly (:func:`eager`): compiled models get the same
+statistics and attribution, and the number of compiled graphs stays that of a run without us.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
-__all__ = ["HookSet"]
+__all__ = ["HookSet", "eager"]
 
 HookKind = Literal["forward_pre", "forward", "forward_with_kwargs"]
 
@@ -49,3 +56,14 @@ class HookSet:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+@contextlib.contextmanager
+def eager() -> Iterator[None]:
+    """Run ``torch.compile``d code eagerly inside this context (torch >= 2.6; a no-op before)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield

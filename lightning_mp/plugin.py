@@ -195,7 +195,7 @@ class AdaptiveMP(CoreView, Precision):
     @contextlib.contextmanager
     def train_step_context(self) -> Generator[None, None, None]:
         self.core.start_micro_step()
-        with self.core.autocast():
+        with self.core.training_context():
             yield
 
     @override

@@ -52,6 +52,7 @@ from lightning_mp._compat import (
     node_sequence_nr,
 )
 from lightning_mp.attribution import Finding, Kind, Phase, floating
+from lightning_mp.hooks import eager
 
 __all__ = ["Birth", "OpTracer", "ReplayDone", "StepReplay"]
 
@@ -320,7 +321,7 @@ class StepReplay:
             torch.set_rng_state(self._rng[0])
             if self._rng[1] is not None:
                 torch.cuda.set_rng_state(self._rng[1])
-            with _eager(), autocast, tracer:
+            with eager(), autocast, tracer:
                 for run in self._runs:
                     run(backward)
         except ReplayDone:
@@ -336,14 +337,3 @@ class StepReplay:
             if rng[1] is not None:
                 torch.cuda.set_rng_state(rng[1])
         return result[0] if result else None
-
-
-@contextlib.contextmanager
-def _eager() -> Iterator[None]:
-    """``torch.compile``d code runs eagerly during a replay (the tracer must see every operation)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
-    if set_stance is None:
-        yield
-        return
-    with set_stance("force_eager"):
-        yield
