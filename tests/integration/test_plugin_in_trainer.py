@@ -50,6 +50,42 @@ def test_fp16_weights_bitwise_equal_lightning_mixed_precision(model_cls, trainer
     assert same_weights(ours, ref)
 
 
+class CompiledNet(TinyRegressor):
+    """The network compiled inside the LightningModule, as users write it (``aot_eager``: dynamo's graphs and
+    guards with eager numerics, so weights compare bitwise)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.net = torch.compile(self.net, backend="aot_eager")
+
+
+class CompiledManual(ManualRegressor):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.net = torch.compile(self.net, backend="aot_eager")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("model_cls", "trainer_kwargs"),
+    [
+        (CompiledNet, {"accumulate_grad_batches": 2}),
+        (CompiledNet, {"gradient_clip_val": 0.01}),
+        (CompiledNet, {"gradient_clip_val": 0.05, "gradient_clip_algorithm": "value"}),
+        (CompiledManual, {}),
+        (lambda: CompiledNet(optimizer="fused_adam"), {}),
+    ],
+    ids=["accumulation", "clip-norm", "clip-value", "manual-optimization", "fused-adam"],
+)
+def test_compiled_combinations_bitwise_equal_lightning_mixed_precision(model_cls, trainer_kwargs):
+    torch._dynamo.reset()
+    ours, ours_trainer = fit(classic_fp16(), model_cls=model_cls, max_steps=9, **trainer_kwargs)
+    ref, ref_trainer = fit(lightning_fp16(), model_cls=model_cls, max_steps=9, **trainer_kwargs)
+    assert ours_trainer.precision_plugin.scaler.get_scale() == ref_trainer.precision_plugin.scaler.get_scale()
+    assert ours_trainer.precision_plugin.skipped_steps > 0, "the runs must have skipped steps"
+    assert same_weights(ours, ref)
+
+
 def test_clipping_sees_unscaled_gradients():
     # With SGD and clipping to norm 0.01, every applied step moves the weights by exactly lr * 0.01
     # (the raw gradients are far larger). Clipping scaled gradients would move them by ~0.01 / scale.
@@ -149,6 +185,18 @@ def test_scheduler_does_not_advance_on_a_skipped_step(precision):
     assert ours_sched.last_epoch == 6 - t.precision_plugin.skipped_steps == 5
     assert ours_sched.get_last_lr() == [pytest.approx(0.1 * 0.5**5)]
     assert "_step_was_skipped" not in ours_sched.state_dict(), "the wrapper must not leak into checkpoints"
+
+
+def test_with_accumulation_a_bad_step_is_one_event_and_the_schedule_waits():
+    # Four optimizer steps of two micro-batches each; NaN losses in the micro-batches of global step 1.
+    plugin = plugin_without_natural_overflows("bf16-mixed")
+    model, t = fit(
+        plugin, model_cls=lambda: TinyRegressor(poison_steps={1}, scheduler="step"), data=loader(samples=32),
+        accumulate_grad_batches=2, max_steps=4,
+    )  # fmt: skip
+    assert plugin.optimizer_steps == 4 and plugin.skipped_steps == 1
+    assert [e.step for e in plugin.overflow_events] == [2]  # one event for the whole accumulated step
+    assert t.lr_scheduler_configs[0].scheduler.last_epoch == 3  # stepped after the three applied steps only
 
 
 def resumable_plugin():
