@@ -15,7 +15,8 @@ torch
         pass and read on the sync ``_maybe_opt_step`` already does; the scale lives on the host. A public
         re-implementation of GradScaler would cost a second sync per step.
     ``torch._amp_foreach_non_finite_check_and_unscale_``
-        the fused check-and-unscale kernel GradScaler itself uses; no public equivalent.
+        the fused check-and-unscale kernel GradScaler itself uses; no public equivalent. The bf16/fp32 guard
+        runs it with a factor of 1: one multi-tensor kernel instead of a reduction per gradient.
     ``Tensor._values()`` of an uncoalesced sparse gradient
         what GradScaler unscales in place; the public ``values()`` requires a coalesced tensor (a copy).
     ``torch.utils._pytree.tree_leaves``
