@@ -43,8 +43,13 @@ def models() -> dict:
         "BERT": (
             lambda: transformers.BertForSequenceClassification(
                 transformers.BertConfig(
-                    vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=128, max_position_embeddings=64, num_labels=4,
+                    vocab_size=512,
+                    hidden_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    intermediate_size=128,
+                    max_position_embeddings=64,
+                    num_labels=4,
                 )  # fmt: skip
             ),
             "labels",
@@ -52,8 +57,13 @@ def models() -> dict:
         "ViT": (
             lambda: transformers.ViTForImageClassification(
                 transformers.ViTConfig(
-                    image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                    intermediate_size=128, num_labels=4,
+                    image_size=32,
+                    patch_size=8,
+                    hidden_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=2,
+                    intermediate_size=128,
+                    num_labels=4,
                 )  # fmt: skip
             ),
             "pixels",
