@@ -212,3 +212,31 @@ def test_a_second_model_is_refused_with_a_clear_message():
     fabric.setup(Net())
     with pytest.raises(ValueError, match="one model per Fabric"):
         fabric.setup(Net())
+
+
+def test_two_optimizers_on_one_backward_skip_together_as_one_event():
+    """The GAN shape in Fabric: one forward and backward, then two optimizers over disjoint parameters."""
+    data = batches(4)
+
+    def loop(plugin, poison=()):
+        torch.manual_seed(0)
+        net = Net()
+        fabric = Fabric(accelerator="cpu", devices=1, plugins=[plugin])
+        first = torch.optim.AdamW([*net.inp.parameters(), *net.norm.parameters()], lr=1e-2)
+        second = torch.optim.AdamW(net.head.parameters(), lr=1e-2)
+        model, first, second = fabric.setup(net, first, second)
+        for i, (x, y) in enumerate(data):
+            loss = F.mse_loss(model(x), y)
+            fabric.backward(loss * float("nan") if i in poison else loss)
+            first.step()
+            second.step()
+            first.zero_grad()
+            second.zero_grad()
+        return net
+
+    amp = AdaptiveMP("bf16-mixed")
+    ours = loop(amp, poison={1})
+    data = data[:1] + data[2:]  # the reference never sees the bad batch
+    reference = loop(MixedPrecision("bf16-mixed", "cpu"))
+    assert same_state(ours, reference)
+    assert amp.skipped_steps == 2 and len(amp.overflow_events) == 1  # both optimizers skipped, one event
