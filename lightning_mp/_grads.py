@@ -107,7 +107,8 @@ def gradients_nonfinite(optimizer: Optimizer, sharded: bool = False) -> bool:
     ``sharded``) are checked shard by shard, and the ranks agree on the flag before anyone skips.
     """
     applied = optimizer_grads(optimizer)
-    grads = [g for g in map(local, applied) if g.numel()]
+    plain = all(type(g) is torch.Tensor for g in applied)  # no DTensor shards: skip the per-tensor lookups
+    grads = [g for g in (applied if plain else map(local, applied)) if g.numel()]
     if not grads:
         return False
     device = grads[0].device
@@ -119,6 +120,6 @@ def gradients_nonfinite(optimizer: Optimizer, sharded: bool = False) -> bool:
             foreach_non_finite_check_and_unscale_(tensors, found, one)
         if found is not flag:
             flag += found.to(device)
-    if sharded or is_sharded(applied):
+    if sharded or (not plain and is_sharded(applied)):
         all_reduce(flag)
     return bool(flag.item())
