@@ -56,9 +56,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
-from lightning.fabric.plugins.precision.utils import _convert_fp_tensor
-from lightning.pytorch.plugins.precision import Precision
 from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -98,16 +95,22 @@ foreach_non_finite_check_and_unscale_ = torch._amp_foreach_non_finite_check_and_
 
 def optimizer_handles_unscaling(optimizer: Any) -> bool:
     """Whether ``optimizer.step`` unscales the gradients itself (fused optimizers)."""
+    from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling  # Lightning loads on first use
+
     return _optimizer_handles_unscaling(optimizer)
 
 
 def convert_fp_tensor(tensor: torch.Tensor, dst_type: torch.dtype) -> torch.Tensor:
     """A floating-point tensor in ``dst_type`` (others unchanged), as Fabric's ``MixedPrecision`` casts."""
+    from lightning.fabric.plugins.precision.utils import _convert_fp_tensor
+
     return _convert_fp_tensor(tensor, dst_type)
 
 
-def after_closure(plugin: Precision, model: Any, optimizer: Any) -> None:
+def after_closure(plugin: Any, model: Any, optimizer: Any) -> None:
     """Lightning's ``on_before_optimizer_step`` hook and gradient clipping, as ``MixedPrecision`` runs them."""
+    from lightning.pytorch.plugins.precision import Precision
+
     Precision._after_closure(plugin, model, optimizer)
 
 

@@ -122,11 +122,11 @@ def plugin_knob_overrides(overrides: list[str]) -> list[str]:
     if not any(o.startswith("precision.") for o in overrides):
         return overrides  # nothing to look up: do not import Lightning for it
     import dataclasses
-    import inspect
 
-    from lightning_mp import AdaptiveMP, ScalerConfig
+    from lightning_mp.options import PluginOptions  # AdaptiveMP's knobs, without importing Lightning
+    from lightning_mp.scaling.policy import ScalerConfig
 
-    knobs = {f"precision.{name}" for name in inspect.signature(AdaptiveMP).parameters}
+    knobs = {f"precision.{field.name}" for field in dataclasses.fields(PluginOptions)}
     knobs |= {f"precision.scaler.{field.name}" for field in dataclasses.fields(ScalerConfig)}
     return [f"++{o}" if o.split("=", 1)[0] in knobs and "=" in o else o for o in overrides]
 
@@ -617,9 +617,9 @@ def list_configs() -> dict[str, list[tuple[str, str]]]:
 def command_help(command: str) -> str:
     """``lightning-mp train --help`` / ``compare --help``: the groups and the knobs most runs change."""
     import dataclasses
-    import inspect
 
-    from lightning_mp import AdaptiveMP, ScalerConfig
+    from lightning_mp.options import PluginOptions  # AdaptiveMP's knobs, without importing Lightning
+    from lightning_mp.scaling.policy import ScalerConfig
 
     if command == "compare":
         head = [
@@ -644,7 +644,7 @@ def command_help(command: str) -> str:
         if group == "hydra/launcher" and command != "train":
             continue
         lines.append(f"  {group + ':':16}" + ", ".join(name for name, _ in entries))
-    adaptive = [n for n in inspect.signature(AdaptiveMP).parameters if n not in ("precision", "device", "scaler")]
+    adaptive = [f.name for f in dataclasses.fields(PluginOptions) if f.name not in ("precision", "device", "scaler")]
     scaler = [f.name for f in dataclasses.fields(ScalerConfig)]
     lines += [
         "  precision also takes Lightning's names: 32-true, bf16-mixed, 16-mixed, 32, 16",

@@ -34,3 +34,13 @@ def test_derived_values():
     assert options.scaler_knobs == {"growth_interval": 5}
     assert PluginOptions(scaler=AdaptiveLossScaler("cpu")).scaler_knobs == {}
     assert PluginOptions().device_type is None
+
+
+def test_the_options_are_exactly_the_plugins_arguments_in_order():
+    """The CLI lists and accepts AdaptiveMP's knobs from PluginOptions (no Lightning import): they must agree."""
+    import dataclasses
+    import inspect
+
+    from lightning_mp import AdaptiveMP
+
+    assert [f.name for f in dataclasses.fields(PluginOptions)] == list(inspect.signature(AdaptiveMP).parameters)
