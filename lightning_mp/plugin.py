@@ -239,6 +239,7 @@ class AdaptiveMP(CoreView, Precision):
         if isinstance(optimizer, LBFGS) or (self.scaler is None and not self.core.options.guard_nonfinite):
             # Lightning's own path. LBFGS re-evaluates the closure inside step(): there is no point between
             # backward and the update where a guard could look, so bf16/fp32 LBFGS runs unguarded, as in Lightning.
+            self.core.start_step()  # counted here too: statistics sample on every stats_every-th step
             try:
                 return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
             finally:

@@ -299,9 +299,12 @@ class HooksDuringTraining(L.Callback):
 )
 def test_the_unguarded_path_ends_its_steps_too(kwargs, optimizer):
     """Lightning's own step path (guard off, LBFGS) kept the execution-order hooks on every module for the whole
-    run and one batch's observations per step, forever."""
-    plugin, watch = AdaptiveMP("32-true", **kwargs), HooksDuringTraining()
+    run and one batch's observations per step, forever; and it did not count its steps, so the statistics
+    sampled every one of them (step 0 % stats_every == 0) at a cost of ~10 ms per step on a small GPT-2."""
+    plugin, watch = AdaptiveMP("32-true", stats_every=5, **kwargs), HooksDuringTraining()
     fit(plugin, model_cls=lambda: TinyRegressor(optimizer=optimizer), data=loader(samples=80), max_steps=20,
         callbacks=[watch])  # fmt: skip
     assert watch.hooked[1:] == [False] * 19, "the order is recorded on the first step only"
     assert len(plugin.core.tracker._input_sums) <= 2, "at most one batch's input flags are kept"
+    assert plugin.optimizer_steps == 20
+    assert plugin.statistics.samples_taken == 4  # steps 5, 10, 15, 20
