@@ -99,9 +99,12 @@ def main(argv: list[str] | None = None) -> dict:
         "AdaptiveMP": lambda every: AdaptiveMP(precision, stats_every=every),
     }
     runs: dict[str, list[dict]] = {name: [] for name in variants}
-    for r in range(args.rounds):
-        for name in list(variants)[r % 2 :] + list(variants)[: r % 2]:
-            runs[name].append(fit(variants[name], args.steps, args.every, args.backend))
+    try:
+        for r in range(args.rounds):
+            for name in list(variants)[r % 2 :] + list(variants)[: r % 2]:
+                runs[name].append(fit(variants[name], args.steps, args.every, args.backend))
+    finally:
+        torch._logging.set_logs()  # back to torch's defaults (a test process goes on)
     print(
         f"torch.compile(backend={args.backend!r}) Transformer, {precision}, {args.steps} steps, statistics every"
         f" {args.every} steps, {args.rounds} round(s), {args.threads} thread(s)"

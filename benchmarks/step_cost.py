@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", nargs="*", default=None, help="rows to run, e.g. --models GPT-2")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 2, 10
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"{precision} against {ref_name}, {args.rounds} rounds x {args.steps} steps, {args.threads} thread(s)")
     rows = []
     for model_name, (make_model, kind) in models().items():
+        if args.models is not None and model_name not in args.models:
+            continue
         diffs: dict[str, list[float]] = {n: [] for n in names[1:]}
         ratios: dict[str, list[float]] = {n: [] for n in names[1:]}
         base = []

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from benchmarks import overhead, scaler_real, scaler_streams, versions
+from benchmarks import compiled, overhead, scaler_real, scaler_streams, step_cost, versions
 from lightning_mp import AdaptiveMP
 
 
@@ -33,6 +33,25 @@ def test_overhead_quick_measures_ratios_against_lightning():
     again = rows[0]["ratio"]
     assert all(math.isfinite(r["ratio"]) for r in rows)
     assert all(r["noise"] == pytest.approx(max(abs(again - 1), 1e-4)) for r in rows)
+
+
+@pytest.mark.slow
+def test_compiled_quick_counts_graphs_and_sees_statistics_of_the_compiled_model():
+    result = compiled.main(["--quick"])
+    ours, lightning = result["runs"]["AdaptiveMP"][-1], result["runs"]["Lightning"][-1]
+    assert ours["graphs"] == lightning["graphs"] >= 1 and ours["recompiles"] == lightning["recompiles"] == 0
+    assert ours["samples"] > 0 and ours["modules_with_activations"] > 0
+    assert math.isfinite(result["mean_ratio"])
+
+
+@pytest.mark.slow
+def test_step_cost_quick_reports_microseconds_for_every_variant():
+    pytest.importorskip("transformers")
+    rows = step_cost.main(["--quick", "--models", "GPT-2"])
+    assert [r["variant"] for r in rows] == [
+        "again", "AdaptiveMP default", "AdaptiveMP guard off", "AdaptiveMP stats off",
+    ]  # fmt: skip
+    assert all(r["model"] == "GPT-2" and math.isfinite(r["us"]) and r["step_ms"] > 0 for r in rows)
 
 
 @pytest.mark.slow
