@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import tempfile
 
-import lightning as L
 import torch
 from lightning.pytorch.plugins import MixedPrecision, Precision
 
-from benchmarks.overhead import Task, Timer, Transformer, data
-from lightning_mp import AdaptiveMP, PrecisionReport
+from benchmarks.overhead import Task, Transformer, data, timed_fit
+from lightning_mp import AdaptiveMP
 from lightning_mp.precision import cpu_has_native_bf16
 
 
@@ -45,25 +43,13 @@ def fit(make_plugin, steps: int, every: int, backend: str) -> dict:
     counter = RecompileCounter()
     logger = logging.getLogger("torch._dynamo")
     logger.addHandler(counter)
-    timer = Timer()
     plugin = make_plugin(every)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        plugins=[plugin],
-        default_root_dir=tempfile.mkdtemp(prefix="lmp-compiled-"),
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer, PrecisionReport(console=False)],
-    )
     try:
-        trainer.fit(torch.compile(Task(Transformer()), backend=backend), data("transformer", steps))
+        module = torch.compile(Task(Transformer()), backend=backend)
+        all_times = timed_fit(plugin, module, data("transformer", steps), steps)
     finally:
         logger.removeHandler(counter)
-    times = timer.times[5:]  # the first steps compile
+    times = all_times[5:]  # the first steps compile
     result = {
         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
         "recompiles": counter.count,

@@ -106,24 +106,31 @@ def data(kind: str, batches: int, batch_size: int = 32, seq: int = 64) -> DataLo
     return DataLoader(TensorDataset(x, torch.randint(0, 10, (n,), generator=gen)), batch_size=batch_size)
 
 
-def step_time(make_plugin, make_net, kind: str, steps: int, warmup: int, accelerator="cpu", batch_size=32) -> float:
-    torch.manual_seed(0)
+def timed_fit(plugin, module: L.LightningModule, loader, max_steps: int, accelerator="cpu", report=True) -> list[float]:
+    """Fit ``module`` under ``plugin`` with nothing but a step timer (and, with ``report``, a quiet
+    ``PrecisionReport``, written at the end of fit, outside the timed steps); returns every step's time."""
     timer = Timer()
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=1,
-        plugins=[make_plugin()],
-        default_root_dir=tempfile.mkdtemp(prefix="lmp-overhead-"),  # the report goes here, not into the repo
-        max_steps=steps + warmup,
+        plugins=[plugin],
+        default_root_dir=tempfile.mkdtemp(prefix="lmp-bench-"),  # the report goes here, not into the repo
+        max_steps=max_steps,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        # The report is written at the end of fit, outside the timed steps; keep the console quiet.
-        callbacks=[timer, PrecisionReport(console=False)],
+        callbacks=[timer, PrecisionReport(console=False)] if report else [timer],
     )
-    trainer.fit(Task(make_net()), data(kind, steps + warmup, batch_size))
-    return statistics.median(timer.times[warmup:])
+    trainer.fit(module, loader)
+    return timer.times
+
+
+def step_time(make_plugin, make_net, kind: str, steps: int, warmup: int, accelerator="cpu", batch_size=32) -> float:
+    torch.manual_seed(0)
+    module = Task(make_net())
+    times = timed_fit(make_plugin(), module, data(kind, steps + warmup, batch_size), steps + warmup, accelerator)
+    return statistics.median(times[warmup:])
 
 
 def compare(name, kind, make_net, variants, rounds, steps, warmup, **run) -> list[dict]:

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 
-import lightning as L
 import torch
 from torch import nn
 
-from benchmarks.overhead import Task, Timer, Transformer, cnn, data, mlp
+from benchmarks.overhead import Task, Transformer, cnn, data, mlp, timed_fit
 from lightning_mp import AdaptiveMP
 from lightning_mp.precision import cpu_has_native_bf16
 
@@ -49,22 +47,11 @@ class PoisonedTask(Task):
 def ratios(precision: str, make_net, kind: str, steps: int, every: int, replay: bool) -> tuple[float, int]:
     """(median bad step / median clean step, events reproduced) for one run."""
     torch.manual_seed(0)
-    timer, plugin = Timer(), AdaptiveMP(precision, replay=replay, attach_callbacks=False)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        plugins=[plugin],
-        default_root_dir=tempfile.mkdtemp(prefix="lmp-replay-"),
-        max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
-    trainer.fit(PoisonedTask(make_net(), every), data(kind, steps))
+    plugin = AdaptiveMP(precision, replay=replay, attach_callbacks=False)
+    module = PoisonedTask(make_net(), every)
+    all_times = timed_fit(plugin, module, data(kind, steps), steps, report=False)
     bad = {e.step - 1 for e in plugin.overflow_events}
-    times = timer.times[every:]  # after the first bad step: warm
+    times = all_times[every:]  # after the first bad step: warm
     clean = [t for i, t in enumerate(times, every) if i not in bad]
     faulty = [t for i, t in enumerate(times, every) if i in bad]
     return statistics.median(faulty) / statistics.median(clean), sum(bool(e.reproduced) for e in plugin.overflow_events)

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins import MixedPrecision, Precision
 from torch.utils.data import DataLoader
 
-from benchmarks.overhead import Timer
-from lightning_mp import AdaptiveMP, PrecisionReport
+from benchmarks.overhead import timed_fit
+from lightning_mp import AdaptiveMP
 from lightning_mp.precision import cpu_has_native_bf16
 
 
@@ -99,21 +98,8 @@ class HFTask(L.LightningModule):
 
 def step_time(make_plugin, make_model, kind: str, steps: int, warmup: int = 5) -> float:
     torch.manual_seed(0)
-    timer = Timer()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        plugins=[make_plugin()],
-        default_root_dir=tempfile.mkdtemp(prefix="lmp-step-cost-"),
-        max_steps=steps + warmup,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer, PrecisionReport(console=False)],
-    )
-    trainer.fit(HFTask(make_model), batches(kind, steps + warmup))
-    return statistics.median(timer.times[warmup:])
+    module = HFTask(make_model)
+    return statistics.median(timed_fit(make_plugin(), module, batches(kind, steps + warmup), steps + warmup)[warmup:])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
