@@ -44,3 +44,15 @@ def test_the_options_are_exactly_the_plugins_arguments_in_order():
     from lightning_mp import AdaptiveMP
 
     assert [f.name for f in dataclasses.fields(PluginOptions)] == list(inspect.signature(AdaptiveMP).parameters)
+
+
+def test_the_fabric_plugin_takes_the_trainer_plugins_arguments_but_the_trainer_only_ones():
+    """Both shells spell out their arguments (for help and IDEs); names, order and defaults must not drift."""
+    import inspect
+
+    from lightning_mp import AdaptiveMP
+    from lightning_mp.fabric import AdaptiveMP as FabricAdaptiveMP
+
+    trainer_only = {"attach_callbacks", "sharded_gradients", "replay"}
+    trainer = [p for p in inspect.signature(AdaptiveMP).parameters.values() if p.name not in trainer_only]
+    assert list(inspect.signature(FabricAdaptiveMP).parameters.values()) == trainer
