@@ -5,7 +5,7 @@ Logged names (stable; any Lightning logger):
 
 ``precision/loss_scale``, ``precision/skipped_steps``, ``precision/overflow_events``, ``precision/fp32_modules``
     by ``LossScaleMonitor``, every ``log_every_n_steps`` optimizer steps;
-``precision/headroom_bits/<fqn>`` (lowest of activation and gradient), ``precision/underflow/<fqn>``
+``precision/headroom_bits/<fqn>`` (lowest of activation and gradient), ``precision/underflow/<fqn>`` (fp16)
     by ``OverflowDiagnostics``, for the ``top_k`` modules with the least headroom, after each sampled step.
 """
 

@@ -106,8 +106,8 @@ def headroom_metrics(summary: dict[str, dict[str, float]], top_k: int) -> dict[s
     metrics = {}
     for fqn, stats in sorted(summary.items(), key=lowest)[:top_k]:
         metrics[f"precision/headroom_bits/{fqn}"] = lowest((fqn, stats))
-        metrics[f"precision/underflow/{fqn}"] = stats["underflow_fraction"]
-    return {k: v for k, v in metrics.items() if v == v and abs(v) != float("inf")}
+        metrics[f"precision/underflow/{fqn}"] = stats["underflow_fraction"]  # None outside fp16: not logged
+    return {k: v for k, v in metrics.items() if v is not None and v == v and abs(v) != float("inf")}
 
 
 def _lowest_headroom(report: dict[str, Any], limit: int) -> list[tuple[str, dict[str, Any]]]:
@@ -166,7 +166,9 @@ def render_markdown(report: dict[str, Any], limit: int = 10) -> str:
         lines += ["| module | activation bits | gradient bits | underflow | samples |", "|---|---|---|---|---|"]
         for fqn, s in _lowest_headroom(report, limit):
             act, grad = s["activation_headroom_bits"], s["grad_headroom_bits"]
-            lines.append(f"| `{fqn}` | {_fmt(act)} | {_fmt(grad)} | {s['underflow_fraction']:.2%} | {s['samples']} |")
+            lines.append(
+                f"| `{fqn}` | {_fmt(act)} | {_fmt(grad)} | {_percent(s['underflow_fraction'])} | {s['samples']} |"
+            )
     else:
         lines.append("no statistics sampled")
     return "\n".join(lines) + "\n"
@@ -183,6 +185,10 @@ def _lowest(stats: dict[str, Any]) -> float:
 
 def _fmt(bits: float | None) -> str:
     return "-" if bits is None else f"{bits:.1f}"
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.2%}"
 
 
 def render_png(report: dict[str, Any], path: Path, limit: int = 15) -> Path:
@@ -266,7 +272,7 @@ def render_table(report: dict[str, Any], limit: int = 8) -> Any:
         table.add_row(
             f"low headroom: {fqn}",
             f"act {_fmt(s['activation_headroom_bits'])} bits, grad {_fmt(s['grad_headroom_bits'])} bits,"
-            f" underflow {s['underflow_fraction']:.2%}",
+            f" underflow {_percent(s['underflow_fraction'])}",
         )
     return table
 

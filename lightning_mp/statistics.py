@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from lightning_mp._grads import amax, local
+from lightning_mp._grads import local
 from lightning_mp.attribution import floating
 from lightning_mp.hooks import HookSet
 
@@ -45,9 +45,19 @@ def underflow_fraction(values: torch.Tensor, dtype: torch.dtype, scale: float = 
     """
     if values.numel() == 0:
         return torch.zeros((), device=values.device)
-    magnitude = values.detach().abs().float() * scale
-    lost = (magnitude > 0) & (magnitude < torch.finfo(dtype).tiny)
-    return lost.float().mean()
+    return underflow_count(values, dtype, scale) / values.numel()
+
+
+def underflow_count(values: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """How many elements ``underflow_fraction`` counts, as a 0-d tensor.
+
+    Clamping ``|x|`` at the threshold leaves the non-zero elements non-zero and puts every element at or above
+    it exactly on it, so (non-zero) - (on the threshold) is the count: two counts and one temporary, half
+    the time of comparing twice on a CPU.
+    """
+    threshold = torch.finfo(dtype).tiny / scale
+    clamped = values.detach().abs().float().clamp_(max=threshold)
+    return torch.count_nonzero(clamped) - torch.count_nonzero(clamped.eq_(threshold))
 
 
 @dataclass
@@ -56,7 +66,7 @@ class ModuleStat:
 
     activation_amax: float = 0.0
     grad_amax: float = 0.0  # as the low-precision backward saw it, loss scale included
-    underflow_fraction: float = 0.0  # of the module's own parameter gradients, at the last sample
+    underflow_fraction: float | None = None  # of its parameter gradients at the last sample; fp16 only
     samples: int = 0
 
     def summary(self, dtype: torch.dtype) -> dict[str, float]:
@@ -89,6 +99,11 @@ class ModuleStatistics:
     underflow fraction of its own parameter gradients; ``"full"`` also records the amax of the gradient
     flowing into each module's output (a tensor hook), which is what overflows first in an fp16 backward.
     Hooks exist only during a sampled step; values stay on the device until ``collect`` reads them once.
+
+    A sampled step costs one ``aminmax`` per tensor seen (no temporary, no per-tensor reduction to a scalar:
+    the extremes are stacked and combined once in ``collect``) and, in fp16 only, an underflow count per
+    parameter gradient. bf16 and fp32 share fp32's smallest normal, so their underflow is not measured
+    (``underflow_fraction`` is ``None``): it was most of the cost of a sample, for a figure that is always 0.
     """
 
     def __init__(self, level: str = "cheap") -> None:
@@ -98,7 +113,9 @@ class ModuleStatistics:
         self.modules: dict[str, ModuleStat] = {}  # fqn -> running figures
         self.samples_taken = 0  # sampled steps folded in so far
         self._hooks = HookSet()
-        self._pending: dict[tuple[_Value, str], list[torch.Tensor]] = {}
+        self._keys: list[tuple[_Value, str]] = []  # one per pending extreme pair
+        self._lows: list[torch.Tensor] = []  # 0-d, on the device
+        self._highs: list[torch.Tensor] = []
 
     @property
     def active(self) -> bool:
@@ -111,28 +128,33 @@ class ModuleStatistics:
         full = self.level == "full"
 
         def make_hook(fqn: str):
+            key = (_Value.ACTIVATION, fqn)
+            grad_key = (_Value.OUTPUT_GRAD, fqn)
+
             def forward_hook(module, args, output):
-                tensors = floating(output)
-                if not tensors:
-                    return
-                self._pending.setdefault((_Value.ACTIVATION, fqn), []).append(_amax(tensors))
-                if full and torch.is_grad_enabled():
-                    key = (_Value.OUTPUT_GRAD, fqn)
-                    for tensor in tensors:
-                        if tensor.requires_grad:
-                            tensor.register_hook(partial(self._record_grad, key))
+                tensors = [output] if isinstance(output, torch.Tensor) else floating(output)
+                for tensor in tensors:
+                    if tensor.is_floating_point():
+                        self._extremes(key, tensor.detach())
+                        if full and tensor.requires_grad and torch.is_grad_enabled():
+                            tensor.register_hook(partial(self._extremes, grad_key))
 
             return forward_hook
 
         self._hooks.register(model, make_hook, "forward")
 
-    def _record_grad(self, key: tuple[_Value, str], grad: torch.Tensor) -> None:
-        self._pending.setdefault(key, []).append(_amax([grad]))
+    def _extremes(self, key: tuple[_Value, str], tensor: torch.Tensor) -> None:
+        tensor = local(tensor)
+        if tensor.numel():
+            low, high = torch.aminmax(tensor)
+            self._keys.append(key)
+            self._lows.append(low)
+            self._highs.append(high)
 
     def stop(self) -> None:
         """Remove the hooks and drop this step's values without folding them in."""
         self._hooks.remove()
-        self._pending = {}
+        self._keys, self._lows, self._highs = [], [], []
 
     def collect(self, model: nn.Module, scale: float, dtype: torch.dtype) -> None:
         """After backward (before the optimizer step): fold this step's values into the running stats.
@@ -145,32 +167,43 @@ class ModuleStatistics:
         if not self.active:
             return
         self._hooks.remove()
-        keys, tensors = [], []
-        for key, values in self._pending.items():
-            keys.append(key)
-            tensors.append(torch.stack([v.float().to(values[0].device) for v in values]).max())
+        measure_underflow = torch.finfo(dtype).tiny > torch.finfo(torch.float32).tiny
+        under_keys, under = [], []
         for fqn, module in model.named_modules():
-            grads = [local(p.grad) for p in module.parameters(recurse=False) if p.grad is not None]
-            if fqn and grads:
-                keys += [(_Value.PARAM_GRAD, fqn), (_Value.UNDERFLOW, fqn)]
+            grads = [g for g in (local(p.grad) for p in module.parameters(recurse=False) if p.grad is not None)]
+            if not fqn or not grads:
+                continue
+            for grad in grads:
+                self._extremes((_Value.PARAM_GRAD, fqn), grad)
+            if measure_underflow:
                 numel = sum(g.numel() for g in grads)
-                under = sum(underflow_fraction(g, dtype, scale) * g.numel() for g in grads) / numel
-                tensors += [_amax(grads), under]
-        self._pending = {}
-        if not tensors:
+                under_keys.append((_Value.UNDERFLOW, fqn))
+                under.append(sum(underflow_count(g, dtype, scale) for g in grads) / max(numel, 1))
+        keys, lows, highs = self._keys + under_keys, self._lows, self._highs
+        self._keys, self._lows, self._highs = [], [], []
+        if not keys:
             return
-        device = tensors[0].device
-        values = torch.stack([t.to(device) for t in tensors]).tolist()  # the one read of this sample
+        device = (lows or under)[0].device
+        parts = []
+        if lows:  # amax = max(high, -low), one vector op for every tensor seen this step
+            low = torch.stack([t.to(device) for t in lows]).float()
+            parts.append(torch.maximum(torch.stack([t.to(device) for t in highs]).float(), -low))
+        if under:
+            parts.append(torch.stack([t.to(device) for t in under]).float())
+        values = torch.cat(parts).tolist()  # the one read of this sample
+        folded: dict[tuple[_Value, str], float] = {}
+        for key, value in zip(keys, values):
+            folded[key] = _nan_max(folded[key], value) if key in folded else value
         touched = set()
-        for (what, fqn), value in zip(keys, values):
+        for (what, fqn), value in folded.items():
             stat = self.modules.setdefault(fqn, ModuleStat())
             touched.add(fqn)
             if what is _Value.ACTIVATION:
-                stat.activation_amax = max(stat.activation_amax, value)
+                stat.activation_amax = _nan_max(stat.activation_amax, value)
             elif what is _Value.OUTPUT_GRAD:  # captured during backward: already carries the loss scale
-                stat.grad_amax = max(stat.grad_amax, value)
+                stat.grad_amax = _nan_max(stat.grad_amax, value)
             elif what is _Value.PARAM_GRAD:  # read after unscale_: put the scale back to compare with the format
-                stat.grad_amax = max(stat.grad_amax, value * scale)
+                stat.grad_amax = _nan_max(stat.grad_amax, value * scale)
             else:
                 stat.underflow_fraction = value
         for fqn in touched:
@@ -181,5 +214,6 @@ class ModuleStatistics:
         return {fqn: stat.summary(dtype) for fqn, stat in self.modules.items()}
 
 
-def _amax(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return amax([t.detach() for t in tensors], tensors[0].device)
+def _nan_max(a: float, b: float) -> float:
+    """``max`` that keeps a NaN (Python's ``max`` drops it or not depending on the order)."""
+    return a + b if a != a or b != b else max(a, b)

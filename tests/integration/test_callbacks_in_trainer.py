@@ -75,10 +75,18 @@ def test_logged_metric_names_appear_in_the_csv_logger_file(tmp_path):
         "precision/overflow_events",
         "precision/fp32_modules",
     } <= columns
-    assert any(c.startswith("precision/headroom_bits/") for c in columns)
-    assert any(c.startswith("precision/underflow/") for c in columns)
     skipped = [float(r["precision/skipped_steps"]) for r in rows if r.get("precision/skipped_steps")]
     assert skipped[-1] == plugin.skipped_steps
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_headroom_is_logged_and_underflow_only_in_fp16(tmp_path, precision):
+    """Finite headroom is logged per module; underflow only where the format's smallest normal is above fp32's."""
+    fit(AdaptiveMP(precision, stats_every=1), max_steps=3, logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1)
+    with open(tmp_path / "run" / "version_0" / "metrics.csv") as f:
+        columns = set(next(csv.DictReader(f)))
+    assert any(c.startswith("precision/headroom_bits/") for c in columns)
+    assert any(c.startswith("precision/underflow/") for c in columns) == (precision == "16-mixed")
 
 
 def test_first_blame_of_a_module_warns_once(tmp_path, recwarn):

@@ -27,6 +27,11 @@ def test_underflow_fraction_counts_nonzero_values_below_the_smallest_normal():
     assert underflow_fraction(values, torch.float16, scale=2.0**16).item() == 0.0
     # the same gradients are fine in bf16 (its smallest normal is fp32's)
     assert underflow_fraction(values, torch.bfloat16).item() == 0.0
+    # against the direct definition on random magnitudes spanning the threshold, scaled and not
+    wide = torch.randn(10_000).mul(torch.logspace(-12, 2, 10_000)).masked_fill(torch.rand(10_000) < 0.1, 0.0)
+    for scale in (1.0, 2.0**10):
+        direct = ((wide.abs() * scale > 0) & (wide.abs() * scale < tiny)).float().mean()
+        assert underflow_fraction(wide, torch.float16, scale).item() == pytest.approx(direct.item(), abs=1e-4)
 
 
 @pytest.mark.parametrize("level", ["cheap", "full"])
@@ -52,6 +57,24 @@ def test_module_statistics_match_direct_computation(level):
     summary = stats.summary(torch.float16)["a"]
     assert summary["activation_headroom_bits"] == pytest.approx(math.log2(65504 / a.abs().max().item()))
     assert summary["samples"] == 1
+    grads = torch.cat([p.grad.flatten() for p in m.a.parameters()])
+    assert summary["underflow_fraction"] == pytest.approx(underflow_fraction(grads, torch.float16).item())
+
+
+def test_bf16_statistics_skip_underflow_and_a_nan_reads_as_an_overflow():
+    m = Chain()
+    stats = ModuleStatistics("cheap")
+    stats.start(m)
+    m(torch.randn(4, 3)).sum().backward()
+    stats.collect(m, scale=1.0, dtype=torch.bfloat16)
+    assert stats.summary(torch.bfloat16)["a"]["underflow_fraction"] is None, "bf16 has fp32's smallest normal"
+    stats.start(m)
+    m(torch.full((4, 3), float("nan"))).sum().backward()
+    stats.collect(m, scale=1.0, dtype=torch.bfloat16)
+    stats.start(m)
+    m(torch.randn(4, 3)).sum().backward()  # a finite sample after the NaN one does not hide it
+    stats.collect(m, scale=1.0, dtype=torch.bfloat16)
+    assert stats.summary(torch.bfloat16)["a"]["activation_headroom_bits"] == -math.inf
 
 
 def test_statistics_off_records_nothing_and_bad_level_is_refused():
