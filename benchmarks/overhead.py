@@ -106,9 +106,12 @@ def data(kind: str, batches: int, batch_size: int = 32, seq: int = 64) -> DataLo
     return DataLoader(TensorDataset(x, torch.randint(0, 10, (n,), generator=gen)), batch_size=batch_size)
 
 
-def timed_fit(plugin, module: L.LightningModule, loader, max_steps: int, accelerator="cpu", report=True) -> list[float]:
+def timed_fit(
+    plugin, module: L.LightningModule, loader, max_steps: int, accelerator="cpu", report=True, callbacks=()
+) -> list[float]:
     """Fit ``module`` under ``plugin`` with nothing but a step timer (and, with ``report``, a quiet
-    ``PrecisionReport``, written at the end of fit, outside the timed steps); returns every step's time."""
+    ``PrecisionReport``, written at the end of fit, outside the timed steps; ``callbacks`` are added as given);
+    returns every step's time."""
     timer = Timer()
     trainer = L.Trainer(
         accelerator=accelerator,
@@ -120,7 +123,7 @@ def timed_fit(plugin, module: L.LightningModule, loader, max_steps: int, acceler
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer, PrecisionReport(console=False)] if report else [timer],
+        callbacks=[timer, *([PrecisionReport(console=False)] if report else []), *callbacks],
     )
     trainer.fit(module, loader)
     return timer.times
