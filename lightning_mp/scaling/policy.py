@@ -18,6 +18,9 @@ FP16_MAX = 65504.0  # largest finite float16
 _F32_TINY = 2.0**-126  # smallest normal float32
 _MAX_JUMP = 16  # most factors of growth_factor one predictive growth may take at once
 _POLICIES = ("dynamic", "predictive")
+# A calibrated first scale leaves the largest gradient measured on the first clean step this many bits below
+# the format's largest value: room for the batch-to-batch spread of gradient magnitudes in the first steps.
+CALIBRATION_HEADROOM_BITS = 2.0
 
 
 class LossScaleFloorError(RuntimeError):
@@ -37,6 +40,7 @@ class ScaleAction(str, Enum):
     FLOOR = "floor"  # backed off at the floor often enough that the floor action is due
     EXCUSED = "excused"  # an overflow that did not come from the scale (bad batch, forward, loss)
     SET = "set"  # forced by GradScaler.update(new_scale)
+    CALIBRATED = "calibrated"  # the first clean step of a fresh run set the scale from its measured amax
 
     @property
     def text(self) -> str:
@@ -55,6 +59,7 @@ _ACTION_TEXT = {
     ScaleAction.FLOOR: "scale at its floor",
     ScaleAction.EXCUSED: "scale kept (not a scaling problem)",
     ScaleAction.SET: "scale set",
+    ScaleAction.CALIBRATED: "scale calibrated",
 }
 
 
@@ -101,6 +106,10 @@ class ScalerConfig:
     probe_after: int = 32  # refused growth checks before the learned overflow product is relaxed
     floor_patience: int = 8  # confirmed overflows at the floor before on_floor / LossScaleFloorError
     format_max: float = FP16_MAX  # largest finite value of the low-precision format
+    # Set the scale from the first clean step's measured amax (a fresh run only, never after a resume).
+    # None = on with the predictive policy when init_scale is GradScaler's 2**16 (a scale chosen by the user
+    # is kept), off with the dynamic policy (which then reproduces GradScaler).
+    calibrate: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("init_scale", "growth_factor", "backoff_factor", "format_max"):
@@ -135,6 +144,8 @@ class ScalerConfig:
             value = getattr(self, name)
             if not _is_number(value) or not math.isfinite(value) or value < 0:
                 raise _invalid(name, value, "a finite number >= 0")
+        if self.calibrate is not None and not isinstance(self.calibrate, bool):
+            raise _invalid("calibrate", self.calibrate, "None, True or False")
         if self.shrink_headroom_bits >= self.headroom_bits:
             raise ValueError(
                 f"AdaptiveLossScaler(shrink_headroom_bits={self.shrink_headroom_bits!r},"
@@ -145,6 +156,12 @@ class ScalerConfig:
     @property
     def floor(self) -> float:
         return self.min_scale if self.min_scale is not None else _F32_TINY
+
+    @property
+    def calibrates(self) -> bool:
+        if self.calibrate is not None:
+            return self.calibrate
+        return self.policy == "predictive" and self.init_scale == 2.0**16
 
     @property
     def window(self) -> int:
@@ -180,6 +197,12 @@ class ScalePolicy:
         self._clean_steps_at_scale = 0
         self._scale_before_growth: float | None = None  # set while the current scale came from a growth
         self._refused_growths = 0
+        # Largest gradients measured *inside* the backward (flowing into module outputs), unscaled, one per
+        # sampled step: what overflows first in fp16. Growth never takes S * max(these) past the format.
+        self._backward_amax: deque[float] = deque(maxlen=config.amax_history)
+        # A fresh run: the first clean step sets the scale (see calibrate). Cleared by that step or a resume.
+        self.calibrating = config.calibrates
+        self.rescues = 0  # overflowing steps re-run at a lower scale (counted by rescue())
 
     @property
     def predictive(self) -> bool:
@@ -194,6 +217,42 @@ class ScalePolicy:
     def acknowledge_floor(self) -> None:
         """The floor action was taken (an escalation): count the overflows at the floor from zero again."""
         self.floor_hits = 0
+
+    def observe_backward_amax(self, amax: float) -> None:
+        """The largest *unscaled* gradient that flowed inside this step's backward (into a module's output),
+        measured on a sampled step. The predictive policy refuses a growth that would overflow it; a
+        calibration uses it. Non-finite values (the step overflowed) say nothing and are ignored."""
+        if math.isfinite(amax) and amax > 0:
+            self._backward_amax.append(float(amax))
+
+    def rescue(self, probe: bool = False) -> float:
+        """This step overflowed and will be re-run on the same batch: count the overflow, return the re-run's scale.
+
+        The overflow is judged as :meth:`update` would judge it (hysteresis, revert of a failed growth,
+        back-off), but no step is counted: the re-run's own ``update`` counts it. When the overflow is
+        tolerated the scale stays where it is and only the re-run uses ``scale * backoff_factor``: an isolated
+        spike costs one extra backward, neither the batch nor the scale.
+
+        ``probe=True`` re-runs at the floor and changes nothing else: the last try, which tells a gradient too
+        large for the scale from one that is non-finite at any scale. Before the first clean step of a
+        calibrating run nothing is known about the gradients yet: the re-run probes at the floor too (the
+        first clean step then calibrates from what it measures).
+        """
+        self.rescues += 1
+        if probe:
+            return self.config.floor
+        if self.calibrating:
+            self.overflows += 1
+            self.growth_tracker = 0
+            return self.config.floor
+        self.steps += 1  # _on_overflow judges the hysteresis window at this step's number
+        try:
+            action = self._on_overflow()
+        finally:
+            self.steps -= 1
+        if action is ScaleAction.TOLERATED:
+            return max(_f32(self.scale * self.config.backoff_factor), self.config.floor)
+        return self.scale
 
     def update(self, found_inf: bool, amax: float | None = None, scale_related: bool = True) -> ScaleAction:
         """Advance one optimizer step and return what was done.
@@ -262,6 +321,10 @@ class ScalePolicy:
         self.floor_hits = 0
         self._clean_steps_at_scale += 1
         self.growth_tracker += 1
+        if self.calibrating:
+            self.calibrating = False
+            if self._calibrate(amax):
+                return ScaleAction.CALIBRATED
         if self.predictive and amax is not None and math.isfinite(amax):
             self._amax.append(float(amax))
             if self._shrink_ahead():
@@ -270,6 +333,28 @@ class ScalePolicy:
             return ScaleAction.HELD
         self.growth_tracker = 0
         return self._grow()
+
+    def _calibrate(self, amax: float | None) -> bool:
+        """Jump to the largest power-of-growth_factor multiple of the scale that keeps the largest measured
+        gradient CALIBRATION_HEADROOM_BITS below the format's maximum.
+
+        Only with a measurement from inside the backward (``observe_backward_amax``): what overflows first in
+        fp16 is an activation gradient, often far larger than any parameter gradient, so a scale set from the
+        parameter gradients alone would overflow. False (the scale is left alone) without one."""
+        if not self._backward_amax:
+            return False
+        measured = [a for a in (amax, *self._backward_amax) if a is not None and math.isfinite(a) and a > 0]
+        config = self.config
+        target = config.format_max / (max(measured) * 2.0**CALIBRATION_HEADROOM_BITS)
+        # Stay on the grid scale * growth_factor**k: the scale keeps its exact float32 powers of two.
+        steps = math.floor(math.log(target / self.scale, config.growth_factor))
+        new_scale = _f32(config.clamp(self.scale * config.growth_factor**steps))
+        if not math.isfinite(new_scale) or new_scale == self.scale:
+            return False
+        self._set(new_scale)
+        self.growth_tracker = 0
+        self._amax.clear()
+        return True
 
     def _shrink_ahead(self) -> bool:
         # A single spiky batch that stayed finite is no reason to shrink: look at the smallest of the last few.
@@ -304,6 +389,11 @@ class ScalePolicy:
             # distance per growth (one failed probe at most). A measured P is trusted all the way.
             measured = self.overflow_product < config.format_max
             steps = allowed if measured or allowed < 2 else allowed // 2
+            if self._backward_amax:
+                # A gradient measured inside the backward overflows at S * a_bwd > format max, whatever the
+                # parameter gradients say: attention-backward spikes live there.
+                room_bwd = config.format_max / (self.scale * max(self._backward_amax) * 2.0**config.headroom_bits)
+                steps = min(steps, math.floor(math.log(room_bwd, config.growth_factor)) if room_bwd > 0 else 0)
             if steps < 1:
                 self._refused_growths += 1
                 if self._refused_growths >= config.probe_after:
@@ -335,6 +425,7 @@ class ScalePolicy:
         "preemptive_backoffs",
         "floor_hits",
         "overflow_product",
+        "rescues",
     )
 
     def state_dict(self) -> dict[str, Any]:
@@ -345,6 +436,8 @@ class ScalePolicy:
             clean_steps_at_scale=self._clean_steps_at_scale,
             scale_before_growth=self._scale_before_growth,
             refused_growths=self._refused_growths,
+            backward_amax=list(self._backward_amax),
+            calibrating=self.calibrating,
             config=asdict(self.config),
         )
         return state
@@ -359,3 +452,7 @@ class ScalePolicy:
         self._clean_steps_at_scale = int(state.get("clean_steps_at_scale", 0))
         self._scale_before_growth = state.get("scale_before_growth")
         self._refused_growths = int(state.get("refused_growths", 0))
+        self._backward_amax = deque(state.get("backward_amax", ()), maxlen=self.config.amax_history)
+        # A resumed run is never calibrated again: its scale was earned. (Only a checkpoint taken before the
+        # first clean step still calibrates.)
+        self.calibrating = bool(state.get("calibrating", False)) and self.config.calibrates

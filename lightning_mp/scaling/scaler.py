@@ -86,6 +86,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         self.last_amax: float | None = None  # unscaled gradient amax of the last step, when tracked
         self.last_action: ScaleAction | None = None  # what the last update() did
         self._excused = False
+        self._rerun_scale: float | None = None  # the scale of this step's re-run (rescue), until update()
         self._sharded = False  # this step's gradients are shards: flags must be combined across ranks
         # Set by whoever knows that each rank holds only a shard of plain-tensor gradients (FSDP1's flat
         # parameters; AdaptiveFSDPMP sets it). DTensor shards (FSDP2) are recognised without it.
@@ -116,9 +117,48 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         """The same as :attr:`counters` (the name of version 0.1)."""
         return self.counters
 
+    @property
+    def rescues(self) -> int:
+        """Overflowing steps re-run at a lower scale on the same batch (see :meth:`rescue`)."""
+        return self._policy.rescues
+
     def get_scale(self) -> float:
-        # The scale lives on the host: no sync, unlike GradScaler.get_scale().
-        return self._policy.scale if self._enabled else 1.0
+        # The scale lives on the host: no sync, unlike GradScaler.get_scale(). Between rescue() and update()
+        # it is the scale the re-run's gradients carry.
+        if not self._enabled:
+            return 1.0
+        return self._rerun_scale if self._rerun_scale is not None else self._policy.scale
+
+    def overflowed(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether this optimizer's gradients, unscaled by ``unscale_`` this iteration, hold an inf or NaN.
+
+        It reads the flags on the host synchronisation ``step`` would do anyway (``step`` reuses the answer).
+        """
+        state = self._per_optimizer_states[id(optimizer)]
+        if state["stage"] is not OptState.UNSCALED:
+            raise RuntimeError("overflowed() needs unscale_(optimizer) first in this iteration.")
+        return self._read_flags(state)[0]
+
+    def rescue(self, probe: bool = False) -> float:
+        """Prepare to re-run an overflowing iteration's forward/backward on the same batch at a lower scale.
+
+        Call after ``unscale_`` found an overflow and before ``step``; then zero the gradients, run the
+        forward/backward again (``scale(loss)`` uses the returned scale) and ``unscale_``, ``step`` and
+        ``update`` as usual. The overflow is counted and judged by the policy (see
+        :meth:`ScalePolicy.rescue`); no step is skipped. ``probe=True`` re-runs at the floor, changing nothing
+        else. Returns the re-run's scale.
+        """
+        self._check_scale_growth_tracker("rescue")
+        assert self._scale is not None
+        scale = self._policy.rescue(probe)
+        self._rerun_scale = scale if scale != self._policy.scale else None
+        self._scale.fill_(scale)
+        self._per_optimizer_states = defaultdict(refresh_per_optimizer_state)
+        return scale
+
+    def observe_backward_amax(self, scaled_amax: float) -> None:
+        """The largest gradient seen inside this iteration's backward, as measured (still scaled)."""
+        self._policy.observe_backward_amax(scaled_amax / self.get_scale())
 
     def _get_growth_tracker(self) -> int:
         return self._policy.growth_tracker if self._enabled else 0
@@ -188,15 +228,16 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
             all_reduce(stacked)  # each rank checked only its shard: agree before deciding anything
         host = stacked.tolist()
         found = any(v != 0 for v in (host[:-1] if scaled_amax is not None else host))
-        amax_value = host[-1] / self._policy.scale if scaled_amax is not None else None
+        amax_value = host[-1] / self.get_scale() if scaled_amax is not None else None
         optimizer_state["host"] = (found, amax_value)
         return found, amax_value
 
     def _maybe_opt_step(
         self, optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any], *args: Any, **kwargs: Any
     ) -> float | None:
-        # GradScaler syncs here to decide whether to step; we read the amax on the same sync.
-        found, _ = self._read_flags(optimizer_state)
+        # GradScaler syncs here to decide whether to step; we read the amax on the same sync (or already did,
+        # in overflowed()).
+        found, _ = optimizer_state["host"] if "host" in optimizer_state else self._read_flags(optimizer_state)
         if found:
             self._policy.skipped_steps += 1
             return None
@@ -246,6 +287,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
             self.last_amax = max(amaxes) if amaxes and not found_any else None
             action = self._policy.update(found_any, self.last_amax, scale_related=not self._excused)
         self._excused = False
+        self._rerun_scale = None
         # fill_ with a Python number is an asynchronous host-to-device write: no sync.
         self._scale.fill_(self._policy.scale)
         self._growth_tracker.fill_(self._policy.growth_tracker)

@@ -300,13 +300,15 @@ def test_floor_calls_the_escalation_hook_instead_of_raising():
 
 
 def test_a_clean_step_resets_the_floor_count():
-    policy = ScalePolicy(ScalerConfig(init_scale=1.0, min_scale=1.0, floor_patience=2, hysteresis=1))
+    policy = ScalePolicy(ScalerConfig(init_scale=1.0, min_scale=1.0, floor_patience=2, hysteresis=1, calibrate=False))
     assert drive(policy, "x.x.x.x") and policy.floor_hits == 1
 
 
 # ------------------------------------------------------------------------------------ predictive
 def test_predictive_shrinks_ahead_of_a_rising_amax():
-    config = ScalerConfig(init_scale=2.0**10, growth_interval=10**6, headroom_bits=1.0, shrink_headroom_bits=0.25)
+    config = ScalerConfig(
+        init_scale=2.0**10, growth_interval=10**6, headroom_bits=1.0, shrink_headroom_bits=0.25, calibrate=False
+    )
     policy = ScalePolicy(config)
     policy.overflow_product = 2.0**10 * 1e-2 * 1.5  # learned: S * amax overflows a little above this
     for a in (1e-3, 5e-3, 1e-2, 1.3e-2, 1.35e-2, 1.4e-2):  # creeping up towards P, never reaching it
@@ -317,7 +319,7 @@ def test_predictive_shrinks_ahead_of_a_rising_amax():
 
 
 def test_predictive_reverts_a_failed_growth_in_one_step():
-    policy = ScalePolicy(ScalerConfig(init_scale=2.0**8, growth_interval=2, max_scale=2.0**24))
+    policy = ScalePolicy(ScalerConfig(init_scale=2.0**8, growth_interval=2, max_scale=2.0**24, calibrate=False))
     drive(policy, "..")  # amax 1e-3 leaves lots of headroom below 65504: jumps by several factors
     grown = policy.scale
     assert grown > 2.0**9
