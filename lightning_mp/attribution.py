@@ -309,6 +309,16 @@ class OverflowTracker:
     def start_micro_step(self) -> None:
         self.probe.start_micro_step()
 
+    def forward_finite(self) -> bool:
+        """Whether this step's inputs and losses are all finite (two host reads; ask only about a bad step).
+        With a finite forward, a non-finite gradient was born in the backward: in fp16, the loss scale."""
+        codes = [_code(t.item()) for t in self._input_sums] + [_code(t.float().sum().item()) for t in self._losses]
+        return int(all_reduce([float(max(codes, default=FINITE))], "MAX")[0]) == FINITE
+
+    def forget_losses(self) -> None:
+        """The step's forward/backward runs again (a rescue): its losses will be observed again."""
+        self._losses = []
+
     def new_batch(self) -> None:
         """Forget the last batch's flags and finding: call when the first micro-batch of an optimizer step
         begins. Not at the end of a step: in manual optimization another optimizer may still step on it."""

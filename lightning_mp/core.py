@@ -9,7 +9,8 @@ a Fabric plugin or a hand-written loop can drive it the same way. One optimizer 
         ...; core.observe_input(batch)
     loss = core.scale_loss(loss)       #   backward of the scaled loss (fp16)
     core.run_closure(closure)          # or the above through a closure: kernel errors promote and retry
-    core.unscale(optimizer)            # unscale (fp16), then sample statistics; clip after this
+    core.unscale(optimizer, rerun=...) # unscale (fp16; an overflow born in the backward re-runs the step at a
+                                       # lower scale), then sample statistics; clip after this
     core.step(optimizer, **kwargs)     # step or skip, attribute a bad step, promote, escalate, record
     core.end_step()
 
@@ -58,6 +59,9 @@ __all__ = ["PrecisionCore"]
 # in that window (a clean run never pays it).
 SPIKE_FACTOR = 100.0
 SPIKE_HISTORY = 16
+# Re-runs of one step's forward/backward before it is skipped after all (a rescue): the first at the scale
+# the policy chooses, the last at the floor (still non-finite there: not a scaling problem).
+RESCUE_ATTEMPTS = 2
 
 
 class PrecisionCore:
@@ -86,6 +90,13 @@ class PrecisionCore:
         self.replay = StepReplay()
         self.replay.enabled = options.replay and not options.sharded_gradients
         self.tracker.replayer = self._replay
+        # fp16: re-run a step that overflowed in the backward at a lower scale instead of skipping it. Not with
+        # sharded gradients, for the same reason as the replay. None = on with the predictive scaler policy.
+        self._rescue_option = False if options.sharded_gradients else options.rescue
+        self.replay.save_rng = self._rescue_option is not False  # a re-run draws the same dropout masks
+        self._rescue_passes = 0  # re-runs of the current step
+        self._nonfinite_at_floor = False  # this step's gradients stayed non-finite when re-run at the floor
+        self._rerunning = False  # a rescue re-run is in progress: its micro-step is not a new one
         self._backward_passes = 0  # backward passes of this optimizer step so far (manual: before each step)
         self._batch_due = True  # the next micro-batch begins a new optimizer step (a new batch)
         self._micro_batches = 0  # micro-batches of this step (a kernel-error retry restores only the first)
@@ -185,12 +196,25 @@ class PrecisionCore:
         stack.enter_context(self.autocast())
         return stack
 
+    @property
+    def rescue_enabled(self) -> bool:
+        """Whether an fp16 step that overflows in the backward is re-run at a lower scale (see ``rescue``)."""
+        if self.scaler is None or self._rescue_option is False:
+            return False
+        return self._rescue_option or self.scaler.config.policy == "predictive"
+
     def start_micro_step(self) -> None:
         self._begin_batch_if_due()
+        if self._rerunning:
+            return  # the same micro-batch again (a rescue): counted once; a sample's hooks are still armed
         self._micro_batches += 1
         self.tracker.start_micro_step()
-        if self.model is not None and self.ledger.optimizer_steps % self.options.stats_every == 0:
-            self.statistics.start(self.model)  # a sampled step: hooks live for this step only
+        calibrating = self.scaler is not None and self.scaler.policy.calibrating
+        if self.model is not None and (self.ledger.optimizer_steps % self.options.stats_every == 0 or calibrating):
+            # A sampled step: hooks live for this step only. The predictive scaler also wants the gradients
+            # inside the backward (its growth limit), and a calibrating one wants them before its first step.
+            wants_grads = self.scaler is not None and (calibrating or self.scaler.config.policy == "predictive")
+            self.statistics.start(self.model, output_grads=wants_grads)
 
     def observe_input(self, batch: Any) -> None:
         self._begin_batch_if_due()  # Lightning converts the input before it enters the step context
@@ -206,6 +230,7 @@ class PrecisionCore:
             self.replay.begin_batch(self.device)
             self._backward_passes = 0
             self._micro_batches, self._batch_stepped = 0, False
+            self._rescue_passes, self._nonfinite_at_floor = 0, False
 
     def keep_micro_batch(self, run: Callable[[Callable[[Tensor], None]], None]) -> None:
         """Register how to run the current micro-batch again (see ``StepReplay``): called by the shell as each
@@ -251,14 +276,69 @@ class PrecisionCore:
         """Count one optimizer step, before its closure runs."""
         self.ledger.start_step()
 
-    def unscale(self, optimizer: Optimizer, handles_unscaling: bool = False) -> None:
+    def unscale(
+        self, optimizer: Optimizer, handles_unscaling: bool = False, rerun: Callable[[], Any] | None = None
+    ) -> None:
         """After backward: unscale (fp16, unless the optimizer does it in ``step``), then sample statistics.
 
         Unscaling comes first so that statistics, ``on_before_optimizer_step`` and clipping see true gradients.
+        ``rerun`` runs the step's forward, zero_grad and backward again (Lightning's closure, logging muted):
+        given it, an fp16 overflow born in the backward is rescued (see ``_rescue``).
         """
         if self.scaler is not None and not handles_unscaling:
             self.scaler.unscale_(optimizer)
+            if rerun is not None:
+                self._rescue(optimizer, rerun)
         self.collect_statistics()  # before clipping: the statistics describe what the backward produced
+
+    def _rescue(self, optimizer: Optimizer, rerun: Callable[[], Any]) -> None:
+        """fp16: when this step's gradients overflowed in the backward, re-run its forward/backward on the same
+        batch at a lower scale instead of skipping it (called by ``unscale``, after ``unscale_``).
+
+        Applies to a step of one micro-batch whose inputs and loss are finite (the overflow was born in the
+        backward) while the scale is above its floor; anything else is skipped as before. The first re-run uses
+        the scale the policy chooses; if that overflows too, the last one runs at the floor. Still non-finite
+        there, the gradient is non-finite at any scale: the scale the policy had before this step is put back
+        and the skipped step is excused (a backward NaN is not the scale's fault).
+
+        Before a re-run, BatchNorm statistics and the RNG are put back where the batch began, so the rescued
+        step is the step a run at the lower scale would have taken, dropout included; the overflowed attempt's
+        statistics are dropped (a sampled step's hooks measure the re-run).
+        """
+        if not self.rescue_enabled or self._micro_batches != 1 or self.replay.active:
+            return
+        policy = self.scaler.policy
+        before: dict[str, Any] | None = None
+        while self.scaler.overflowed(optimizer):
+            if self.scaler.get_scale() <= self.scaler.config.floor:
+                # The last re-run (at the floor) overflowed too. Without a re-run, an overflow at the floor
+                # is left to the policy's floor rule and the escalation ladder, as without rescue.
+                self._nonfinite_at_floor = before is not None
+                break
+            if self._rescue_passes >= RESCUE_ATTEMPTS or not self.tracker.forward_finite():
+                return  # a bad batch or a forward overflow: skip, attribute and record as usual
+            before = before or policy.state_dict()
+            self._rescue_passes += 1
+            self.scaler.rescue(probe=self._rescue_passes == RESCUE_ATTEMPTS)
+            self.statistics.discard()
+            self.buffers.restore()
+            self.replay.restart_batch()
+            self.tracker.forget_losses()
+            self._backward_passes = 0
+            self._rerunning = True
+            try:
+                self.run_closure(rerun)
+            finally:
+                self._rerunning = False
+            self.scaler.unscale_(optimizer)
+        if self._nonfinite_at_floor:
+            rescues = policy.rescues
+            policy.load_state_dict(before)  # undo this step's back-offs: they could not have helped
+            policy.rescues = rescues
+        if self._nonfinite_at_floor and before is not None:
+            rescues = policy.rescues
+            policy.load_state_dict(before)  # undo this step's back-offs: they could not have helped
+            policy.rescues = rescues
 
     def step(self, optimizer: Optimizer, **kwargs: Any) -> tuple[bool, Any]:
         """Step, or skip a step whose gradients are not finite; then attribute, decide and record.
@@ -279,8 +359,10 @@ class PrecisionCore:
             skipped_before = self.scaler.skipped_steps
             output = self.scaler.step(optimizer, **kwargs)  # skips optimizer.step() on non-finite gradients
             finding = self._attribute() if self.scaler.skipped_steps > skipped_before else None
-            if finding is not None and finding.phase != "backward":
-                self.scaler.excuse_overflow()  # lowering the scale cannot fix a bad batch or a forward overflow
+            if finding is not None and (finding.phase != "backward" or self._nonfinite_at_floor):
+                # Lowering the scale cannot fix a bad batch, a forward overflow, or a gradient that is
+                # non-finite at the floor (a rescue's last re-run showed it).
+                self.scaler.excuse_overflow()
             self.scaler.update()
         elif gradients_nonfinite(optimizer, self.options.sharded_gradients):  # bf16/fp32: after clipping
             self.ledger.guard_skipped += 1
@@ -299,6 +381,8 @@ class PrecisionCore:
         if self.statistics.active and self.model is not None:
             scale = self.scaler.get_scale() if self.scaler is not None else 1.0
             self.statistics.collect(self.model, scale, self.stats_dtype)
+            if self.scaler is not None and self.statistics.backward_amax is not None:
+                self.scaler.observe_backward_amax(self.statistics.backward_amax)
 
     def _replay(self, expected: str) -> tuple[bool, Finding | None]:
         """Run the bad step again under the tracer (the tracker calls this): (ran, its finding or None)."""
@@ -331,6 +415,8 @@ class PrecisionCore:
         if finding is None:
             self._batch_stepped = True
             self._clean_losses.append(self.tracker.losses)
+            if self._rescue_passes:
+                self.ledger.rescued_steps += 1
         elif not self._batch_stepped:
             # "Skipped" means nothing changed, BatchNorm statistics included. Once another optimizer has stepped
             # cleanly on this batch (a GAN's generator), its forward's buffer updates stay with that step.

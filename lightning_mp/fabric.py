@@ -22,7 +22,8 @@ When nothing goes wrong the numerics are Fabric's ``MixedPrecision``: the same a
 inputs and outputs, the same scale / unscale / step order, so the weights match it bit for bit.
 
 What differs from the Trainer plugin, because Fabric runs the user's loop: a bad step is attributed by the
-cheap attribution and the forward probe, not replayed (there is no ``training_step`` to run again); one model
+cheap attribution and the forward probe, not replayed, and an fp16 overflow is skipped, not rescued (there is
+no ``training_step`` to run again); one model
 per plugin (``fabric.setup`` once); there are no callbacks, so :meth:`AdaptiveMP.metrics` and
 :meth:`AdaptiveMP.report` give what they would log and write, and a step's warning (where it went non-finite,
 once per place) is issued from ``optimizer.step()``.
@@ -62,8 +63,8 @@ class AdaptiveMP(CoreView, Precision):
     fallback. Use as ``Fabric(plugins=[AdaptiveMP(...)])`` and do not also pass ``Fabric(precision=...)``.
 
     The arguments are those of the Trainer's :class:`lightning_mp.AdaptiveMP` (see there), without
-    ``attach_callbacks`` (Fabric has no callbacks), ``sharded_gradients`` and ``replay`` (see the module
-    docstring).
+    ``attach_callbacks`` (Fabric has no callbacks), ``sharded_gradients``, ``replay`` and ``rescue`` (see the
+    module docstring).
     """
 
     def __init__(
@@ -87,7 +88,7 @@ class AdaptiveMP(CoreView, Precision):
         options = PluginOptions(
             precision, device, scaler, fp32_modules, auto_fallback, fp32_defaults, guard_nonfinite, promote_after,
             promote_window, watch_steps, max_consecutive_skips, max_events, stats, stats_every,
-            attach_callbacks=False, sharded_gradients=False, replay=False,
+            attach_callbacks=False, sharded_gradients=False, replay=False, rescue=False,
         )  # fmt: skip
         self.core = PrecisionCore(options)
         self.scales = ScaleHistory()  # the loss scale per optimizer step, for the report's plot

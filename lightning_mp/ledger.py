@@ -107,6 +107,7 @@ class RunLedger:
     def __init__(self, max_events: int = 10_000) -> None:
         self.optimizer_steps = 0  # optimizer steps attempted, skipped ones included
         self.guard_skipped = 0  # steps skipped by the bf16/fp32 guard (the scaler counts its own)
+        self.rescued_steps = 0  # fp16 steps that overflowed, were re-run at a lower scale and then stepped
         self.counts: dict[str, int] = {}  # phase -> events, never truncated
         self.last_seq = 0  # sequence number of the newest event
         self._events: deque[OverflowEvent] = deque(maxlen=max_events)
@@ -153,6 +154,7 @@ class RunLedger:
         return {
             "steps": self.optimizer_steps,
             "guard_skipped_steps": self.guard_skipped,
+            "rescued_steps": self.rescued_steps,
             "events": [e.to_dict() for e in self._events],
             "overflow_counts": dict(self.counts),
             "last_seq": self.last_seq,
@@ -161,6 +163,7 @@ class RunLedger:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer_steps = int(state.get("steps", 0))
         self.guard_skipped = int(state.get("guard_skipped_steps", 0))
+        self.rescued_steps = int(state.get("rescued_steps", 0))
         self._events.clear()
         events = [OverflowEvent.from_dict(e) for e in state.get("events", ())]
         if events and not events[-1].seq:  # a version 0.1 checkpoint: number the kept events in order

@@ -45,6 +45,7 @@ class PluginOptions:
     attach_callbacks: bool = True
     sharded_gradients: bool = False
     replay: bool = True
+    rescue: bool | None = None
 
     def __post_init__(self) -> None:
         precision, device, scaler = self.precision, self.device, self.scaler
@@ -73,6 +74,8 @@ class PluginOptions:
         for name in _FLAGS:
             if not isinstance(getattr(self, name), bool):
                 raise _invalid(name, getattr(self, name), "must be True or False.")
+        if self.rescue is not None and not isinstance(self.rescue, bool):
+            raise _invalid("rescue", self.rescue, "must be None (on with the predictive scaler), True or False.")
         for name in _COUNTS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -69,6 +69,13 @@ class AdaptiveMP(CoreView, Precision):
             ``AdaptiveFSDPMP`` sets it): every non-finite flag is combined across ranks before a step is taken.
         replay: run a bad step again under an operation tracer to name the operation and source line where its
             first non-finite value was born (bad steps only; off with ``sharded_gradients``).
+        rescue: fp16: when a step overflows in the backward because of the loss scale (inputs and loss finite,
+            scale above its floor), lower the scale and run the step's forward/backward again on the same batch
+            instead of skipping it: no batch is lost, the step count and LR schedule are unchanged, at the cost
+            of one extra forward/backward (what a skipped step wastes). Steps of one micro-batch in automatic
+            optimization only (with gradient accumulation or manual optimization the step is skipped as
+            before); the re-run's ``self.log`` calls are muted. ``None``: on with the predictive scaler policy,
+            off with ``policy="dynamic"`` (which then reproduces GradScaler).
 
     Raises:
         ValueError: an unknown ``precision``, a ``scaler`` that is not an ``AdaptiveLossScaler``, a scaler
@@ -95,11 +102,12 @@ class AdaptiveMP(CoreView, Precision):
         attach_callbacks: bool = True,
         sharded_gradients: bool = False,
         replay: bool = True,
+        rescue: bool | None = None,
     ) -> None:
         options = PluginOptions(
             precision, device, scaler, fp32_modules, auto_fallback, fp32_defaults, guard_nonfinite, promote_after,
             promote_window, watch_steps, max_consecutive_skips, max_events, stats, stats_every, attach_callbacks,
-            sharded_gradients, replay,
+            sharded_gradients, replay, rescue,
         )  # fmt: skip
         self.core = PrecisionCore(options)
         self._trainer: pl.Trainer | None = None
@@ -251,7 +259,12 @@ class AdaptiveMP(CoreView, Precision):
             # In automatic optimization a training_step that returned None skipped backward: nothing to step.
             skip_backward = closure_result is None and model.automatic_optimization
             # Optimizers that unscale inside step() (fused Adam) cannot be clipped; see clip_gradients.
-            self.core.unscale(optimizer, handles_unscaling=skip_backward or optimizer_handles_unscaling(optimizer))
+            # An fp16 overflow born in the backward re-runs the closure at a lower scale (automatic optimization).
+            rerun = _Rerun(model, closure) if model.automatic_optimization and not skip_backward else None
+            handles = skip_backward or optimizer_handles_unscaling(optimizer)
+            self.core.unscale(optimizer, handles_unscaling=handles, rerun=rerun)
+            if rerun is not None and rerun.ran:
+                closure_result = rerun.result
             after_closure(self, model, optimizer)  # on_before_optimizer_step, then clipping: true gradients
             if skip_backward:
                 return closure_result
@@ -325,6 +338,25 @@ def _lightning_optimizers(module: pl.LightningModule) -> list[Any]:
 
 def _ignore(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+class _Rerun:
+    """Runs Lightning's closure (training_step, zero_grad, backward) again with ``self.log`` muted, for a rescue:
+    a rescued step's metrics are logged once, by its first run. Keeps the last run's result."""
+
+    def __init__(self, module: pl.LightningModule, closure: Callable[[], Any]) -> None:
+        self.module, self.closure = module, closure
+        self.ran, self.result = False, None
+
+    def __call__(self) -> Any:
+        self.module.log = self.module.log_dict = _ignore  # instance attributes, removed below
+        try:
+            self.result = self.closure()
+            self.ran = True
+            return self.result
+        finally:
+            for name in ("log", "log_dict"):
+                self.module.__dict__.pop(name, None)
 
 
 def _trainer_of(model: Module) -> pl.Trainer | None:

@@ -252,11 +252,12 @@ class StepReplay:
         self._runs: list[Callable[[Callable[[Tensor], None]], None]] = []
         self._rng: tuple[Tensor, Tensor | None] | None = None
         self.active = False  # a replay is running: the shell must not step optimizers or count anything
+        self.save_rng = False  # keep the batch's RNG state even with replays off (a rescue re-run needs it)
 
     def begin_batch(self, device: str | None) -> None:
         """Before the first micro-batch of an optimizer step: forget the last one, keep the RNG state."""
         self._runs = []
-        if self.enabled:
+        if self.enabled or self.save_rng:
             cuda = torch.cuda.get_rng_state() if device == "cuda" and torch.cuda.is_available() else None
             self._rng = (torch.get_rng_state(), cuda)
 
@@ -266,6 +267,15 @@ class StepReplay:
 
     def clear(self) -> None:
         self._runs, self._rng = [], None
+
+    def restart_batch(self) -> None:
+        """The step's forward/backward is about to run again (a rescue): put the RNG back where the batch
+        began, so dropout draws the same masks, and forget the kept micro-batches (the re-run keeps its own)."""
+        self._runs = []
+        if self._rng is not None:
+            torch.set_rng_state(self._rng[0])
+            if self._rng[1] is not None:
+                torch.cuda.set_rng_state(self._rng[1])
 
     @property
     def ready(self) -> bool:

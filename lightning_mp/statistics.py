@@ -116,16 +116,20 @@ class ModuleStatistics:
         self._keys: list[tuple[_Value, str]] = []  # one per pending extreme pair
         self._lows: list[torch.Tensor] = []  # 0-d, on the device
         self._highs: list[torch.Tensor] = []
+        # The largest gradient that flowed into any module output on the last sampled step, as measured (it
+        # carries the loss scale); None when output gradients were not recorded.
+        self.backward_amax: float | None = None
 
     @property
     def active(self) -> bool:
         return self._hooks.active
 
-    def start(self, model: nn.Module) -> None:
-        """Arm the hooks for one step."""
+    def start(self, model: nn.Module, output_grads: bool = False) -> None:
+        """Arm the hooks for one step. ``output_grads`` records the gradients flowing into module outputs at
+        the ``"cheap"`` level too (the predictive loss scaler asks for them in fp16; see ``backward_amax``)."""
         if self.level == "off" or self.active:
             return
-        full = self.level == "full"
+        full = self.level == "full" or output_grads
 
         def make_hook(fqn: str):
             key = (_Value.ACTIVATION, fqn)
@@ -150,6 +154,10 @@ class ModuleStatistics:
             self._keys.append(key)
             self._lows.append(low)
             self._highs.append(high)
+
+    def discard(self) -> None:
+        """Drop the values measured so far this step and keep the hooks armed (the step runs again)."""
+        self._keys, self._lows, self._highs = [], [], []
 
     def stop(self) -> None:
         """Remove the hooks and drop this step's values without folding them in."""
@@ -194,6 +202,8 @@ class ModuleStatistics:
         folded: dict[tuple[_Value, str], float] = {}
         for key, value in zip(keys, values):
             folded[key] = _nan_max(folded[key], value) if key in folded else value
+        grad_values = [v for (what, _), v in folded.items() if what is _Value.OUTPUT_GRAD]
+        self.backward_amax = max(grad_values, key=_nan_key) if grad_values else None
         touched = set()
         for (what, fqn), value in folded.items():
             stat = self.modules.setdefault(fqn, ModuleStat())
@@ -212,6 +222,11 @@ class ModuleStatistics:
 
     def summary(self, dtype: torch.dtype) -> dict[str, dict[str, float]]:
         return {fqn: stat.summary(dtype) for fqn, stat in self.modules.items()}
+
+
+def _nan_key(value: float) -> float:
+    """Sort key that ranks NaN above everything, as an overflow."""
+    return math.inf if math.isnan(value) else value
 
 
 def _nan_max(a: float, b: float) -> float:

@@ -31,6 +31,7 @@ RUN = [
     "trainer.deterministic=true",
     "trainer.num_sanity_val_steps=0",
     "precision.scaler.init_scale=16777216",  # starts too high: back-offs and skips early in the run
+    "precision.rescue=false",  # (skipped, not rescued: the skips are part of the state a resume must keep)
     "callbacks.last_checkpoint.every_n_train_steps=2",
     "callbacks.early_stopping=null",
     "callbacks.progress_bar=null",

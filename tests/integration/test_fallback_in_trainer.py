@@ -26,7 +26,9 @@ from tests.helpers import (
 
 
 def fp16(init_scale=256.0, **kwargs):
-    # 256 keeps the tiny models' backward clean, so every overflow below is the one under test.
+    # 256 keeps the tiny models' backward clean, so every overflow below is the one under test. Overflows are
+    # skipped, not rescued, so that each one is an event (rescue has its own tests, test_rescue.py).
+    kwargs.setdefault("rescue", False)
     return AdaptiveMP("16-mixed", scaler=AdaptiveLossScaler("cpu", init_scale=init_scale), **kwargs)
 
 
@@ -196,7 +198,7 @@ def test_fp32_modules_pattern_that_matches_nothing_is_a_clear_error():
 
 def test_escalation_promotes_when_the_scale_sits_at_its_floor():
     scaler = AdaptiveLossScaler("cpu", init_scale=4.0, min_scale=1.0, floor_patience=2)
-    plugin = AdaptiveMP("16-mixed", scaler=scaler)
+    plugin = AdaptiveMP("16-mixed", scaler=scaler, rescue=False)  # the floor rule, not a rescue's diagnosis
     model, _ = fit(plugin, model_cls=lambda: TroubleNet(ExplodingBackward(1e6), lr=1e-9), max_steps=12)
     escalated = [p for p in plugin.promotions if p.reason == "escalation"]
     assert escalated and "floor" in escalated[0].detail

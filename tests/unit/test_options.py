@@ -53,6 +53,6 @@ def test_the_fabric_plugin_takes_the_trainer_plugins_arguments_but_the_trainer_o
     from lightning_mp import AdaptiveMP
     from lightning_mp.fabric import AdaptiveMP as FabricAdaptiveMP
 
-    trainer_only = {"attach_callbacks", "sharded_gradients", "replay"}
+    trainer_only = {"attach_callbacks", "sharded_gradients", "replay", "rescue"}
     trainer = [p for p in inspect.signature(AdaptiveMP).parameters.values() if p.name not in trainer_only]
     assert list(inspect.signature(FabricAdaptiveMP).parameters.values()) == trainer
