@@ -3,8 +3,9 @@
 Schema (``schema: "lightning-mp/precision-report/1"``):
 
 ``run``
-    ``precision``, ``device``, ``optimizer_steps``, ``skipped_steps``, ``overflow_counts`` (events per phase),
-    ``scaler`` (``policy``, ``final_scale``, ``stats`` counters; ``null`` without a scaler), ``versions``.
+    ``precision``, ``device``, ``optimizer_steps``, ``skipped_steps``, ``rescued_steps`` (fp16 re-runs instead
+    of skips), ``overflow_counts`` (events per phase), ``scaler`` (``policy``, ``final_scale``, ``stats``
+    counters; ``null`` without a scaler), ``versions``.
 ``scale_history``
     ``[[step, scale], ...]`` after every optimizer step (at most ``MAX_POINTS``, evenly thinned); empty
     without a scaler.
@@ -66,6 +67,7 @@ def build_report(plugin: Any, scale_history: list[tuple[int, float]]) -> dict[st
             "device": plugin.device,
             "optimizer_steps": plugin.optimizer_steps,
             "skipped_steps": plugin.skipped_steps,
+            "rescued_steps": plugin.rescued_steps,
             "overflow_counts": dict(plugin.overflow_counts),
             "scaler": None
             if scaler is None
@@ -88,6 +90,7 @@ def run_metrics(plugin: Any) -> dict[str, float]:
     ``precision/fp32_modules`` and, with a scaler, ``precision/loss_scale`` (a host float: no device sync)."""
     metrics = {
         "precision/skipped_steps": plugin.skipped_steps,
+        "precision/rescued_steps": plugin.rescued_steps,
         "precision/overflow_events": sum(plugin.overflow_counts.values()),
         "precision/fp32_modules": len(plugin.fp32_modules),
     }
@@ -126,7 +129,8 @@ def render_markdown(report: dict[str, Any], limit: int = 10) -> str:
         "# Precision report",
         "",
         f"- precision: `{run['precision']}` on `{run['device']}`",
-        f"- optimizer steps: {run['optimizer_steps']}, skipped: {run['skipped_steps']}",
+        f"- optimizer steps: {run['optimizer_steps']}, skipped: {run['skipped_steps']},"
+        f" rescued: {run.get('rescued_steps', 0)}",
         f"- overflow events by phase: {run['overflow_counts'] or 'none'}",
     ]
     if run["scaler"]:
@@ -258,7 +262,11 @@ def render_table(report: dict[str, Any], limit: int = 8) -> Any:
     table = Table(title=f"lightning-mp precision report ({run['precision']})", show_lines=False)
     table.add_column("what")
     table.add_column("value", overflow="fold")
-    table.add_row("optimizer steps / skipped", f"{run['optimizer_steps']} / {run['skipped_steps']}")
+    if run["scaler"] is not None:  # rescues exist in fp16 only
+        steps = f"{run['optimizer_steps']} / {run['skipped_steps']} / {run.get('rescued_steps', 0)}"
+        table.add_row("optimizer steps / skipped / rescued", steps)
+    else:
+        table.add_row("optimizer steps / skipped", f"{run['optimizer_steps']} / {run['skipped_steps']}")
     if run["scaler"]:
         table.add_row("final loss scale", f"{run['scaler']['final_scale']:g} ({run['scaler']['policy']})")
     table.add_row("overflow events", ", ".join(f"{k}: {v}" for k, v in run["overflow_counts"].items()) or "none")

@@ -62,6 +62,11 @@ class CoreView:
         return self.core.skipped_steps
 
     @property
+    def rescued_steps(self) -> int:
+        """fp16 steps that overflowed in the backward and were re-run at a lower scale instead of skipped."""
+        return self.core.ledger.rescued_steps
+
+    @property
     def overflow_events(self) -> list[OverflowEvent]:
         """Non-finite events, oldest first (the last ``max_events``)."""
         return self.core.ledger.events
