@@ -102,6 +102,11 @@ def _code(value: float) -> int:
     return NAN if math.isnan(value) else INF if math.isinf(value) else FINITE
 
 
+def _input_code(tensor: torch.Tensor) -> int:
+    """An input tensor's non-finite code (a float32 sum propagates inf and NaN; one host read)."""
+    return _code(tensor.detach().sum(dtype=torch.float32).item())
+
+
 def _dtype_name(values: Any) -> str:
     tensors = floating(values)
     return str(tensors[0].dtype).removeprefix("torch.") if tensors else "unknown"
@@ -282,7 +287,7 @@ class OverflowTracker:
         self.watch_steps = watch_steps
         self.order = ExecutionOrder()
         self.probe = ForwardProbe()
-        self._input_sums: list[torch.Tensor] = []  # one per floating batch tensor since the last step
+        self._inputs: list[torch.Tensor] = []  # the floating batch tensors since the last step (references)
         self._losses: list[torch.Tensor] = []  # one per micro-batch since the last optimizer step
         # The batch's finding, kept until the next batch: in manual optimization several optimizers step on
         # one forward/backward, and a bad batch is one event, not one per optimizer.
@@ -291,12 +296,11 @@ class OverflowTracker:
         # Replays the bad step (``replay.py``): expected phase -> (a replay ran, its reproduced finding or None).
         self.replayer: Callable[[Phase], tuple[bool, Finding | None]] | None = None
 
-    # Per step, always on: one float32 sum per floating input tensor, kept on the device and never read unless
-    # the step turns out bad. The loss is kept as it is (a detached scalar): its code is derived when read.
+    # Per step, always on and free: references to the floating input tensors and the loss (a detached scalar),
+    # read only if the step turns out bad (the replay keeps the batch for the same time anyway). A batch the
+    # step modifies in place is judged as it is when read.
     def observe_input(self, batch: Any) -> None:
-        for tensor in floating(batch):
-            total = tensor.detach().sum(dtype=torch.float32)  # inf / NaN propagate; decoded only if read
-            self._input_sums.append(total)
+        self._inputs.extend(floating(batch))
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         self._losses.append(loss.detach())
@@ -312,7 +316,7 @@ class OverflowTracker:
     def forward_finite(self) -> bool:
         """Whether this step's inputs and losses are all finite (two host reads; ask only about a bad step).
         With a finite forward, a non-finite gradient was born in the backward: in fp16, the loss scale."""
-        codes = [_code(t.item()) for t in self._input_sums] + [_code(t.float().sum().item()) for t in self._losses]
+        codes = [_input_code(t) for t in self._inputs] + [_code(t.float().sum().item()) for t in self._losses]
         return int(all_reduce([float(max(codes, default=FINITE))], "MAX")[0]) == FINITE
 
     def forget_losses(self) -> None:
@@ -322,7 +326,7 @@ class OverflowTracker:
     def new_batch(self) -> None:
         """Forget the last batch's flags and finding: call when the first micro-batch of an optimizer step
         begins. Not at the end of a step: in manual optimization another optimizer may still step on it."""
-        self._input_sums, self._losses, self._batch_finding, self._batch_optimizers = [], [], None, set()
+        self._inputs, self._losses, self._batch_finding, self._batch_optimizers = [], [], None, set()
 
     def note_optimizer(self, key: int) -> bool:
         """An optimizer is about to step on the current batch; True when another optimizer already found this
@@ -338,9 +342,10 @@ class OverflowTracker:
         self.probe.end_step()
 
     def stop(self) -> None:
-        """Remove every hook (teardown of an interrupted run)."""
+        """Remove every hook and drop the last batch's references (teardown, or an interrupted run)."""
         self.order.stop()
         self.probe.disarm()
+        self._inputs, self._losses = [], []
 
     @property
     def hooked(self) -> bool:
@@ -359,7 +364,7 @@ class OverflowTracker:
 
     def _classify(self, model: nn.Module) -> Finding:
         codes = [
-            max((_code(total.item()) for total in self._input_sums), default=FINITE),
+            max((_input_code(t) for t in self._inputs), default=FINITE),
             max((_code(loss.float().sum().item()) for loss in self._losses), default=FINITE),
         ]
         input_code, loss_code = (int(v) for v in all_reduce([float(c) for c in codes], "MAX"))

@@ -289,9 +289,12 @@ def test_adaptive_scaler_drops_into_lightnings_own_mixed_precision():
 class HooksDuringTraining(L.Callback):
     def __init__(self):
         self.hooked = []
+        self.inputs_kept = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.hooked.append(trainer.precision_plugin.core.tracker.hooked)
+        tracker = trainer.precision_plugin.core.tracker
+        self.hooked.append(tracker.hooked)
+        self.inputs_kept.append(len(tracker._inputs))
 
 
 @pytest.mark.parametrize(
@@ -305,6 +308,7 @@ def test_the_unguarded_path_ends_its_steps_too(kwargs, optimizer):
     fit(plugin, model_cls=lambda: TinyRegressor(optimizer=optimizer), data=loader(samples=80), max_steps=20,
         callbacks=[watch])  # fmt: skip
     assert watch.hooked[1:] == [False] * 19, "the order is recorded on the first step only"
-    assert len(plugin.core.tracker._input_sums) <= 2, "at most one batch's input flags are kept"
+    assert max(watch.inputs_kept) == 2, "one batch's inputs are kept (x and y), never more"
+    assert plugin.core.tracker._inputs == [], "and none after the fit"
     assert plugin.optimizer_steps == 20
     assert plugin.statistics.samples_taken == 4  # steps 5, 10, 15, 20
