@@ -165,6 +165,8 @@ class PrecisionCore:
             param = next(model.parameters(), None)
             self.resolve(self.device or (param.device.type if param is not None else "cpu"))
         self.model = model
+        if self.scaler is not None:
+            self.scaler.policy.rescuing = self.rescue_enabled  # cheaper overflows: growth may go closer to the edge
         self.buffers.watch(model)
         self._batch_due = True  # a new fit: what an earlier one kept of its last batch is stale
         self.fallback.setup(model, self.precision, self.device)

@@ -18,6 +18,9 @@ FP16_MAX = 65504.0  # largest finite float16
 _F32_TINY = 2.0**-126  # smallest normal float32
 _MAX_JUMP = 16  # most factors of growth_factor one predictive growth may take at once
 _POLICIES = ("dynamic", "predictive")
+# Growth headroom when headroom_bits is None: an overflow costs a skipped step, or, where the plugin rescues
+# overflowing steps, one extra forward/backward; cheaper overflows earn a scale closer to the edge.
+HEADROOM_BITS, RESCUED_HEADROOM_BITS = 0.25, 0.125
 # A calibrated first scale leaves the largest gradient measured on the first clean step this many bits below
 # the format's largest value: room for the batch-to-batch spread of gradient magnitudes in the first steps.
 CALIBRATION_HEADROOM_BITS = 2.0
@@ -101,7 +104,8 @@ class ScalerConfig:
     amax_history: int = 16  # clean steps of gradient amax the predictive policy remembers
     # Growth must leave S*amax this many bits below the overflow product. Lower = the scale follows shrinking
     # gradients sooner (less underflow), at the price of an occasional failed growth on a noisy amax.
-    headroom_bits: float = 0.25
+    # None = HEADROOM_BITS, or RESCUED_HEADROOM_BITS while overflowing steps are rescued (ScalePolicy.rescuing).
+    headroom_bits: float | None = None
     shrink_headroom_bits: float = 0.0625  # shrink ahead when S*amax comes this close to the overflow product
     probe_after: int = 32  # refused growth checks before the learned overflow product is relaxed
     floor_patience: int = 8  # confirmed overflows at the floor before on_floor / LossScaleFloorError
@@ -142,16 +146,27 @@ class ScalerConfig:
             )
         for name in ("headroom_bits", "shrink_headroom_bits"):
             value = getattr(self, name)
+            if value is None and name == "headroom_bits":
+                continue
             if not _is_number(value) or not math.isfinite(value) or value < 0:
-                raise _invalid(name, value, "a finite number >= 0")
+                raise _invalid(
+                    name, value, "None or a finite number >= 0" if name == "headroom_bits" else "a finite number >= 0"
+                )
         if self.calibrate is not None and not isinstance(self.calibrate, bool):
             raise _invalid("calibrate", self.calibrate, "None, True or False")
-        if self.shrink_headroom_bits >= self.headroom_bits:
+        if self.shrink_headroom_bits >= min(self.growth_headroom(False), self.growth_headroom(True)):
             raise ValueError(
                 f"AdaptiveLossScaler(shrink_headroom_bits={self.shrink_headroom_bits!r},"
                 f" headroom_bits={self.headroom_bits!r}) is invalid: shrink_headroom_bits must be"
-                " < headroom_bits, or the scale would shrink right after every growth."
+                f" < headroom_bits (None: {RESCUED_HEADROOM_BITS} when rescuing), or the scale would shrink right"
+                " after every growth."
             )
+
+    def growth_headroom(self, rescuing: bool) -> float:
+        """The headroom growth leaves below the overflow product (``headroom_bits``, or its default)."""
+        if self.headroom_bits is not None:
+            return self.headroom_bits
+        return RESCUED_HEADROOM_BITS if rescuing else HEADROOM_BITS
 
     @property
     def floor(self) -> float:
@@ -203,6 +218,7 @@ class ScalePolicy:
         # A fresh run: the first clean step sets the scale (see calibrate). Cleared by that step or a resume.
         self.calibrating = config.calibrates
         self.rescues = 0  # overflowing steps re-run at a lower scale (counted by rescue())
+        self.rescuing = False  # whoever drives the scaler rescues overflowing steps (AdaptiveMP sets it)
 
     @property
     def predictive(self) -> bool:
@@ -383,7 +399,8 @@ class ScalePolicy:
         config = self.config
         factor = config.growth_factor
         if self.predictive and self._amax and max(self._amax) > 0:
-            room = self.overflow_product / (self.scale * max(self._amax) * 2.0**config.headroom_bits)
+            headroom = config.growth_headroom(self.rescuing)
+            room = self.overflow_product / (self.scale * max(self._amax) * 2.0**headroom)
             allowed = math.floor(math.log(room, config.growth_factor)) if room > 0 else 0
             # Until an overflow has measured P it is only the format's limit, a loose guess: cover half the
             # distance per growth (one failed probe at most). A measured P is trusted all the way.
@@ -392,7 +409,7 @@ class ScalePolicy:
             if self._backward_amax:
                 # A gradient measured inside the backward overflows at S * a_bwd > format max, whatever the
                 # parameter gradients say: attention-backward spikes live there.
-                room_bwd = config.format_max / (self.scale * max(self._backward_amax) * 2.0**config.headroom_bits)
+                room_bwd = config.format_max / (self.scale * max(self._backward_amax) * 2.0**headroom)
                 steps = min(steps, math.floor(math.log(room_bwd, config.growth_factor)) if room_bwd > 0 else 0)
             if steps < 1:
                 self._refused_growths += 1

@@ -68,6 +68,7 @@ def test_a_rescued_step_equals_the_step_a_run_at_the_lower_scale_takes_dropout_a
     _, t = _fit(rescuing, rescued_model, steps=6, callbacks=[probe])
     assert rescuing.skipped_steps == 0
     assert rescuing.ledger.rescued_steps >= 1 and rescuing.scaler.rescues >= 1
+    assert rescuing.scaler.policy.rescuing  # told at setup: growth may use the rescued headroom
     assert probe.scales[0] == 2.0**14  # the first step's gradients carry the lower scale
     assert t.callback_metrics["steps_logged"] == 6  # the re-run's self.log calls were muted
     # What the user reads: the logged figure and the report count the rescued steps.
@@ -184,3 +185,17 @@ def test_rescue_and_calibrate_are_validated_with_the_field_named():
         AdaptiveMP("16-mixed", rescue="yes")
     with pytest.raises(ValueError, match=r"AdaptiveLossScaler\(calibrate=1\) is invalid"):
         AdaptiveLossScaler("cpu", calibrate=1)
+
+
+def test_where_overflows_are_rescued_growth_goes_closer_to_the_edge():
+    # An amax at which 2^15 leaves 0.2 bits below fp16's max: enough for the rescued headroom (0.125 bits),
+    # not for the default one (0.25 bits).
+    amax = 65504.0 / 2.0**15.2
+    config = ScalerConfig(init_scale=2.0**10, growth_interval=1, calibrate=False)
+    plain, rescuing = ScalePolicy(config), ScalePolicy(config)
+    rescuing.rescuing = True
+    for policy in (plain, rescuing):
+        for _ in range(40):
+            policy.update(False, amax=amax)
+    assert (plain.scale, rescuing.scale) == (2.0**14, 2.0**15)
+    assert AdaptiveMP("16-mixed").scaler.policy.rescuing is False  # set at setup, from the plugin's rescue

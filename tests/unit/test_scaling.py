@@ -332,7 +332,9 @@ def test_predictive_never_grows_past_the_format_limit():
     policy = ScalePolicy(config)
     for _ in range(50):
         policy.update(False, 0.5)
-    assert policy.scale * 0.5 * 2**config.headroom_bits <= 65504.0  # at least headroom_bits below fp16's max
+    assert (
+        policy.scale * 0.5 * 2 ** config.growth_headroom(policy.rescuing) <= 65504.0
+    )  # at least headroom_bits below fp16's max
     assert policy.scale * 0.5 * 2 > 65504.0, "and no further below than one growth factor"
 
 
