@@ -137,6 +137,8 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         state = self._per_optimizer_states[id(optimizer)]
         if state["stage"] is not OptState.UNSCALED:
             raise RuntimeError("overflowed() needs unscale_(optimizer) first in this iteration.")
+        if not state["found_inf_per_device"] and state.get("scaled_amax") is None:
+            return False  # no parameter of this optimizer has a gradient: nothing could overflow
         return self._read_flags(state)[0]
 
     def rescue(self, probe: bool = False) -> float:

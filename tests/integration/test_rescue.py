@@ -199,3 +199,11 @@ def test_where_overflows_are_rescued_growth_goes_closer_to_the_edge():
             policy.update(False, amax=amax)
     assert (plain.scale, rescuing.scale) == (2.0**14, 2.0**15)
     assert AdaptiveMP("16-mixed").scaler.policy.rescuing is False  # set at setup, from the plugin's rescue
+
+
+def test_an_optimizer_without_gradients_is_not_an_overflow():
+    scaler = AdaptiveLossScaler("cpu", policy="dynamic", hysteresis=1, min_scale=None, max_scale=None)
+    frozen = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)  # its parameter never gets a gradient
+    scaler.scale(torch.ones(()))
+    scaler.unscale_(frozen)
+    assert scaler.overflowed(frozen) is False
