@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_mp._compat import optimizer_handles_unscaling, scaler_device
-from lightning_mp._grads import gradients_nonfinite, is_sharded
+from lightning_mp._grads import all_reduce, gradients_nonfinite, is_sharded
 from lightning_mp.attribution import Finding, OverflowTracker, is_kernel_error, module_from_traceback
 from lightning_mp.buffers import BufferSnapshot
 from lightning_mp.escalation import Escalation, EscalationLadder, give_up_message
@@ -95,7 +95,7 @@ class PrecisionCore:
         self._rescue_option = False if options.sharded_gradients else options.rescue
         self.replay.save_rng = self._rescue_option is not False  # a re-run draws the same dropout masks
         self._rescue_passes = 0  # re-runs of the current step
-        self._nonfinite_at_floor = False  # this step's gradients stayed non-finite when re-run at the floor
+        self._nonfinite_unscaled = False  # this step's gradients stayed non-finite when re-run without scaling
         self._rerunning = False  # a rescue re-run is in progress: its micro-step is not a new one
         self._backward_passes = 0  # backward passes of this optimizer step so far (manual: before each step)
         self._batch_due = True  # the next micro-batch begins a new optimizer step (a new batch)
@@ -165,8 +165,6 @@ class PrecisionCore:
             param = next(model.parameters(), None)
             self.resolve(self.device or (param.device.type if param is not None else "cpu"))
         self.model = model
-        if self.scaler is not None:
-            self.scaler.policy.rescuing = self.rescue_enabled  # cheaper overflows: growth may go closer to the edge
         self.buffers.watch(model)
         self._batch_due = True  # a new fit: what an earlier one kept of its last batch is stale
         self.fallback.setup(model, self.precision, self.device)
@@ -201,7 +199,7 @@ class PrecisionCore:
     @property
     def rescue_enabled(self) -> bool:
         """Whether an fp16 step that overflows in the backward is re-run at a lower scale (see ``rescue``)."""
-        if self.scaler is None or self._rescue_option is False:
+        if self.scaler is None or not self.scaler.is_enabled() or self._rescue_option is False:
             return False
         return self._rescue_option or self.scaler.config.policy == "predictive"
 
@@ -211,7 +209,7 @@ class PrecisionCore:
             return  # the same micro-batch again (a rescue): counted once; a sample's hooks are still armed
         self._micro_batches += 1
         self.tracker.start_micro_step()
-        calibrating = self.scaler is not None and self.scaler.policy.calibrating
+        calibrating = self.scaler is not None and self.scaler.is_enabled() and self.scaler.policy.calibrating
         if self.model is not None and (self.ledger.optimizer_steps % self.options.stats_every == 0 or calibrating):
             # A sampled step: hooks live for this step only. The predictive scaler also wants the gradients
             # inside the backward (its growth limit), and a calibrating one wants them before its first step.
@@ -232,7 +230,7 @@ class PrecisionCore:
             self.replay.begin_batch(self.device)
             self._backward_passes = 0
             self._micro_batches, self._batch_stepped = 0, False
-            self._rescue_passes, self._nonfinite_at_floor = 0, False
+            self._rescue_passes, self._nonfinite_unscaled = 0, False
 
     def keep_micro_batch(self, run: Callable[[Callable[[Tensor], None]], None]) -> None:
         """Register how to run the current micro-batch again (see ``StepReplay``): called by the shell as each
@@ -287,10 +285,20 @@ class PrecisionCore:
         ``rerun`` runs the step's forward, zero_grad and backward again (Lightning's closure, logging muted):
         given it, an fp16 overflow born in the backward is rescued (see ``_rescue``).
         """
-        if self.scaler is not None and not handles_unscaling:
-            self.scaler.unscale_(optimizer)
-            if rerun is not None:
-                self._rescue(optimizer, rerun)
+        if self.scaler is not None:
+            can_rescue = (
+                rerun is not None
+                and not handles_unscaling
+                and self.rescue_enabled
+                and self._micro_batches == 1
+                and not self.replay.active
+            )
+            # Growth may go closer to the edge only where an overflow costs a re-run, not a batch.
+            self.scaler.policy.rescuing = can_rescue
+            if not handles_unscaling:
+                self.scaler.unscale_(optimizer)
+                if can_rescue:
+                    self._rescue(optimizer, rerun)
         self.collect_statistics()  # before clipping: the statistics describe what the backward produced
 
     def _rescue(self, optimizer: Optimizer, rerun: Callable[[], Any]) -> None:
@@ -299,29 +307,29 @@ class PrecisionCore:
 
         Applies to a step of one micro-batch whose inputs and loss are finite (the overflow was born in the
         backward) while the scale is above its floor; anything else is skipped as before. The first re-run uses
-        the scale the policy chooses; if that overflows too, the last one runs at the floor. Still non-finite
-        there, the gradient is non-finite at any scale: the scale the policy had before this step is put back
-        and the skipped step is excused (a backward NaN is not the scale's fault).
+        the scale the policy chooses; if that overflows too, the last one runs without loss scaling (scale 1,
+        or the floor if higher). Still non-finite there, the gradient is non-finite at any useful scale: the
+        policy's state from before this step is put back and the skipped step is excused (a backward NaN is
+        not the scale's fault; repeated, it is blamed on its module like a forward overflow).
 
         Before a re-run, BatchNorm statistics and the RNG are put back where the batch began, so the rescued
         step is the step a run at the lower scale would have taken, dropout included; the overflowed attempt's
         statistics are dropped (a sampled step's hooks measure the re-run).
         """
-        if not self.rescue_enabled or self._micro_batches != 1 or self.replay.active:
-            return
         policy = self.scaler.policy
         before: dict[str, Any] | None = None
         while self.scaler.overflowed(optimizer):
-            if self.scaler.get_scale() <= self.scaler.config.floor:
-                # The last re-run (at the floor) overflowed too. Without a re-run, an overflow at the floor
-                # is left to the policy's floor rule and the escalation ladder, as without rescue.
-                self._nonfinite_at_floor = before is not None
-                break
-            if self._rescue_passes >= RESCUE_ATTEMPTS or not self.tracker.forward_finite():
-                return  # a bad batch or a forward overflow: skip, attribute and record as usual
+            if self._rescue_passes == RESCUE_ATTEMPTS:
+                self._nonfinite_unscaled = True
+                rescues = policy.rescues
+                policy.load_state_dict(before)  # undo this step's back-offs: they could not have helped
+                policy.rescues = rescues
+                return
+            if self.scaler.get_scale() <= self.scaler.config.floor or not self.tracker.forward_finite():
+                return  # the floor rule, or a bad batch / forward overflow: skip, attribute and record as usual
             before = before or policy.state_dict()
             self._rescue_passes += 1
-            self.scaler.rescue(probe=self._rescue_passes == RESCUE_ATTEMPTS)
+            self.scaler.rescue(last=self._rescue_passes == RESCUE_ATTEMPTS)
             self.statistics.discard()
             self.buffers.restore()
             self.replay.restart_batch()
@@ -333,14 +341,6 @@ class PrecisionCore:
             finally:
                 self._rerunning = False
             self.scaler.unscale_(optimizer)
-        if self._nonfinite_at_floor:
-            rescues = policy.rescues
-            policy.load_state_dict(before)  # undo this step's back-offs: they could not have helped
-            policy.rescues = rescues
-        if self._nonfinite_at_floor and before is not None:
-            rescues = policy.rescues
-            policy.load_state_dict(before)  # undo this step's back-offs: they could not have helped
-            policy.rescues = rescues
 
     def step(self, optimizer: Optimizer, **kwargs: Any) -> tuple[bool, Any]:
         """Step, or skip a step whose gradients are not finite; then attribute, decide and record.
@@ -361,9 +361,9 @@ class PrecisionCore:
             skipped_before = self.scaler.skipped_steps
             output = self.scaler.step(optimizer, **kwargs)  # skips optimizer.step() on non-finite gradients
             finding = self._attribute() if self.scaler.skipped_steps > skipped_before else None
-            if finding is not None and (finding.phase != "backward" or self._nonfinite_at_floor):
+            if finding is not None and (finding.phase != "backward" or self._nonfinite_unscaled):
                 # Lowering the scale cannot fix a bad batch, a forward overflow, or a gradient that is
-                # non-finite at the floor (a rescue's last re-run showed it).
+                # non-finite without scaling (a rescue's last re-run showed it).
                 self.scaler.excuse_overflow()
             self.scaler.update()
         elif gradients_nonfinite(optimizer, self.options.sharded_gradients):  # bf16/fp32: after clipping
@@ -384,7 +384,10 @@ class PrecisionCore:
             scale = self.scaler.get_scale() if self.scaler is not None else 1.0
             self.statistics.collect(self.model, scale, self.stats_dtype)
             if self.scaler is not None and self.statistics.backward_amax is not None:
-                self.scaler.observe_backward_amax(self.statistics.backward_amax)
+                # Activation gradients are each rank's own: agree on the largest, or ranks would pick scales.
+                value = self.statistics.backward_amax
+                (value,) = all_reduce([math.inf if math.isnan(value) else value], "MAX")
+                self.scaler.observe_backward_amax(value)
 
     def _replay(self, expected: str) -> tuple[bool, Finding | None]:
         """Run the bad step again under the tracer (the tracker calls this): (ran, its finding or None)."""
@@ -477,7 +480,11 @@ class PrecisionCore:
         """Blame layers, never bad batches or bad losses; a backward overflow only when scaling cannot help."""
         if not self.options.auto_fallback or finding.module is None or finding.phase in ("input", "loss"):
             return None
-        scaling_can_help = self.scaler is not None and self.scaler.get_scale() > self.scaler.config.floor
+        scaling_can_help = (
+            self.scaler is not None
+            and self.scaler.get_scale() > self.scaler.config.floor
+            and not self._nonfinite_unscaled
+        )
         if finding.phase == "backward" and scaling_can_help:
             return None
         step = self.ledger.optimizer_steps

@@ -175,6 +175,7 @@ class ModuleStatistics:
         if not self.active:
             return
         self._hooks.remove()
+        self.backward_amax = None
         measure_underflow = torch.finfo(dtype).tiny > torch.finfo(torch.float32).tiny
         under_keys, under = [], []
         for fqn, module in model.named_modules():

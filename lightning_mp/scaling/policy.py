@@ -241,7 +241,7 @@ class ScalePolicy:
         if math.isfinite(amax) and amax > 0:
             self._backward_amax.append(float(amax))
 
-    def rescue(self, probe: bool = False) -> float:
+    def rescue(self, last: bool = False, current: float | None = None) -> float:
         """This step overflowed and will be re-run on the same batch: count the overflow, return the re-run's scale.
 
         The overflow is judged as :meth:`update` would judge it (hysteresis, revert of a failed growth,
@@ -249,18 +249,26 @@ class ScalePolicy:
         tolerated the scale stays where it is and only the re-run uses ``scale * backoff_factor``: an isolated
         spike costs one extra backward, neither the batch nor the scale.
 
-        ``probe=True`` re-runs at the floor and changes nothing else: the last try, which tells a gradient too
-        large for the scale from one that is non-finite at any scale. Before the first clean step of a
-        calibrating run nothing is known about the gradients yet: the re-run probes at the floor too (the
+        ``last=True``: the re-run at ``current`` overflowed too. The policy's scale goes at least one factor
+        below ``current``, and the last re-run uses no loss scaling (1, or the floor if higher): what tells a
+        gradient too large for the scale from one non-finite at any useful scale. Before the first clean step
+        of a calibrating run nothing is known about the gradients yet: the re-run uses no scaling either (the
         first clean step then calibrates from what it measures).
         """
         self.rescues += 1
-        if probe:
-            return self.config.floor
+        config = self.config
+        unscaled = max(config.floor, 1.0)
+        if last:
+            below = max(config.floor, _f32((current or self.scale) * config.backoff_factor))
+            if below < self.scale:
+                self._set(below)
+                self.growth_tracker = 0
+                self.backoffs += 1
+            return min(unscaled, below)
         if self.calibrating:
             self.overflows += 1
             self.growth_tracker = 0
-            return self.config.floor
+            return unscaled if unscaled < self.scale else max(config.floor, _f32(self.scale * config.backoff_factor))
         self.steps += 1  # _on_overflow judges the hysteresis window at this step's number
         try:
             action = self._on_overflow()

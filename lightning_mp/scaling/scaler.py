@@ -79,6 +79,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         )
         super().__init__(device, config.init_scale, growth_factor, backoff_factor, growth_interval, enabled)
         self._policy = ScalePolicy(config)
+        self._policy.calibrating &= enabled  # a disabled scaler never updates: nothing to calibrate
         self._init_scale = self._policy.scale
         self.on_floor = on_floor
         # amax costs one extra reduction over the gradients; only pay for it when someone reads it.
@@ -141,19 +142,19 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
             return False  # no parameter of this optimizer has a gradient: nothing could overflow
         return self._read_flags(state)[0]
 
-    def rescue(self, probe: bool = False) -> float:
+    def rescue(self, last: bool = False) -> float:
         """Prepare to re-run an overflowing iteration's forward/backward on the same batch at a lower scale.
 
         Call after ``unscale_`` found an overflow and before ``step``; then zero the gradients, run the
         forward/backward again (``scale(loss)`` uses the returned scale) and ``unscale_``, ``step`` and
         ``update`` as usual. The overflow is counted and judged by the policy (see
-        :meth:`ScalePolicy.rescue`); no step is skipped. ``probe=True`` re-runs at the floor, changing nothing
-        else. Returns the re-run's scale.
+        :meth:`ScalePolicy.rescue`); no step is skipped. ``last=True``: the previous re-run overflowed too; this
+        one runs without loss scaling. Returns the re-run's scale.
         """
         self._check_scale_growth_tracker("rescue")
         assert self._scale is not None
-        scale = self._policy.rescue(probe)
-        self._rerun_scale = scale if scale != self._policy.scale else None
+        scale = self._policy.rescue(last, current=self.get_scale())
+        self._rerun_scale = scale  # what the re-run's gradients carry, whatever the policy does next
         self._scale.fill_(scale)
         self._per_optimizer_states = defaultdict(refresh_per_optimizer_state)
         return scale
@@ -317,6 +318,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         if not self._enabled:
             return {}
         state = super().state_dict()
+        state["scale"] = self._policy.scale  # not a rescue's re-run scale, if saved between rescue() and update()
         state["adaptive"] = self._policy.state_dict()
         return state
 

@@ -16,7 +16,7 @@ from torch import nn
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
 from lightning_mp.report import build_report, render_markdown, run_metrics
 from lightning_mp.scaling import ScaleAction, ScalePolicy, ScalerConfig
-from tests.helpers import fit, loader
+from tests.helpers import ExplodingBackward, TroubleNet, fit, loader
 
 
 class GainedRegressor(L.LightningModule):
@@ -207,3 +207,43 @@ def test_an_optimizer_without_gradients_is_not_an_overflow():
     scaler.scale(torch.ones(()))
     scaler.unscale_(frozen)
     assert scaler.overflowed(frozen) is False
+
+
+def test_the_last_rerun_uses_no_loss_scaling_and_the_policy_backs_off_below_the_first():
+    policy = ScalePolicy(ScalerConfig(init_scale=2.0**12, calibrate=False, growth_interval=100))
+    for _ in range(3):
+        policy.update(False, amax=1.0)
+    first = policy.rescue()  # tolerated: only the re-run is lower
+    assert (first, policy.scale) == (2.0**11, 2.0**12)
+    assert policy.rescue(last=True, current=first) == 1.0  # the first re-run overflowed too
+    assert policy.scale == 2.0**10, "both scales overflowed: the policy goes one factor below the re-run's"
+
+
+def test_a_gradient_nonfinite_at_any_scale_is_excused_keeps_the_scale_and_is_blamed_on_its_module():
+    plugin = AdaptiveMP("16-mixed", scaler=AdaptiveLossScaler("cpu", init_scale=256.0), rescue=True)
+    fit(plugin, model_cls=lambda: TroubleNet(ExplodingBackward(float("nan"))), max_steps=4)
+    events = plugin.overflow_events
+    assert events and all(e.phase == "backward" and e.module == "middle" for e in events)
+    assert all(e.scaler_action is ScaleAction.EXCUSED for e in events)
+    assert plugin.scaler.get_scale() == 256.0, "re-runs without scaling proved it is not the scale's fault"
+    assert "middle" in plugin.fp32_modules, "blamed twice: promoted, as a forward overflow would be"
+    assert plugin.ledger.rescued_steps == 0 and plugin.scaler.rescues == 2 * len(events)
+
+
+def test_a_disabled_scaler_trains_without_rescue_or_calibration():
+    plugin = AdaptiveMP("16-mixed", scaler=AdaptiveLossScaler("cpu", enabled=False))
+    model, _ = fit(plugin, max_steps=3)
+    assert not plugin.core.rescue_enabled and not plugin.scaler.policy.calibrating
+    assert plugin.statistics.samples_taken == 0, "no first-step sample for a calibration that cannot happen"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_checkpoint_taken_between_rescue_and_update_keeps_the_policys_scale():
+    scaler = AdaptiveLossScaler("cpu", init_scale=2.0**12, calibrate=False)
+    optimizer = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)
+    scaler.scale(optimizer.param_groups[0]["params"][0].sum()).backward()
+    scaler.unscale_(optimizer)
+    for _ in range(3):
+        scaler.policy.update(False, amax=1.0)  # the scale has proven itself: the overflow will be tolerated
+    assert scaler.rescue() == 2.0**11 and scaler.get_scale() == 2.0**11  # the re-run's scale
+    assert scaler.state_dict()["scale"] == scaler.policy.scale == 2.0**12
