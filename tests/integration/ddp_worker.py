@@ -1,7 +1,8 @@
 """Two-process DDP run on CPU (gloo) where only rank 1's data overflows fp16; each rank writes what it decided.
 
-Run by tests/integration/test_ddp.py as ``python -m tests.integration.ddp_worker OUT_DIR``; Lightning
-re-launches the same command for rank 1.
+Run by tests/integration/test_ddp.py as ``python -m tests.integration.ddp_worker OUT_DIR [rescue]``; Lightning
+re-launches the same command for rank 1. With ``rescue`` the model's backward overflows at the starting scale
+on both ranks instead (a gradient multiplied by 1e4), so every step is re-run at a lower scale.
 """
 
 import json
@@ -12,7 +13,7 @@ import lightning as L
 import torch
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
-from tests.helpers import NaiveLogSumExp, TroubleNet, loader, loader_with
+from tests.helpers import ExplodingBackward, NaiveLogSumExp, TroubleNet, loader, loader_with
 
 
 class RankData(L.LightningDataModule):
@@ -45,6 +46,7 @@ def run(out: Path, model: L.LightningModule, strategy) -> None:
     result = {
         "fp32_modules": plugin.fp32_modules,
         "skipped_steps": plugin.skipped_steps,
+        "rescued_steps": plugin.rescued_steps,
         "scale": plugin.scaler.get_scale(),
         "events": [(e.step, e.phase, e.module, e.op, e.source, e.reproduced) for e in plugin.overflow_events],
         "weights": [v for p in full for v in p.detach().flatten().tolist()],
@@ -54,4 +56,7 @@ def run(out: Path, model: L.LightningModule, strategy) -> None:
 
 if __name__ == "__main__":
     torch.manual_seed(0)
-    run(Path(sys.argv[1]), TroubleNet(NaiveLogSumExp(), lr=1e-4), strategy="ddp")
+    if sys.argv[2:] == ["rescue"]:
+        run(Path(sys.argv[1]), TroubleNet(ExplodingBackward(1e4), lr=1e-6), strategy="ddp")
+    else:
+        run(Path(sys.argv[1]), TroubleNet(NaiveLogSumExp(), lr=1e-4), strategy="ddp")

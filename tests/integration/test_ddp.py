@@ -45,3 +45,24 @@ def test_overflow_on_one_rank_gives_identical_promotions_and_weights(tmp_path, w
         assert rank0["skipped_steps"] == rank1["skipped_steps"] == 3
     assert rank0["scale"] == rank1["scale"] == 16.0
     assert rank0["weights"] == rank1["weights"]
+
+
+@pytest.mark.slow
+def test_a_backward_overflow_is_rescued_identically_on_every_rank(tmp_path):
+    """Rescue under DDP: the overflow flags come from all-reduced gradients and the forward check is collective, so
+    both ranks re-run the same steps together (the re-runs' gradient all-reduces match) and end identical."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.integration.ddp_worker", str(tmp_path), "rescue"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert rank0["rescued_steps"] == rank1["rescued_steps"] >= 1
+    assert rank0["skipped_steps"] == rank1["skipped_steps"] == 0 and rank0["events"] == rank1["events"] == []
+    assert rank0["scale"] == rank1["scale"] < 16.0
+    assert rank0["weights"] == rank1["weights"]
