@@ -314,10 +314,18 @@ class OverflowTracker:
         self.probe.start_micro_step()
 
     def forward_finite(self) -> bool:
-        """Whether this step's inputs and losses are all finite (two host reads; ask only about a bad step).
-        With a finite forward, a non-finite gradient was born in the backward: in fp16, the loss scale."""
-        codes = [_input_code(t) for t in self._inputs] + [_code(t.float().sum().item()) for t in self._losses]
-        return int(all_reduce([float(max(codes, default=FINITE))], "MAX")[0]) == FINITE
+        """Whether this step's inputs and losses are all finite (host reads; ask only about a bad step). With a
+        finite forward, a non-finite gradient was born in the backward: in fp16, the loss scale."""
+        return self._forward_codes() == (FINITE, FINITE)
+
+    def _forward_codes(self) -> tuple[int, int]:
+        """The non-finite codes of this step's inputs and of its losses, agreed across ranks (a collective)."""
+        codes = [
+            max((_input_code(t) for t in self._inputs), default=FINITE),
+            max((_code(loss.float().sum().item()) for loss in self._losses), default=FINITE),
+        ]
+        input_code, loss_code = (int(v) for v in all_reduce([float(c) for c in codes], "MAX"))
+        return input_code, loss_code
 
     def forget_losses(self) -> None:
         """The step's forward/backward runs again (a rescue): its losses will be observed again."""
@@ -363,11 +371,7 @@ class OverflowTracker:
         return self._batch_finding
 
     def _classify(self, model: nn.Module) -> Finding:
-        codes = [
-            max((_input_code(t) for t in self._inputs), default=FINITE),
-            max((_code(loss.float().sum().item()) for loss in self._losses), default=FINITE),
-        ]
-        input_code, loss_code = (int(v) for v in all_reduce([float(c) for c in codes], "MAX"))
+        input_code, loss_code = self._forward_codes()
         if input_code:
             return Finding("input", None, KINDS[input_code], "input")
         replayed, reproduced = self._replay("forward" if loss_code else "backward")
