@@ -173,19 +173,18 @@ class AdaptiveMP(CoreView, Precision):
         """Run one micro-batch's ``training_step`` again, handing its loss to ``backward`` where Lightning's
         loop would call backward. Logging is muted and optimizer steps are never taken."""
         undo = muted_step_counting(_lightning_optimizers(module))
-        module.log = module.log_dict = _ignore  # instance attributes, removed below: no double-counted metric
         if not module.automatic_optimization:
             module.manual_backward = lambda loss, *a, **k: backward(loss)
         try:
-            output = module.training_step(*args, **kwargs)
+            with _muted_logging(module):
+                output = module.training_step(*args, **kwargs)
             if module.automatic_optimization:
                 loss = output.get("loss") if isinstance(output, Mapping) else output
                 if isinstance(loss, Tensor):
                     accumulate = self._trainer.accumulate_grad_batches if self._trainer is not None else 1
                     backward(loss / accumulate if accumulate > 1 else loss)
         finally:
-            for name in ("log", "log_dict", "manual_backward"):
-                module.__dict__.pop(name, None)
+            module.__dict__.pop("manual_backward", None)
             undo()
 
     # -------------------------------------------------------------------------------------- autocast
@@ -349,14 +348,22 @@ class _Rerun:
         self.ran, self.result = False, None
 
     def __call__(self) -> Any:
-        self.module.log = self.module.log_dict = _ignore  # instance attributes, removed below
-        try:
+        with _muted_logging(self.module):
             self.result = self.closure()
-            self.ran = True
-            return self.result
-        finally:
-            for name in ("log", "log_dict"):
-                self.module.__dict__.pop(name, None)
+        self.ran = True
+        return self.result
+
+
+@contextlib.contextmanager
+def _muted_logging(module: pl.LightningModule) -> Generator[None, None, None]:
+    """``self.log`` / ``self.log_dict`` do nothing inside (a step run again must not count its metrics twice).
+    Instance attributes shadowing the methods, removed on the way out."""
+    module.log = module.log_dict = _ignore
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            module.__dict__.pop(name, None)
 
 
 def _trainer_of(model: Module) -> pl.Trainer | None:
