@@ -60,7 +60,7 @@ __all__ = ["PrecisionCore"]
 SPIKE_FACTOR = 100.0
 SPIKE_HISTORY = 16
 # Re-runs of one step's forward/backward before it is skipped after all (a rescue): the first at the scale
-# the policy chooses, the last at the floor (still non-finite there: not a scaling problem).
+# the policy chooses, the last without loss scaling (still non-finite there: not a scaling problem).
 RESCUE_ATTEMPTS = 2
 
 

@@ -162,7 +162,7 @@ class ModuleStatistics:
     def stop(self) -> None:
         """Remove the hooks and drop this step's values without folding them in."""
         self._hooks.remove()
-        self._keys, self._lows, self._highs = [], [], []
+        self.discard()
 
     def collect(self, model: nn.Module, scale: float, dtype: torch.dtype) -> None:
         """After backward (before the optimizer step): fold this step's values into the running stats.
@@ -179,7 +179,7 @@ class ModuleStatistics:
         measure_underflow = torch.finfo(dtype).tiny > torch.finfo(torch.float32).tiny
         under_keys, under = [], []
         for fqn, module in model.named_modules():
-            grads = [g for g in (local(p.grad) for p in module.parameters(recurse=False) if p.grad is not None)]
+            grads = [local(p.grad) for p in module.parameters(recurse=False) if p.grad is not None]
             if not fqn or not grads:
                 continue
             for grad in grads:

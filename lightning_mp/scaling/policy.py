@@ -259,7 +259,7 @@ class ScalePolicy:
         config = self.config
         unscaled = max(config.floor, 1.0)
         if last:
-            below = max(config.floor, _f32((current or self.scale) * config.backoff_factor))
+            below = self._one_factor_below(current or self.scale)
             if below < self.scale:
                 self._set(below)
                 self.growth_tracker = 0
@@ -268,15 +268,17 @@ class ScalePolicy:
         if self.calibrating:
             self.overflows += 1
             self.growth_tracker = 0
-            return unscaled if unscaled < self.scale else max(config.floor, _f32(self.scale * config.backoff_factor))
+            return unscaled if unscaled < self.scale else self._one_factor_below(self.scale)
         self.steps += 1  # _on_overflow judges the hysteresis window at this step's number
         try:
             action = self._on_overflow()
         finally:
             self.steps -= 1
-        if action is ScaleAction.TOLERATED:
-            return max(_f32(self.scale * self.config.backoff_factor), self.config.floor)
-        return self.scale
+        return self._one_factor_below(self.scale) if action is ScaleAction.TOLERATED else self.scale
+
+    def _one_factor_below(self, scale: float) -> float:
+        """``scale`` backed off once, as float32 arithmetic rounds it, never below the floor."""
+        return max(_f32(scale * self.config.backoff_factor), self.config.floor)
 
     def update(self, found_inf: bool, amax: float | None = None, scale_related: bool = True) -> ScaleAction:
         """Advance one optimizer step and return what was done.
@@ -394,7 +396,7 @@ class ScalePolicy:
             return False
         if len(recent) < 3 or math.log2(self.overflow_product / product) >= self.config.shrink_headroom_bits:
             return False
-        new_scale = max(_f32(self.scale * self.config.backoff_factor), self.config.floor)
+        new_scale = self._one_factor_below(self.scale)
         if new_scale >= self.scale:
             return False
         self._set(new_scale)
