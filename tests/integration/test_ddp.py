@@ -14,12 +14,11 @@ from tests.helpers import NaiveLogSumExp, line_of
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("worker", ["ddp_worker", "model_parallel_worker"], ids=["ddp", "fsdp2"])
-def test_overflow_on_one_rank_gives_identical_promotions_and_weights(tmp_path, worker):
+def _run_worker(out: Path, worker: str, *args: str) -> tuple[dict, dict]:
+    """Run a two-process worker module (it launches its second rank itself); what each rank wrote."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-m", f"tests.integration.{worker}", str(tmp_path)],
+        [sys.executable, "-m", f"tests.integration.{worker}", str(out), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -27,7 +26,14 @@ def test_overflow_on_one_rank_gives_identical_promotions_and_weights(tmp_path, w
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    rank0, rank1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
+    return rank0, rank1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("worker", ["ddp_worker", "model_parallel_worker"], ids=["ddp", "fsdp2"])
+def test_overflow_on_one_rank_gives_identical_promotions_and_weights(tmp_path, worker):
+    rank0, rank1 = _run_worker(tmp_path, worker)
     assert rank0["fp32_modules"] == rank1["fp32_modules"] == ["middle"]
     assert rank0["events"] == rank1["events"]
     if worker == "ddp_worker":
@@ -51,17 +57,7 @@ def test_overflow_on_one_rank_gives_identical_promotions_and_weights(tmp_path, w
 def test_a_backward_overflow_is_rescued_identically_on_every_rank(tmp_path):
     """Rescue under DDP: the overflow flags come from all-reduced gradients and the forward check is collective, so
     both ranks re-run the same steps together (the re-runs' gradient all-reduces match) and end identical."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.integration.ddp_worker", str(tmp_path), "rescue"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    rank0, rank1 = _run_worker(tmp_path, "ddp_worker", "rescue")
     assert rank0["rescued_steps"] == rank1["rescued_steps"] >= 1
     assert rank0["skipped_steps"] == rank1["skipped_steps"] == 0 and rank0["events"] == rank1["events"] == []
     assert rank0["scale"] == rank1["scale"] < 16.0
