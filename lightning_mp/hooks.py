@@ -1,4 +1,4 @@
-"""``HookSet``: one hook on every named submodule of a model, registered and removed together.
+"""``HookSet``: a hook for every named submodule of a model, registered and removed together.
 
 Attribution (execution order, the forward probe) and the statistics all hook every submodule for a while and
 must leave nothing behind; this is the one place that keeps the handles.
@@ -12,6 +12,7 @@ statistics and attribution, and the number of compiled graphs stays that of a ru
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -24,10 +25,18 @@ HookKind = Literal["forward_pre", "forward", "forward_with_kwargs"]
 
 
 class HookSet:
-    """Handles of hooks that live for a while on every named submodule (the root itself is never hooked)."""
+    """Hooks that live for a while on every named submodule (the root itself is never hooked).
 
-    def __init__(self) -> None:
+    Args:
+        dispatch: register one global module hook that dispatches to each submodule's hook instead of one hook
+            per submodule. Arming and disarming then cost one registration, for hooks armed and disarmed on
+            every sampled step (the statistics). Such a hook runs before a module's own hooks and, while armed,
+            is consulted by every module call in the process: arm it for one step at a time only.
+    """
+
+    def __init__(self, dispatch: bool = False) -> None:
         self._handles: list[Any] = []
+        self.dispatch = dispatch
 
     @property
     def active(self) -> bool:
@@ -40,17 +49,32 @@ class HookSet:
             model: the root module; fqns are relative to it.
             make_hook: builds the hook for one module from its fully qualified name.
             kind: ``"forward_pre"`` (``hook(module, args)``), ``"forward"`` (``hook(module, args, output)``)
-                or ``"forward_with_kwargs"`` (``hook(module, args, kwargs, output)``).
+                or ``"forward_with_kwargs"`` (``hook(module, args, kwargs, output)``; always one per submodule:
+                global hooks take keyword arguments only on newer torch).
         """
         self.remove()
-        for fqn, module in model.named_modules():
-            if not fqn:
-                continue
-            if kind == "forward_pre":
-                handle = module.register_forward_pre_hook(make_hook(fqn))
-            else:
-                handle = module.register_forward_hook(make_hook(fqn), with_kwargs=kind == "forward_with_kwargs")
-            self._handles.append(handle)
+        if not self.dispatch or kind == "forward_with_kwargs":
+            for fqn, module in model.named_modules():
+                if not fqn:
+                    continue
+                if kind == "forward_pre":
+                    handle = module.register_forward_pre_hook(make_hook(fqn))
+                else:
+                    handle = module.register_forward_hook(make_hook(fqn), with_kwargs=kind == "forward_with_kwargs")
+                self._handles.append(handle)
+            return
+        # id -> (weak reference to the module, its hook): the reference tells ours from an unrelated module that
+        # reused a freed id, without keeping the model alive through the global hook table.
+        hooks = {id(module): (weakref.ref(module), make_hook(fqn)) for fqn, module in model.named_modules() if fqn}
+
+        def dispatch(module: nn.Module, *args: Any) -> Any:
+            entry = hooks.get(id(module))
+            return entry[1](module, *args) if entry is not None and entry[0]() is module else None
+
+        if kind == "forward_pre":
+            self._handles.append(torch.nn.modules.module.register_module_forward_pre_hook(dispatch))
+        else:
+            self._handles.append(torch.nn.modules.module.register_module_forward_hook(dispatch))
 
     def remove(self) -> None:
         for handle in self._handles:

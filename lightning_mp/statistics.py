@@ -112,7 +112,7 @@ class ModuleStatistics:
         self.level = level
         self.modules: dict[str, ModuleStat] = {}  # fqn -> running figures
         self.samples_taken = 0  # sampled steps folded in so far
-        self._hooks = HookSet()
+        self._hooks = HookSet(dispatch=True)  # armed and disarmed on every sample: one global hook
         self._keys: list[tuple[_Value, str]] = []  # one per pending extreme pair
         self._lows: list[torch.Tensor] = []  # 0-d, on the device
         self._highs: list[torch.Tensor] = []
@@ -136,8 +136,7 @@ class ModuleStatistics:
             grad_key = (_Value.OUTPUT_GRAD, fqn)
 
             def forward_hook(module, args, output):
-                tensors = [output] if isinstance(output, torch.Tensor) else floating(output)
-                for tensor in tensors:
+                for tensor in _output_tensors(output):
                     if tensor.is_floating_point():
                         self._extremes(key, tensor.detach())
                         if full and tensor.requires_grad and torch.is_grad_enabled():
@@ -223,6 +222,16 @@ class ModuleStatistics:
 
     def summary(self, dtype: torch.dtype) -> dict[str, dict[str, float]]:
         return {fqn: stat.summary(dtype) for fqn, stat in self.modules.items()}
+
+
+def _output_tensors(output: object) -> list[torch.Tensor]:
+    """The tensors of a module's output: itself, a flat tuple's (what most layers of a Hugging Face model
+    return, ``(hidden_states, None)``) without a walk through the pytree, else every floating leaf."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if type(output) is tuple and all(t is None or isinstance(t, torch.Tensor) for t in output):
+        return [t for t in output if t is not None]
+    return floating(output)
 
 
 def _nan_key(value: float) -> float:

@@ -228,6 +228,8 @@ def test_no_hooks_are_left_after_fit_validate_and_predict():
     t.predict(model, loader())
     hooks = [m._forward_hooks or m._forward_pre_hooks for m in model.modules() if not isinstance(m, TroubleNet)]
     assert not any(hooks), "forward hooks left on the model"
+    global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    assert not global_hooks, "a global module hook left behind"
 
 
 class OwnArithmetic(nn.Module):

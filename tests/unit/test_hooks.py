@@ -1,28 +1,79 @@
-"""HookSet: one hook per named submodule, registered and removed together."""
+"""HookSet: a hook for every named submodule, registered and removed together (per module or dispatched by
+one global module hook)."""
 
+import pytest
 import torch
+from torch import nn
 
 from lightning_mp.hooks import HookSet
 from tests.helpers import Chain
 
 
-def test_hooks_every_submodule_but_the_root_and_removes_them_all():
+def no_hooks_left(model: nn.Module) -> bool:
+    """Neither a hook on any module nor a global module hook."""
+    module_hooks = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    global_hooks = nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    return not module_hooks and not global_hooks
+
+
+both_ways = pytest.mark.parametrize("dispatch", [False, True], ids=["per-module", "dispatched"])
+
+
+@both_ways
+def test_hooks_every_submodule_but_the_root_and_removes_them_all(dispatch):
     model, seen = Chain(), []
-    hooks = HookSet()
+    hooks = HookSet(dispatch)
     hooks.register(model, lambda fqn: lambda module, args, output: seen.append(fqn), "forward")
     model(torch.ones(1, 3))
     assert seen == ["a", "b", "c"] and hooks.active
     hooks.remove()
     model(torch.ones(1, 3))
     assert seen == ["a", "b", "c"] and not hooks.active
-    assert all(not m._forward_hooks for m in model.modules())
+    assert no_hooks_left(model)
 
 
-def test_registering_again_replaces_the_hooks_instead_of_stacking_them():
+@both_ways
+def test_modules_outside_the_model_are_not_hooked(dispatch):
+    model, other, seen = Chain(), Chain(), []
+    hooks = HookSet(dispatch)
+    hooks.register(model, lambda fqn: lambda module, args, output: seen.append((fqn, module)), "forward")
+    other(torch.ones(1, 3))
+    assert seen == [], "a module of another model reached a hook"
+    model(torch.ones(1, 3))
+    assert [m for _, m in seen] == [model.a, model.b, model.c]
+    hooks.remove()
+
+
+@both_ways
+def test_hooks_taking_kwargs_hook_every_submodule_and_are_removed(dispatch):
     model, seen = Chain(), []
-    hooks = HookSet()
+    hooks = HookSet(dispatch)
+    hooks.register(model, lambda fqn: lambda module, args, kwargs, output: seen.append(fqn), "forward_with_kwargs")
+    model(torch.ones(1, 3))
+    assert seen == ["a", "b", "c"]
+    hooks.remove()
+    assert no_hooks_left(model)
+
+
+@both_ways
+def test_registering_again_replaces_the_hooks_instead_of_stacking_them(dispatch):
+    model, seen = Chain(), []
+    hooks = HookSet(dispatch)
     for _ in range(2):
         hooks.register(model, lambda fqn: lambda module, args: seen.append(fqn), "forward_pre")
     model(torch.ones(1, 3))
     assert seen == ["a", "b", "c"]
+    hooks.remove()
+
+
+def test_a_dispatching_hook_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+
+    model, hooks = Chain(), HookSet(dispatch=True)
+    hooks.register(model, lambda fqn: lambda module, args, output: None, "forward")
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None, "the global hook table holds the model"
     hooks.remove()

@@ -91,6 +91,7 @@ def test_autocast_before_setup_decides_nothing():
     assert plugin.precision == "auto" and plugin.device is None and plugin.scaler is None
     plugin.connect(torch.nn.Linear(2, 2).to("meta"), [], [])  # a device that is not the CPU: resolved for it
     assert (plugin.precision, plugin.device) == ("32-true", "meta")
+    plugin.core.teardown()  # connect armed the execution-order hooks a first step would remove
 
 
 def test_state_from_another_precision_keeps_counters_and_ignores_the_scaler(recwarn):
