@@ -287,7 +287,7 @@ class OverflowTracker:
         self.watch_steps = watch_steps
         self.order = ExecutionOrder()
         self.probe = ForwardProbe()
-        self._inputs: list[torch.Tensor] = []  # the floating batch tensors since the last step (references)
+        self._batches: list[Any] = []  # the batches since the last step (references; tensors found when read)
         self._losses: list[torch.Tensor] = []  # one per micro-batch since the last optimizer step
         # The batch's finding, kept until the next batch: in manual optimization several optimizers step on
         # one forward/backward, and a bad batch is one event, not one per optimizer.
@@ -296,11 +296,11 @@ class OverflowTracker:
         # Replays the bad step (``replay.py``): expected phase -> (a replay ran, its reproduced finding or None).
         self.replayer: Callable[[Phase], tuple[bool, Finding | None]] | None = None
 
-    # Per step, always on and free: references to the floating input tensors and the loss (a detached scalar),
-    # read only if the step turns out bad (the replay keeps the batch for the same time anyway). A batch the
-    # step modifies in place is judged as it is when read.
+    # Per step, always on and free: references to the batch and the loss (a detached scalar), read only if the
+    # step turns out bad (the replay keeps the batch for the same time anyway). The batch's floating tensors
+    # are found when it is read, not every step; a batch the step modifies in place is judged as it is then.
     def observe_input(self, batch: Any) -> None:
-        self._inputs.extend(floating(batch))
+        self._batches.append(batch)
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         self._losses.append(loss.detach())
@@ -321,7 +321,7 @@ class OverflowTracker:
     def _forward_codes(self) -> tuple[int, int]:
         """The non-finite codes of this step's inputs and of its losses, agreed across ranks (a collective)."""
         codes = [
-            max((_input_code(t) for t in self._inputs), default=FINITE),
+            max((_input_code(t) for t in floating(self._batches)), default=FINITE),
             max((_code(loss.float().sum().item()) for loss in self._losses), default=FINITE),
         ]
         input_code, loss_code = (int(v) for v in all_reduce([float(c) for c in codes], "MAX"))
@@ -334,7 +334,7 @@ class OverflowTracker:
     def new_batch(self) -> None:
         """Forget the last batch's flags and finding: call when the first micro-batch of an optimizer step
         begins. Not at the end of a step: in manual optimization another optimizer may still step on it."""
-        self._inputs, self._losses, self._batch_finding, self._batch_optimizers = [], [], None, set()
+        self._batches, self._losses, self._batch_finding, self._batch_optimizers = [], [], None, set()
 
     def note_optimizer(self, key: int) -> bool:
         """An optimizer is about to step on the current batch; True when another optimizer already found this
@@ -353,7 +353,7 @@ class OverflowTracker:
         """Remove every hook and drop the last batch's references (teardown, or an interrupted run)."""
         self.order.stop()
         self.probe.disarm()
-        self._inputs, self._losses = [], []
+        self._batches, self._losses = [], []
 
     @property
     def hooked(self) -> bool:

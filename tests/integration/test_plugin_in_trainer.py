@@ -294,7 +294,7 @@ class HooksDuringTraining(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         tracker = trainer.precision_plugin.core.tracker
         self.hooked.append(tracker.hooked)
-        self.inputs_kept.append(len(tracker._inputs))
+        self.inputs_kept.append(len(tracker._batches))
 
 
 @pytest.mark.parametrize(
@@ -308,7 +308,7 @@ def test_the_unguarded_path_ends_its_steps_too(kwargs, optimizer):
     fit(plugin, model_cls=lambda: TinyRegressor(optimizer=optimizer), data=loader(samples=80), max_steps=20,
         callbacks=[watch])  # fmt: skip
     assert watch.hooked[1:] == [False] * 19, "the order is recorded on the first step only"
-    assert max(watch.inputs_kept) == 2, "one batch's inputs are kept (x and y), never more"
-    assert plugin.core.tracker._inputs == [], "and none after the fit"
+    assert max(watch.inputs_kept) == 1, "one batch is kept, never more"
+    assert plugin.core.tracker._batches == [], "and none after the fit"
     assert plugin.optimizer_steps == 20
     assert plugin.statistics.samples_taken == 4  # steps 5, 10, 15, 20
