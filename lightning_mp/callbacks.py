@@ -65,12 +65,15 @@ class LossScaleMonitor(pl.Callback):
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         plugin = _plugin(trainer)
-        if plugin is None or plugin.optimizer_steps == self._steps_seen:
-            return  # not our plugin, or no optimizer step happened (gradient accumulation)
-        step = self._steps_seen = plugin.optimizer_steps
-        scale = plugin.scaler.get_scale() if plugin.scaler is not None else None  # a host float: no sync
-        if scale is not None:
-            self.record(step, scale)
+        if plugin is None:
+            return
+        core = plugin.core
+        step = core.ledger.optimizer_steps
+        if step == self._steps_seen:
+            return  # no optimizer step happened (gradient accumulation)
+        self._steps_seen = step
+        if core.scaler is not None:
+            self.record(step, core.scaler.get_scale())  # a host float: no sync
         if step % max(trainer.log_every_n_steps, 1) == 0:
             _log(trainer, run_metrics(plugin))
 
@@ -103,9 +106,10 @@ class OverflowDiagnostics(pl.Callback):
         plugin = _plugin(trainer)
         if plugin is None:
             return
-        for message in self._warnings.new(plugin.ledger):
+        core = plugin.core
+        for message in self._warnings.new(core.ledger):
             rank_zero_warn(message)
-        samples = plugin.statistics.samples_taken
+        samples = core.statistics.samples_taken
         if samples == self._samples_seen:
             return
         self._samples_seen = samples

@@ -230,6 +230,8 @@ class EventWarnings:
 
     def new(self, ledger: RunLedger) -> list[str]:
         """Messages for the ledger's events not looked at yet whose place was not told before."""
+        if ledger.last_seq == self._last_seq:
+            return []  # nothing recorded since: every step of a clean run, without a pass over the events
         messages = []
         for event in ledger.events_after(self._last_seq):
             self._last_seq = event.seq
