@@ -1,6 +1,6 @@
 """Small helpers over an optimizer's gradients, shared by the loss scaler, the plugin's guard and attribution.
 
-Everything here except ``gradients_nonfinite`` stays on the device: results are 0-d tensors, never Python
+Everything here except the non-finite guard stays on the device: results are 0-d tensors, never Python
 numbers, so calling these helpers adds no host-device synchronisation. The caller decides when to read them.
 """
 
@@ -96,8 +96,9 @@ def finite_sum(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
     return torch.stack(partial).sum()
 
 
-def gradients_nonfinite(optimizer: Optimizer, sharded: bool = False) -> bool:
-    """Whether any gradient ``optimizer`` would apply is inf or NaN: the bf16/fp32 guard's question.
+class NonfiniteGuard:
+    """The bf16/fp32 guard's question, asked once per optimizer step: is any gradient the optimizer would apply
+    inf or NaN?
 
     GradScaler's fused check (``_amp_foreach_non_finite_check_and_unscale_`` with a factor of exactly 1, which
     leaves every value as it was): one multi-tensor kernel per device instead of a reduction per gradient, so
@@ -106,19 +107,42 @@ def gradients_nonfinite(optimizer: Optimizer, sharded: bool = False) -> bool:
     decide whether to step. Sharded gradients (DTensor shards, or plain-tensor shards when ``sharded``) are
     checked shard by shard, and the ranks agree on the flag before anyone skips.
 
-    The common case (dense plain-tensor gradients on one device) takes the shortest Python path there is: it
-    runs every step, right after a backward that has pushed the interpreter's working set out of the caches,
-    where each Python operation costs several times what a warm micro-benchmark shows.
+    The common case (dense plain-tensor gradients on one device) takes the shortest path there is: it runs
+    every step, right after a backward that has pushed the interpreter's and the dispatcher's working set out
+    of the caches, where every torch call costs several times what a warm micro-benchmark shows (a
+    ``torch.zeros(1)`` about 10 us). So the flag and the factor are kept between steps, per device: the kernel
+    only ever sets the flag, which is zeroed again only after a step that found something.
     """
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return False
-    device = grads[0].device
-    if sharded or any(type(g) is not torch.Tensor or g.is_sparse or g.device != device for g in grads):
-        return _gradients_nonfinite_general(optimizer, sharded)
-    flag = torch.zeros(1, dtype=torch.float32, device=device)
-    foreach_non_finite_check_and_unscale_(grads, flag, torch.ones(1, dtype=torch.float32, device=device))
-    return bool(flag.item())
+
+    def __init__(self) -> None:
+        self._tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (flag, factor 1)
+
+    def __call__(self, optimizer: Optimizer, sharded: bool = False) -> bool:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return False
+        device = grads[0].device
+        if sharded or any(type(g) is not torch.Tensor or g.is_sparse or g.device != device for g in grads):
+            return _gradients_nonfinite_general(optimizer, sharded)
+        tensors = self._tensors.get(device)
+        if tensors is None:
+            one = torch.ones(1, dtype=torch.float32, device=device)
+            tensors = self._tensors[device] = (torch.zeros(1, dtype=torch.float32, device=device), one)
+        flag, one = tensors
+        try:
+            foreach_non_finite_check_and_unscale_(grads, flag, one)
+            found = bool(flag.item())
+        except BaseException:
+            flag.zero_()  # never carry a half-done check's flag into the next step
+            raise
+        if found:
+            flag.zero_()
+        return found
+
+
+def gradients_nonfinite(optimizer: Optimizer, sharded: bool = False) -> bool:
+    """Whether any gradient ``optimizer`` would apply is inf or NaN (a one-off :class:`NonfiniteGuard`)."""
+    return NonfiniteGuard()(optimizer, sharded)
 
 
 def _gradients_nonfinite_general(optimizer: Optimizer, sharded: bool) -> bool:

@@ -15,7 +15,7 @@ a Fabric plugin or a hand-written loop can drive it the same way. One optimizer 
     core.end_step()
 
 Each collaborator has one job (see its module): ``precision.py`` resolves ``"auto"``; the scaler lives in
-``scaling/``; ``_grads.gradients_nonfinite`` is the bf16/fp32 guard; ``attribution.py`` finds where a bad step
+``scaling/``; ``_grads.NonfiniteGuard`` is the bf16/fp32 guard; ``attribution.py`` finds where a bad step
 went non-finite; ``fallback.py`` runs modules as fp32 islands; ``escalation.py`` is the ladder; ``ledger.py``
 records what happened; ``statistics.py`` samples headroom and underflow; ``buffers.py`` puts BatchNorm
 statistics back when a step is skipped.
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_mp._compat import optimizer_handles_unscaling, scaler_device
-from lightning_mp._grads import all_reduce, gradients_nonfinite, is_sharded
+from lightning_mp._grads import NonfiniteGuard, all_reduce, is_sharded
 from lightning_mp.attribution import Finding, OverflowTracker, is_kernel_error, module_from_traceback
 from lightning_mp.buffers import BufferSnapshot
 from lightning_mp.escalation import Escalation, EscalationLadder, give_up_message
@@ -85,6 +85,7 @@ class PrecisionCore:
         self.ledger = RunLedger(options.max_events)
         self.statistics = ModuleStatistics(options.stats)
         self.buffers = BufferSnapshot()  # what a skipped step puts back (BatchNorm statistics)
+        self.guard = NonfiniteGuard()  # bf16/fp32: skip a step whose gradients are not finite
         # A bad step is replayed under a tracer to name its operation and line. Not with sharded gradients
         # (FSDP): a replayed forward/backward would run the strategy's collectives again.
         self.replay = StepReplay()
@@ -366,7 +367,7 @@ class PrecisionCore:
                 # non-finite without scaling (a rescue's last re-run showed it).
                 self.scaler.excuse_overflow()
             self.scaler.update()
-        elif gradients_nonfinite(optimizer, self.options.sharded_gradients):  # bf16/fp32: after clipping
+        elif self.guard(optimizer, self.options.sharded_gradients):  # bf16/fp32: after clipping
             self.ledger.guard_skipped += 1
             output, finding = None, self._attribute()
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_mp._grads import gradients_nonfinite
+from lightning_mp._grads import NonfiniteGuard, gradients_nonfinite
 
 
 def optimizer_with(grads: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -48,3 +48,12 @@ def test_sparse_gradients_are_checked_by_their_values():
     assert gradients_nonfinite(optimizer_with([torch.ones(2), sparse])) is True
     clean = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), torch.tensor([1.0, 2.0]), (4,))
     assert gradients_nonfinite(optimizer_with([clean])) is False
+
+
+def test_one_guard_kept_across_steps_answers_each_step_afresh():
+    """The guard keeps its flag between steps (a torch call saved per step): a bad step must not leave it set."""
+    guard = NonfiniteGuard()
+    bad = grads()
+    bad[0][0, 0] = float("nan")
+    answers = [guard(optimizer_with(values)) for values in (grads(), bad, grads(), bad, bad, grads())]
+    assert answers == [False, True, False, True, True, False]
