@@ -95,9 +95,13 @@ foreach_non_finite_check_and_unscale_ = torch._amp_foreach_non_finite_check_and_
 
 def optimizer_handles_unscaling(optimizer: Any) -> bool:
     """Whether ``optimizer.step`` unscales the gradients itself (fused optimizers)."""
-    from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling  # Lightning loads on first use
-
+    global _optimizer_handles_unscaling
+    if _optimizer_handles_unscaling is None:  # Lightning loads on first use; asked every step after that
+        from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
     return _optimizer_handles_unscaling(optimizer)
+
+
+_optimizer_handles_unscaling: Callable[[Any], bool] | None = None
 
 
 def convert_fp_tensor(tensor: torch.Tensor, dst_type: torch.dtype) -> torch.Tensor:

@@ -236,43 +236,46 @@ class AdaptiveMP(CoreView, Precision):
         closure: Callable[[], Any],
         **kwargs: Any,
     ) -> Any:
-        if self.core.replay.active:
+        core = self.core
+        if core.replay.active:
             # A replayed manual-optimization training_step reached opt.step(): its closure may hold the backward
             # the replay needs (opt.step(closure=...)); nothing is stepped, and the replay ends here.
             closure()
             raise ReplayDone
-        if isinstance(optimizer, LBFGS) and self.scaler is not None:
+        scaled = core.scaler is not None
+        lbfgs = isinstance(optimizer, LBFGS)
+        if lbfgs and scaled:
             raise MisconfigurationException("AMP and the LBFGS optimizer are not compatible.")
-        if isinstance(optimizer, LBFGS) or (self.scaler is None and not self.core.options.guard_nonfinite):
+        if lbfgs or (not scaled and not core.options.guard_nonfinite):
             # Lightning's own path. LBFGS re-evaluates the closure inside step(): there is no point between
             # backward and the update where a guard could look, so bf16/fp32 LBFGS runs unguarded, as in Lightning.
-            self.core.start_step()  # counted here too: statistics sample on every stats_every-th step
+            core.start_step()  # counted here too: statistics sample on every stats_every-th step
             try:
                 return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
             finally:
-                self.core.collect_statistics()
-                self.core.end_step()  # the step is over here too: drop its observations and the order hooks
-        self.core.start_step()
+                core.collect_statistics()
+                core.end_step()  # the step is over here too: drop its observations and the order hooks
+        core.start_step()
         try:
-            closure_result = self.core.run_closure(closure)
+            closure_result = core.run_closure(closure)
+            automatic = model.automatic_optimization
             # In automatic optimization a training_step that returned None skipped backward: nothing to step.
-            skip_backward = closure_result is None and model.automatic_optimization
+            skip_backward = closure_result is None and automatic
             # Optimizers that unscale inside step() (fused Adam) cannot be clipped; see clip_gradients.
             # An fp16 overflow born in the backward re-runs the closure at a lower scale (automatic optimization).
-            rerun = _Rerun(model, closure) if model.automatic_optimization and not skip_backward else None
+            rerun = _Rerun(model, closure) if scaled and automatic and not skip_backward else None
             handles = skip_backward or optimizer_handles_unscaling(optimizer)
-            self.core.unscale(optimizer, handles_unscaling=handles, rerun=rerun)
+            core.unscale(optimizer, handles_unscaling=handles, rerun=rerun)
             if rerun is not None and rerun.ran:
                 closure_result = rerun.result
             after_closure(self, model, optimizer)  # on_before_optimizer_step, then clipping: true gradients
             if skip_backward:
                 return closure_result
-            scaled = self.scaler is not None
-            _, step_output = self.core.step(optimizer, **kwargs)
+            _, step_output = core.step(optimizer, **kwargs)
             # What Lightning returns: GradScaler.step's output in fp16, else what optimizer.step(closure) would.
             return step_output if scaled else closure_result
         finally:
-            self.core.end_step()
+            core.end_step()
 
     @override
     def clip_gradients(
