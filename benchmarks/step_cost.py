@@ -16,6 +16,11 @@ against itself: the noise floor. Two figures per variant, each the median over r
 
     python -m benchmarks.step_cost            # 7 rounds x 60 steps, 1 thread
     python -m benchmarks.step_cost --quick    # smoke run
+    python -m benchmarks.step_cost --pieces --models GPT-2   # where it goes, piece by piece (300 steps)
+
+``--pieces`` answers "where does it go?" one level down: every hook of the precision plugin, every step of
+its core, the guard, the statistics and each callback, timed exclusively (a piece's time excludes the pieces
+and the model work it calls), in microseconds per step, for Lightning's plugin and for AdaptiveMP's defaults.
 
 On a CPU without native bf16 (AVX512-BF16/AMX) the rows run in fp32 ("32-true" against Lightning's
 ``Precision``): the plugin's per-step work (guard, input check, bookkeeping) is the same, and emulated bf16
@@ -29,10 +34,12 @@ import contextlib
 import functools
 import statistics
 import time
+from collections import defaultdict
 
 import lightning as L
 import torch
 from lightning.pytorch.plugins import MixedPrecision, Precision
+from lightning.pytorch.plugins.precision import Precision as BasePrecision
 from torch.utils.data import DataLoader
 
 from benchmarks.overhead import timed_fit
@@ -212,6 +219,152 @@ class HostClock(L.Callback):
             pl_module.__dict__.pop(name, None)
 
 
+# The core's steps in the order a step calls them, and the collaborators' pieces worth a line of their own.
+CORE_PIECES = ("keep_micro_batch", "observe_input", "start_micro_step", "training_context", "autocast", "scale_loss",
+               "start_step", "run_closure", "unscale", "collect_statistics", "step", "_loss_spike", "_decide",
+               "end_step")  # fmt: skip
+COLLABORATOR_PIECES = (("replay", "begin_batch", "RNG snapshot (replay.begin_batch)"),
+                       ("buffers", "take", "buffer snapshot (buffers.take)"),
+                       ("tracker", "new_batch", "tracker.new_batch"), ("tracker", "end_step", "tracker.end_step"),
+                       ("statistics", "start", "statistics: arm (start)"),
+                       ("statistics", "collect", "statistics: collect"),
+                       ("ledger", "start_step", "ledger.start_step"))  # fmt: skip
+
+
+class PieceClock(L.Callback):
+    """Exclusive time per step of each piece of the precision plugin, in seconds (``--pieces``).
+
+    Every wrapped piece pushes its label while it runs, so its time excludes whatever wrapped piece or model
+    work it calls: ``training_step``, ``backward`` and ``optimizer.step`` are "model"; Lightning's closure around
+    them and its ``_after_closure`` are Lightning's; the rest of the loop is "lightning (loop)". ``totals``
+    holds the seconds of each label after ``warmup`` steps, ``steps`` how many steps that covers.
+    """
+
+    def __init__(self, warmup: int = 5) -> None:
+        self.warmup, self.steps = warmup, 0
+        self.totals: dict[str, float] = defaultdict(float)
+        self._stack, self._last = ["lightning (loop)"], time.perf_counter()
+        self._undo: list = []
+
+    def _switch(self, push: str | None) -> None:
+        now = time.perf_counter()
+        self.totals[self._stack[-1]] += now - self._last
+        self._last = now
+        self._stack.pop() if push is None else self._stack.append(push)
+
+    def wrap(self, label: str, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            self._switch(label)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._switch(None)
+
+        return timed
+
+    def context(self, label: str, make_context):
+        """A context manager method whose entry and exit count as ``label``; its body is charged as usual."""
+        clock = self
+
+        @contextlib.contextmanager
+        def timed(*args, **kwargs):
+            context = make_context(*args, **kwargs)
+            clock.wrap(label, context.__enter__)()
+            try:
+                yield
+            finally:
+                clock.wrap(label, context.__exit__)(None, None, None)
+
+        return timed
+
+    def _patch(self, owner, name: str, label: str) -> None:
+        setattr(owner, name, self.wrap(label, getattr(owner, name)))
+
+    def _patch_class(self, owner, name: str, replacement) -> None:
+        original = owner.__dict__[name]
+        setattr(owner, name, replacement)
+        self._undo.append(lambda: setattr(owner, name, original))
+
+    def setup(self, trainer, pl_module, stage):
+        for name in ("training_step", "backward"):
+            self._patch(pl_module, name, "model")
+        plugin = trainer.precision_plugin
+        for name in ("convert_input", "pre_backward", "clip_gradients"):
+            self._patch(plugin, name, f"plugin.{name}")
+        plugin.train_step_context = self.context("plugin.train_step_context", plugin.train_step_context)
+        step, clock = plugin.optimizer_step, self
+
+        def optimizer_step(optimizer, model, closure, **kwargs):
+            return step(optimizer, model, clock.wrap("lightning (closure)", closure), **kwargs)
+
+        plugin.optimizer_step = self.wrap("plugin.optimizer_step", optimizer_step)
+        after = BasePrecision._after_closure
+        self._patch_class(BasePrecision, "_after_closure", self.wrap("lightning (_after_closure)", after))
+        core = getattr(plugin, "core", None)
+        if core is None:
+            return
+        for name in CORE_PIECES:
+            self._patch(core, name, f"core.{name}")
+        self._patch(core, "guard", "guard")
+        for owner, name, label in COLLABORATOR_PIECES:
+            self._patch(getattr(core, owner), name, label)
+        register = hooks.HookSet.register
+
+        def timed_register(hook_set, model, make_hook, kind):
+            register(hook_set, model, lambda fqn: clock.wrap("statistics: hooks", make_hook(fqn)), kind)
+
+        self._patch_class(hooks.HookSet, "register", timed_register)
+
+    def on_train_start(self, trainer, pl_module):
+        for optimizer in trainer.optimizers:
+            self._patch(optimizer, "step", "model")
+        for callback in trainer.callbacks:
+            if type(callback).__module__.startswith("lightning_mp"):
+                for name in CALLBACK_HOOKS:
+                    self._patch(callback, name, f"callback {type(callback).__name__}")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self._switch("lightning (loop)")
+            self._switch(None)
+            self.totals.clear()
+        self.steps += batch_idx >= self.warmup
+
+    def on_train_end(self, trainer, pl_module):
+        self._switch("lightning (loop)")
+        self._switch(None)
+
+    def teardown(self, trainer, pl_module, stage):
+        for undo in reversed(self._undo):
+            undo()
+        for name in ("training_step", "backward"):
+            pl_module.__dict__.pop(name, None)
+
+
+def pieces(make_model, kind: str, variants: dict, steps: int, warmup: int = 5) -> dict[str, dict[str, float]]:
+    """``{variant: {piece: microseconds per step}}``, one fit per variant."""
+    out = {}
+    for name, make_plugin in variants.items():
+        torch.manual_seed(0)
+        clock = PieceClock(warmup)
+        timed_fit(make_plugin(), HFTask(make_model), batches(kind, steps + warmup), steps + warmup, callbacks=[clock])
+        out[name] = {piece: seconds / clock.steps * 1e6 for piece, seconds in clock.totals.items()}
+    return out
+
+
+def print_pieces(model_name: str, table: dict[str, dict[str, float]]) -> None:
+    reference, ours = table.values()
+    outside = [p for p in ours if p != "model"]
+    print(f"  {model_name}: us per step, exclusive ({' / '.join(table)}); model work {reference.get('model', 0):.0f}"
+          f" / {ours.get('model', 0):.0f}")  # fmt: skip
+    for piece in sorted(set(outside) | (set(reference) - {"model"}), key=lambda p: -ours.get(p, 0.0)):
+        print(f"    {piece:44} {reference.get(piece, 0.0):7.1f} {ours.get(piece, 0.0):7.1f}")
+    total_ref = sum(v for p, v in reference.items() if p != "model")
+    total_ours = sum(ours[p] for p in outside)
+    print(f"    {'outside the model, in all':44} {total_ref:7.1f} {total_ours:7.1f}  ({total_ours - total_ref:+.0f})")
+
+
 def step_time(make_plugin, make_model, kind: str, steps: int, warmup: int = 5) -> tuple[float, dict[str, float]]:
     """Median wall time per step, and mean host time per step by part, after the warm-up (the mean keeps the
     sampled steps' share)."""
@@ -232,6 +385,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", nargs="*", default=None, help="rows to run, e.g. --models GPT-2")
+    parser.add_argument("--pieces", action="store_true", help="time each piece of the plugin instead (300 steps)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 2, 10
@@ -248,6 +402,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     names = list(variants)
     ref_name = "Lightning MixedPrecision bf16" if bf16 else "Lightning Precision fp32"
+    if args.pieces:
+        steps = 30 if args.quick else 300
+        print(f"{precision}: {ref_name} / AdaptiveMP default, {steps} steps, {args.threads} thread(s)")
+        tables = {}
+        for model_name, (make_model, kind) in models().items():
+            if args.models is None or model_name in args.models:
+                pair = {"reference": reference, "AdaptiveMP": variants["AdaptiveMP default"]}
+                tables[model_name] = pieces(make_model, kind, pair, steps)
+                print_pieces(model_name, tables[model_name])
+        return [{"model": m, "pieces": t} for m, t in tables.items()]
     print(f"{precision} against {ref_name}, {args.rounds} rounds x {args.steps} steps, {args.threads} thread(s)")
     rows = []
     for model_name, (make_model, kind) in models().items():

@@ -55,6 +55,21 @@ def test_step_cost_quick_reports_microseconds_for_every_variant():
 
 
 @pytest.mark.slow
+def test_step_cost_pieces_time_each_piece_and_put_every_patch_back():
+    pytest.importorskip("transformers")
+    from lightning.pytorch.plugins.precision import Precision
+
+    from lightning_mp.hooks import HookSet
+
+    originals = (Precision.__dict__["_after_closure"], HookSet.__dict__["register"])
+    (row,) = step_cost.main(["--quick", "--pieces", "--models", "GPT-2"])
+    reference, ours = row["pieces"]["reference"], row["pieces"]["AdaptiveMP"]
+    assert ours["guard"] > 0 and ours["core.step"] > 0 and ours["model"] > 0
+    assert "guard" not in reference and reference["plugin.optimizer_step"] > 0 and reference["model"] > 0
+    assert (Precision.__dict__["_after_closure"], HookSet.__dict__["register"]) == originals
+
+
+@pytest.mark.slow
 def test_scaler_real_quick_compares_every_scaler():
     rows = scaler_real.main(["--quick"])
     assert [r["scaler"] for r in rows] == list(scaler_real.scalers(20))
