@@ -18,6 +18,8 @@ from lightning_mp._compat import foreach_non_finite_check_and_unscale_
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (FSDP2 / ModelParallelStrategy gradients); other tensors unchanged."""
+    if type(tensor) is torch.Tensor:  # the common case, without a failed attribute lookup
+        return tensor
     to_local = getattr(tensor, "to_local", None)
     return to_local() if callable(to_local) else tensor
 

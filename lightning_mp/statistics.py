@@ -194,10 +194,10 @@ class ModuleStatistics:
         device = (lows or under)[0].device
         parts = []
         if lows:  # amax = max(high, -low), one vector op for every tensor seen this step
-            low = torch.stack([t.to(device) for t in lows]).float()
-            parts.append(torch.maximum(torch.stack([t.to(device) for t in highs]).float(), -low))
+            low = _stack(lows, device).float()
+            parts.append(torch.maximum(_stack(highs, device).float(), -low))
         if under:
-            parts.append(torch.stack([t.to(device) for t in under]).float())
+            parts.append(_stack(under, device).float())
         values = torch.cat(parts).tolist()  # the one read of this sample
         folded: dict[tuple[_Value, str], float] = {}
         for key, value in zip(keys, values):
@@ -222,6 +222,14 @@ class ModuleStatistics:
 
     def summary(self, dtype: torch.dtype) -> dict[str, dict[str, float]]:
         return {fqn: stat.summary(dtype) for fqn, stat in self.modules.items()}
+
+
+def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Stack 0-d tensors on ``device``; moving each one is only needed when the model spans devices."""
+    try:
+        return torch.stack(values).to(device)
+    except RuntimeError:  # "Expected all tensors to be on the same device"
+        return torch.stack([t.to(device) for t in values])
 
 
 def _output_tensors(output: object) -> list[torch.Tensor]:
