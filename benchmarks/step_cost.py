@@ -17,6 +17,15 @@ against itself: the noise floor. Two figures per variant, each the median over r
     python -m benchmarks.step_cost            # 7 rounds x 60 steps, 1 thread
     python -m benchmarks.step_cost --quick    # smoke run
     python -m benchmarks.step_cost --pieces --models GPT-2   # where it goes, piece by piece (300 steps)
+    python -m benchmarks.step_cost --paired                  # the guard's marginal cost, step by step
+
+``--paired`` measures what the host split cannot: the *marginal* cost of the non-finite guard. A piece's own
+time overstates it when the piece is the first torch call after the backward, because that call pays for
+caches the backward left cold, which the optimizer would pay otherwise. So one AdaptiveMP fit runs with the
+guard on even steps and a guard that answers "finite" without looking on odd ones; each step's wall time is
+compared with its neighbours' (the median of on-minus-off over adjacent pairs), as is a fit whose odd steps
+run the same real guard (the noise floor). Neighbouring steps share the process, its memory layout and the
+machine's load of the moment, which dominate the spread between separate fits.
 
 ``--pieces`` answers "where does it go?" one level down: every hook of the precision plugin, every step of
 its core, the guard, the statistics and each callback, timed exclusively (a piece's time excludes the pieces
@@ -365,6 +374,45 @@ def print_pieces(model_name: str, table: dict[str, dict[str, float]]) -> None:
     print(f"    {'outside the model, in all':44} {total_ref:7.1f} {total_ours:7.1f}  ({total_ours - total_ref:+.0f})")
 
 
+class AlternateGuard(L.Callback):
+    """Runs AdaptiveMP's real guard on even steps and ``odd_guard`` on odd ones; keeps every step's wall time."""
+
+    def __init__(self, odd_guard) -> None:
+        self.odd_guard = odd_guard
+        self.times: list[float] = []
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        now = time.perf_counter()
+        if self._start is not None:
+            self.times.append(now - self._start)
+        self._start = now
+        core = trainer.precision_plugin.core
+        core.__dict__.setdefault("_real_guard", core.guard)
+        core.guard = core._real_guard if batch_idx % 2 == 0 else self.odd_guard(core._real_guard)
+
+    def teardown(self, trainer, pl_module, stage):
+        core = trainer.precision_plugin.core
+        core.guard = core.__dict__.pop("_real_guard", core.guard)
+
+
+def paired_guard_cost(make_model, kind: str, precision: str, steps: int, warmup: int = 10) -> dict[str, float]:
+    """Median of (guard on - guard off) over adjacent steps of one fit, and the same with the real guard on
+    both (the noise floor), in microseconds; plus the median step time in milliseconds."""
+    out = {}
+    for name, odd_guard in (("guard", lambda real: lambda *args: False), ("again", lambda real: real)):
+        torch.manual_seed(0)
+        clock = AlternateGuard(odd_guard)
+        timed_fit(AdaptiveMP(precision), HFTask(make_model), batches(kind, steps + warmup), steps + warmup,
+                  callbacks=[clock])  # fmt: skip
+        times = clock.times[warmup:]
+        on, off = times[0::2], times[1::2]
+        pairs = [a - b for a, b in zip(on, off)] + [a - b for a, b in zip(on[1:], off)]  # each off step's two sides
+        out[name] = statistics.median(pairs) * 1e6
+        out["step_ms"] = statistics.median(times) * 1e3
+    return out
+
+
 def step_time(make_plugin, make_model, kind: str, steps: int, warmup: int = 5) -> tuple[float, dict[str, float]]:
     """Median wall time per step, and mean host time per step by part, after the warm-up (the mean keeps the
     sampled steps' share)."""
@@ -386,6 +434,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", nargs="*", default=None, help="rows to run, e.g. --models GPT-2")
     parser.add_argument("--pieces", action="store_true", help="time each piece of the plugin instead (300 steps)")
+    parser.add_argument("--paired", action="store_true", help="the guard's marginal cost, adjacent steps (600)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.steps = 2, 10
@@ -402,6 +451,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     }
     names = list(variants)
     ref_name = "Lightning MixedPrecision bf16" if bf16 else "Lightning Precision fp32"
+    if args.paired:
+        steps = 40 if args.quick else 600
+        print(f"{precision}: AdaptiveMP's guard on even steps, off (or on again) on odd ones, {steps} steps")
+        rows = []
+        for model_name, (make_model, kind) in models().items():
+            if args.models is None or model_name in args.models:
+                row = {"model": model_name, **paired_guard_cost(make_model, kind, precision, steps)}
+                rows.append(row)
+                print(f"  {model_name:6} step {row['step_ms']:.2f} ms | guard {row['guard']:+6.1f} us"
+                      f" ({row['guard'] / row['step_ms'] / 1e3:+.4f}) | noise floor (guard against itself)"
+                      f" {row['again']:+6.1f} us", flush=True)  # fmt: skip
+        return rows
     if args.pieces:
         steps = 30 if args.quick else 300
         print(f"{precision}: {ref_name} / AdaptiveMP default, {steps} steps, {args.threads} thread(s)")

@@ -70,6 +70,32 @@ def test_step_cost_pieces_time_each_piece_and_put_every_patch_back():
 
 
 @pytest.mark.slow
+def test_step_cost_paired_gives_the_guard_cost_and_a_noise_floor():
+    pytest.importorskip("transformers")
+    (row,) = step_cost.main(["--quick", "--paired", "--models", "GPT-2"])
+    assert row["model"] == "GPT-2" and row["step_ms"] > 0
+    assert math.isfinite(row["guard"]) and math.isfinite(row["again"])
+
+
+def test_the_paired_run_alternates_the_guard_and_puts_the_real_one_back():
+    from types import SimpleNamespace
+
+    def real(optimizer, sharded=False):
+        return True
+
+    core = SimpleNamespace(guard=real)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(core=core))
+    clock = step_cost.AlternateGuard(lambda real_guard: lambda *args: False)
+    seen = []
+    for batch_idx in range(4):
+        clock.on_train_batch_start(trainer, None, None, batch_idx)
+        seen.append(core.guard(None))
+    assert seen == [True, False, True, False] and len(clock.times) == 3
+    clock.teardown(trainer, None, "fit")
+    assert core.guard is real and not hasattr(core, "_real_guard")
+
+
+@pytest.mark.slow
 def test_scaler_real_quick_compares_every_scaler():
     rows = scaler_real.main(["--quick"])
     assert [r["scaler"] for r in rows] == list(scaler_real.scalers(20))
