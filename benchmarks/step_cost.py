@@ -396,6 +396,79 @@ class AlternateGuard(L.Callback):
         core.guard = core.__dict__.pop("_real_guard", core.guard)
 
 
+PLUGIN_STEP_HOOKS = ("convert_input", "train_step_context", "forward_context", "pre_backward", "optimizer_step",
+                     "clip_gradients")  # fmt: skip
+
+
+class AlternatePlugin(L.Callback):
+    """Odd steps of an AdaptiveMP fit run as Lightning's plugin: ``reference``'s step hooks stand in for the
+    plugin's, the strategy's ``training_step`` runs unwrapped and AdaptiveMP's callbacks leave the Trainer for
+    the step. The core sees nothing of those steps. Keeps every step's wall time and whether the core sampled
+    statistics on it."""
+
+    def __init__(self, reference, same: bool = False) -> None:
+        self.reference, self.same = reference, same  # same: every step is AdaptiveMP's (the noise floor)
+        self.times: list[float] = []
+        self.sampled: list[bool] = []
+        self._start: float | None = None
+        self._ours: list = []
+
+    def on_train_start(self, trainer, pl_module):
+        self._ours = [cb for cb in trainer.callbacks if type(cb).__module__ == "lightning_mp.callbacks"]
+        self._ours = [cb for cb in self._ours if type(cb).__name__ != "PrecisionReport"]  # the reference has one
+        self._wrapper = trainer.strategy.__dict__["training_step"]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        now = time.perf_counter()
+        if self._start is not None:
+            self.times.append(now - self._start)
+        self._start = now
+        plugin, strategy = trainer.precision_plugin, trainer.strategy
+        upcoming = plugin.core.ledger.optimizer_steps + 1  # counted before its forward, which samples on it
+        self.sampled.append(upcoming % plugin.core.options.stats_every == 0)  # if this step is ours
+        others = [cb for cb in trainer.callbacks if cb not in self._ours]
+        if batch_idx % 2 == 0 or self.same:
+            for name in PLUGIN_STEP_HOOKS:
+                plugin.__dict__.pop(name, None)
+            strategy.training_step = self._wrapper
+            trainer.callbacks = others[: len(others) - 1] + self._ours + others[-1:]  # a new list: the loop
+        else:  # that is running now keeps iterating the old one
+            for name in PLUGIN_STEP_HOOKS:
+                setattr(plugin, name, getattr(self.reference, name))
+            strategy.training_step = type(strategy).training_step.__get__(strategy)
+            trainer.callbacks = others
+
+    def teardown(self, trainer, pl_module, stage):
+        for name in PLUGIN_STEP_HOOKS:
+            trainer.precision_plugin.__dict__.pop(name, None)
+
+
+def paired_plugin_cost(make_model, kind: str, precision: str, reference, steps: int, warmup: int = 10) -> dict:
+    """AdaptiveMP against Lightning's plugin on adjacent steps of one fit, in microseconds per step: the median
+    of (ours - Lightning's) over adjacent pairs (the fixed cost), the sampled statistics steps' excess over
+    that, amortized at the default cadence, and the same pairing with AdaptiveMP on every step (noise floor)."""
+    out = {}
+    for name, same in (("plugin", False), ("again", True)):
+        torch.manual_seed(0)
+        clock, plugin = AlternatePlugin(reference(), same=same), AdaptiveMP(precision)
+        timed_fit(plugin, HFTask(make_model), batches(kind, steps + warmup), steps + warmup,
+                  callbacks=[clock])  # fmt: skip
+        out[f"{name}_counted"] = plugin.optimizer_steps  # the steps AdaptiveMP ran, of steps + warmup
+        times, sampled = clock.times[warmup:], clock.sampled[warmup : warmup + len(clock.times[warmup:])]
+        ours = [(t, s) for i, (t, s) in enumerate(zip(times, sampled)) if i % 2 == warmup % 2]
+        theirs = [t for i, t in enumerate(times) if i % 2 != warmup % 2]
+        pairs = [a - b for (a, s), b in zip(ours, theirs) if not s] + [
+            a - b for (a, s), b in zip(ours[1:], theirs) if not s
+        ]
+        fixed = statistics.median(pairs)
+        base = statistics.median(theirs)
+        excess = [t - base - fixed for t, s in ours if s]
+        out[name] = fixed * 1e6
+        out[f"{name}_sampling"] = (sum(excess) / len(ours)) * 1e6 if excess else 0.0
+        out["step_ms"] = base * 1e3
+    return out
+
+
 def paired_guard_cost(make_model, kind: str, precision: str, steps: int, warmup: int = 10) -> dict[str, float]:
     """Median of (guard on - guard off) over adjacent steps of one fit, and the same with the real guard on
     both (the noise floor), in microseconds; plus the median step time in milliseconds."""
@@ -453,15 +526,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ref_name = "Lightning MixedPrecision bf16" if bf16 else "Lightning Precision fp32"
     if args.paired:
         steps = 40 if args.quick else 600
-        print(f"{precision}: AdaptiveMP's guard on even steps, off (or on again) on odd ones, {steps} steps")
+        print(f"{precision}: adjacent steps of one fit, {steps} steps: AdaptiveMP's defaults against {ref_name}"
+              " (odd steps), and its guard against a guard that does not look")  # fmt: skip
         rows = []
         for model_name, (make_model, kind) in models().items():
             if args.models is None or model_name in args.models:
-                row = {"model": model_name, **paired_guard_cost(make_model, kind, precision, steps)}
+                row = {"model": model_name, **paired_plugin_cost(make_model, kind, precision, reference, steps)}
+                total = row["plugin"] + row["plugin_sampling"]
+                print(f"  {model_name:6} step {row['step_ms']:.2f} ms | AdaptiveMP {total:+6.1f} us, ratio"
+                      f" {1 + total / row['step_ms'] / 1e3:.4f} (fixed {row['plugin']:+.1f}, sampled statistics"
+                      f" {row['plugin_sampling']:+.1f}) | noise floor {row['again']:+.1f}", flush=True)  # fmt: skip
+                guard = paired_guard_cost(make_model, kind, precision, steps)
+                row.update({"guard": guard["guard"], "guard_again": guard["again"]})
+                print(f"  {model_name:6} guard {row['guard']:+6.1f} us ({row['guard'] / row['step_ms'] / 1e3:+.4f})"
+                      f" | noise floor {row['guard_again']:+.1f}", flush=True)  # fmt: skip
                 rows.append(row)
-                print(f"  {model_name:6} step {row['step_ms']:.2f} ms | guard {row['guard']:+6.1f} us"
-                      f" ({row['guard'] / row['step_ms'] / 1e3:+.4f}) | noise floor (guard against itself)"
-                      f" {row['again']:+6.1f} us", flush=True)  # fmt: skip
         return rows
     if args.pieces:
         steps = 30 if args.quick else 300

@@ -70,11 +70,14 @@ def test_step_cost_pieces_time_each_piece_and_put_every_patch_back():
 
 
 @pytest.mark.slow
-def test_step_cost_paired_gives_the_guard_cost_and_a_noise_floor():
+def test_step_cost_paired_alternates_the_plugins_and_gives_noise_floors():
     pytest.importorskip("transformers")
     (row,) = step_cost.main(["--quick", "--paired", "--models", "GPT-2"])
     assert row["model"] == "GPT-2" and row["step_ms"] > 0
-    assert math.isfinite(row["guard"]) and math.isfinite(row["again"])
+    assert all(math.isfinite(row[k]) for k in ("plugin", "plugin_sampling", "again", "guard", "guard_again"))
+    fit_steps = 40 + 10  # --quick: 40 measured after 10 warm-up steps
+    assert row["plugin_counted"] == fit_steps // 2, "odd steps ran as Lightning's plugin, unseen by the core"
+    assert row["again_counted"] == fit_steps, "the noise floor runs AdaptiveMP on every step"
 
 
 def test_the_paired_run_alternates_the_guard_and_puts_the_real_one_back():
