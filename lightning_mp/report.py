@@ -104,7 +104,7 @@ def headroom_metrics(summary: dict[str, dict[str, float]], top_k: int) -> dict[s
     for the ``top_k`` modules with the least headroom in a statistics ``summary``; finite values only."""
 
     def lowest(item: tuple[str, dict[str, float]]) -> float:
-        return min(item[1]["activation_headroom_bits"], item[1]["grad_headroom_bits"])
+        return _lowest(item[1])
 
     metrics = {}
     for fqn, stats in sorted(summary.items(), key=lowest)[:top_k]:

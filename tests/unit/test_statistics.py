@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from lightning_mp.report import headroom_metrics
 from lightning_mp.statistics import ModuleStatistics, headroom_bits, underflow_fraction
 from tests.helpers import Chain
 
@@ -68,6 +69,11 @@ def test_bf16_statistics_skip_underflow_and_a_nan_reads_as_an_overflow():
     m(torch.randn(4, 3)).sum().backward()
     stats.collect(m, scale=1.0, dtype=torch.bfloat16)
     assert stats.summary(torch.bfloat16)["a"]["underflow_fraction"] is None, "bf16 has fp32's smallest normal"
+    summary = stats.summary(torch.bfloat16)["a"]
+    assert summary["grad_amax"] is None and summary["grad_headroom_bits"] is None, "and fp32's largest value"
+    assert summary["activation_amax"] > 0
+    metrics = headroom_metrics(stats.summary(torch.bfloat16), top_k=3)
+    assert metrics["precision/headroom_bits/a"] == pytest.approx(summary["activation_headroom_bits"])
     stats.start(m)
     m(torch.full((4, 3), float("nan"))).sum().backward()
     stats.collect(m, scale=1.0, dtype=torch.bfloat16)
