@@ -17,7 +17,8 @@ against itself: the noise floor. Two figures per variant, each the median over r
     python -m benchmarks.step_cost            # 7 rounds x 60 steps, 1 thread
     python -m benchmarks.step_cost --quick    # smoke run
     python -m benchmarks.step_cost --pieces --models GPT-2   # where it goes, piece by piece (300 steps)
-    python -m benchmarks.step_cost --paired                  # the guard's marginal cost, step by step
+    python -m benchmarks.step_cost --paired                  # against Lightning and the guard, step by step
+    python -m benchmarks.step_cost --paired --option stats_every=100   # the same with other knobs
 
 ``--paired`` measures what the host split cannot: the *marginal* cost of the non-finite guard. A piece's own
 time overstates it when the piece is the first torch call after the backward, because that call pays for
@@ -39,6 +40,7 @@ kernels would bury it.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import functools
 import statistics
@@ -443,14 +445,16 @@ class AlternatePlugin(L.Callback):
             trainer.precision_plugin.__dict__.pop(name, None)
 
 
-def paired_plugin_cost(make_model, kind: str, precision: str, reference, steps: int, warmup: int = 10) -> dict:
+def paired_plugin_cost(
+    make_model, kind: str, precision: str, reference, steps: int, warmup: int = 10, **options
+) -> dict:
     """AdaptiveMP against Lightning's plugin on adjacent steps of one fit, in microseconds per step: the median
     of (ours - Lightning's) over adjacent pairs (the fixed cost), the sampled statistics steps' excess over
     that, amortized at the default cadence, and the same pairing with AdaptiveMP on every step (noise floor)."""
     out = {}
     for name, same in (("plugin", False), ("again", True)):
         torch.manual_seed(0)
-        clock, plugin = AlternatePlugin(reference(), same=same), AdaptiveMP(precision)
+        clock, plugin = AlternatePlugin(reference(), same=same), AdaptiveMP(precision, **options)
         timed_fit(plugin, HFTask(make_model), batches(kind, steps + warmup), steps + warmup,
                   callbacks=[clock])  # fmt: skip
         out[f"{name}_counted"] = plugin.optimizer_steps  # the steps AdaptiveMP ran, of steps + warmup
@@ -464,19 +468,22 @@ def paired_plugin_cost(make_model, kind: str, precision: str, reference, steps: 
         base = statistics.median(theirs)
         excess = [t - base - fixed for t, s in ours if s]
         out[name] = fixed * 1e6
-        out[f"{name}_sampling"] = (sum(excess) / len(ours)) * 1e6 if excess else 0.0
+        # A sample costs about the same every time: the median resists the one step a machine hiccup hit.
+        out[f"{name}_sampling"] = statistics.median(excess) * len(excess) / len(ours) * 1e6 if excess else 0.0
         out["step_ms"] = base * 1e3
     return out
 
 
-def paired_guard_cost(make_model, kind: str, precision: str, steps: int, warmup: int = 10) -> dict[str, float]:
+def paired_guard_cost(
+    make_model, kind: str, precision: str, steps: int, warmup: int = 10, **options
+) -> dict[str, float]:
     """Median of (guard on - guard off) over adjacent steps of one fit, and the same with the real guard on
     both (the noise floor), in microseconds; plus the median step time in milliseconds."""
     out = {}
     for name, odd_guard in (("guard", lambda real: lambda *args: False), ("again", lambda real: real)):
         torch.manual_seed(0)
         clock = AlternateGuard(odd_guard)
-        timed_fit(AdaptiveMP(precision), HFTask(make_model), batches(kind, steps + warmup), steps + warmup,
+        timed_fit(AdaptiveMP(precision, **options), HFTask(make_model), batches(kind, steps + warmup), steps + warmup,
                   callbacks=[clock])  # fmt: skip
         times = clock.times[warmup:]
         on, off = times[0::2], times[1::2]
@@ -484,6 +491,17 @@ def paired_guard_cost(make_model, kind: str, precision: str, steps: int, warmup:
         out[name] = statistics.median(pairs) * 1e6
         out["step_ms"] = statistics.median(times) * 1e3
     return out
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``"stats_every=100"`` -> ``("stats_every", 100)``: the value as a Python literal, else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--option {text!r} is invalid: write KEY=VALUE, e.g. --option stats_every=100")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def step_time(make_plugin, make_model, kind: str, steps: int, warmup: int = 5) -> tuple[float, dict[str, float]]:
@@ -508,7 +526,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--models", nargs="*", default=None, help="rows to run, e.g. --models GPT-2")
     parser.add_argument("--pieces", action="store_true", help="time each piece of the plugin instead (300 steps)")
     parser.add_argument("--paired", action="store_true", help="the guard's marginal cost, adjacent steps (600)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an AdaptiveMP argument for --paired, e.g. --option stats_every=100")  # fmt: skip
     args = parser.parse_args(argv)
+    options = dict(_option(text) for text in args.option)
     if args.quick:
         args.rounds, args.steps = 2, 10
     torch.set_num_threads(args.threads)
@@ -526,21 +547,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ref_name = "Lightning MixedPrecision bf16" if bf16 else "Lightning Precision fp32"
     if args.paired:
         steps = 40 if args.quick else 600
-        print(f"{precision}: adjacent steps of one fit, {steps} steps: AdaptiveMP's defaults against {ref_name}"
+        what = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "defaults"
+        print(f"{precision}: adjacent steps of one fit, {steps} steps: AdaptiveMP ({what}) against {ref_name}"
               " (odd steps), and its guard against a guard that does not look")  # fmt: skip
         rows = []
         for model_name, (make_model, kind) in models().items():
             if args.models is None or model_name in args.models:
-                row = {"model": model_name, **paired_plugin_cost(make_model, kind, precision, reference, steps)}
+                row = {"model": model_name, **paired_plugin_cost(make_model, kind, precision, reference, steps,
+                                                                 **options)}  # fmt: skip
                 total = row["plugin"] + row["plugin_sampling"]
                 print(f"  {model_name:6} step {row['step_ms']:.2f} ms | AdaptiveMP {total:+6.1f} us, ratio"
                       f" {1 + total / row['step_ms'] / 1e3:.4f} (fixed {row['plugin']:+.1f}, sampled statistics"
                       f" {row['plugin_sampling']:+.1f}) | noise floor {row['again']:+.1f}", flush=True)  # fmt: skip
-                guard = paired_guard_cost(make_model, kind, precision, steps)
+                rows.append(row)
+                if not options.get("guard_nonfinite", True):
+                    continue
+                guard = paired_guard_cost(make_model, kind, precision, steps, **options)
                 row.update({"guard": guard["guard"], "guard_again": guard["again"]})
                 print(f"  {model_name:6} guard {row['guard']:+6.1f} us ({row['guard'] / row['step_ms'] / 1e3:+.4f})"
                       f" | noise floor {row['guard_again']:+.1f}", flush=True)  # fmt: skip
-                rows.append(row)
         return rows
     if args.pieces:
         steps = 30 if args.quick else 300
