@@ -80,6 +80,14 @@ def test_step_cost_paired_alternates_the_plugins_and_gives_noise_floors():
     assert row["again_counted"] == fit_steps, "the noise floor runs AdaptiveMP on every step"
 
 
+def test_options_for_the_paired_run_read_as_python_values_and_a_bad_one_is_named():
+    assert step_cost._option("stats_every=100") == ("stats_every", 100)
+    assert step_cost._option("stats=off") == ("stats", "off")
+    assert step_cost._option("guard_nonfinite=False") == ("guard_nonfinite", False)
+    with pytest.raises(SystemExit, match="--option 'stats_every' is invalid: write KEY=VALUE"):
+        step_cost._option("stats_every")
+
+
 def test_the_paired_run_alternates_the_guard_and_puts_the_real_one_back():
     from types import SimpleNamespace
 
