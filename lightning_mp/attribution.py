@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -100,6 +100,16 @@ def nonfinite_code(values: Any) -> torch.Tensor:
 
 def _code(value: float) -> int:
     return NAN if math.isnan(value) else INF if math.isinf(value) else FINITE
+
+
+def _shallow_copy(batch: Any) -> Any:
+    """A new top-level container holding the same items (dicts and mappings such as Hugging Face's
+    ``BatchEncoding`` become dicts, lists stay lists); anything else as it is."""
+    if isinstance(batch, Mapping):
+        return dict(batch)
+    if isinstance(batch, list):
+        return list(batch)
+    return batch
 
 
 def _input_code(tensor: torch.Tensor) -> int:
@@ -298,9 +308,10 @@ class OverflowTracker:
 
     # Per step, always on and free: references to the batch and the loss (a detached scalar), read only if the
     # step turns out bad (the replay keeps the batch for the same time anyway). The batch's floating tensors
-    # are found when it is read, not every step; a batch the step modifies in place is judged as it is then.
+    # are found when it is read, not every step. Its top-level container is copied (O(keys)): a training_step
+    # that pops or replaces an entry (`x = batch.pop("x")`) must not hide a bad input from the check.
     def observe_input(self, batch: Any) -> None:
-        self._batches.append(batch)
+        self._batches.append(_shallow_copy(batch))
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         self._losses.append(loss.detach())

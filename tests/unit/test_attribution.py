@@ -8,6 +8,7 @@ from lightning_mp.attribution import (
     ExecutionOrder,
     Finding,
     ForwardProbe,
+    OverflowTracker,
     is_kernel_error,
     module_from_traceback,
     nearest_nonfinite_grad,
@@ -104,3 +105,17 @@ def test_module_from_traceback_finds_the_innermost_failing_module():
 )
 def test_is_kernel_error(error, expected):
     assert is_kernel_error(error) is expected
+
+
+def test_a_bad_input_the_step_popped_from_its_batch_is_still_found():
+    """Hugging Face style steps pop entries (`x = batch.pop("x")`): the check reads the batch only on a bad
+    step, after the pop, so the tracker keeps its own copy of the batch's top-level container."""
+    tracker = OverflowTracker()
+    tracker.new_batch()
+    batch = {"x": torch.tensor([1.0, NAN]), "y": torch.ones(2)}
+    tracker.observe_input(batch)
+    batch.pop("x")
+    batch["y"] = torch.zeros(2)
+    tracker.observe_loss(torch.tensor(1.0))
+    assert not tracker.forward_finite()
+    assert tracker.attribute(Chain()).phase == "input"
