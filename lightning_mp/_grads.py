@@ -113,11 +113,13 @@ class NonfiniteGuard:
     every step, right after a backward that has pushed the interpreter's and the dispatcher's working set out
     of the caches, where every torch call costs several times what a warm micro-benchmark shows (a
     ``torch.zeros(1)`` about 10 us). So the flag and the factor are kept between steps, per device: the kernel
-    only ever sets the flag, which is zeroed again only after a step that found something.
+    only ever sets the flag, which is zeroed again, on the current stream right before the next check, only
+    after a check that found something or raised.
     """
 
     def __init__(self) -> None:
         self._tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> (flag, factor 1)
+        self._dirty: set[torch.device] = set()  # devices whose flag may be set
 
     def __call__(self, optimizer: Optimizer, sharded: bool = False) -> bool:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -131,14 +133,14 @@ class NonfiniteGuard:
             one = torch.ones(1, dtype=torch.float32, device=device)
             tensors = self._tensors[device] = (torch.zeros(1, dtype=torch.float32, device=device), one)
         flag, one = tensors
-        try:
-            foreach_non_finite_check_and_unscale_(grads, flag, one)
-            found = bool(flag.item())
-        except BaseException:
-            flag.zero_()  # never carry a half-done check's flag into the next step
-            raise
-        if found:
-            flag.zero_()
+        if device in self._dirty:
+            flag.zero_()  # the last check found something or raised; the flag's last writer has finished
+            self._dirty.discard(device)
+        self._dirty.add(device)  # until the read below says otherwise
+        foreach_non_finite_check_and_unscale_(grads, flag, one)
+        found = bool(flag.item())
+        if not found:
+            self._dirty.discard(device)
         return found
 
 

@@ -57,3 +57,20 @@ def test_one_guard_kept_across_steps_answers_each_step_afresh():
     bad[0][0, 0] = float("nan")
     answers = [guard(optimizer_with(values)) for values in (grads(), bad, grads(), bad, bad, grads())]
     assert answers == [False, True, False, True, True, False]
+
+
+def test_a_check_that_raised_leaves_no_flag_behind(monkeypatch):
+    import lightning_mp._grads as grads_module
+
+    guard = NonfiniteGuard()
+    real = grads_module.foreach_non_finite_check_and_unscale_
+
+    def set_the_flag_then_fail(tensors, found_inf, inv_scale):
+        found_inf.fill_(1.0)
+        raise RuntimeError("the kernel failed half way")
+
+    monkeypatch.setattr(grads_module, "foreach_non_finite_check_and_unscale_", set_the_flag_then_fail)
+    with pytest.raises(RuntimeError, match="half way"):
+        guard(optimizer_with(grads()))
+    monkeypatch.setattr(grads_module, "foreach_non_finite_check_and_unscale_", real)
+    assert guard(optimizer_with(grads())) is False
