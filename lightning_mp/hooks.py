@@ -37,6 +37,7 @@ class HookSet:
     def __init__(self, dispatch: bool = False) -> None:
         self._handles: list[Any] = []
         self.dispatch = dispatch
+        self._finalizer: weakref.finalize | None = None  # removes a global hook whose model is gone
 
     @property
     def active(self) -> bool:
@@ -53,10 +54,12 @@ class HookSet:
                 global hooks take keyword arguments only on newer torch).
         """
         self.remove()
-        if not self.dispatch or kind == "forward_with_kwargs":
-            for fqn, module in model.named_modules():
-                if not fqn:
-                    continue
+        modules = [(fqn, module) for fqn, module in model.named_modules() if fqn]
+        # A global hook makes torch warn on every call of a torch.compile'd submodule (an OptimizedModule, which
+        # keeps the original as ``_orig_mod``): such models get one hook per submodule.
+        compiled = any(hasattr(module, "_orig_mod") for _, module in modules)
+        if not self.dispatch or compiled or kind == "forward_with_kwargs":
+            for fqn, module in modules:
                 if kind == "forward_pre":
                     handle = module.register_forward_pre_hook(make_hook(fqn))
                 else:
@@ -65,21 +68,27 @@ class HookSet:
             return
         # id -> (weak reference to the module, its hook): the reference tells ours from an unrelated module that
         # reused a freed id, without keeping the model alive through the global hook table.
-        hooks = {id(module): (weakref.ref(module), make_hook(fqn)) for fqn, module in model.named_modules() if fqn}
+        hooks = {id(module): (weakref.ref(module), make_hook(fqn)) for fqn, module in modules}
 
         def dispatch(module: nn.Module, *args: Any) -> Any:
             entry = hooks.get(id(module))
             return entry[1](module, *args) if entry is not None and entry[0]() is module else None
 
         if kind == "forward_pre":
-            self._handles.append(torch.nn.modules.module.register_module_forward_pre_hook(dispatch))
+            handle = torch.nn.modules.module.register_module_forward_pre_hook(dispatch)
         else:
-            self._handles.append(torch.nn.modules.module.register_module_forward_hook(dispatch))
+            handle = torch.nn.modules.module.register_module_forward_hook(dispatch)
+        self._handles.append(handle)
+        # Nothing else may keep it registered once the model is gone (a loop that raised before removing it).
+        self._finalizer = weakref.finalize(model, handle.remove)
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
 
 
 @contextlib.contextmanager

@@ -44,10 +44,9 @@ def test_modules_outside_the_model_are_not_hooked(dispatch):
     hooks.remove()
 
 
-@both_ways
-def test_hooks_taking_kwargs_hook_every_submodule_and_are_removed(dispatch):
+def test_hooks_taking_kwargs_hook_every_submodule_and_are_removed():
     model, seen = Chain(), []
-    hooks = HookSet(dispatch)
+    hooks = HookSet(dispatch=True)  # kwargs: one hook per submodule even when dispatching
     hooks.register(model, lambda fqn: lambda module, args, kwargs, output: seen.append(fqn), "forward_with_kwargs")
     model(torch.ones(1, 3))
     assert seen == ["a", "b", "c"]
@@ -77,3 +76,27 @@ def test_a_dispatching_hook_does_not_keep_the_model_alive():
     gc.collect()
     assert alive() is None, "the global hook table holds the model"
     hooks.remove()
+
+
+def test_a_dispatching_hook_goes_when_its_model_does():
+    """A loop that raised between arming and removing must not leave a global hook for the whole process."""
+    import gc
+
+    model, hooks = Chain(), HookSet(dispatch=True)
+    hooks.register(model, lambda fqn: lambda module, args, output: None, "forward")
+    assert nn.modules.module._global_forward_hooks
+    del model
+    gc.collect()
+    assert not nn.modules.module._global_forward_hooks
+    hooks.remove()  # still fine afterwards
+
+
+def test_a_model_with_a_compiled_submodule_gets_one_hook_per_submodule():
+    """torch warns on every call of a compiled submodule while a global hook exists: no global hook then."""
+    model, seen = Chain(), []
+    model.b = torch.compile(model.b, backend="eager")
+    hooks = HookSet(dispatch=True)
+    hooks.register(model, lambda fqn: lambda module, args, output: seen.append(fqn), "forward")
+    assert not nn.modules.module._global_forward_hooks and model.a._forward_hooks
+    hooks.remove()
+    assert no_hooks_left(model)
