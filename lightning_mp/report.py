@@ -232,7 +232,8 @@ def render_png(report: dict[str, Any], path: Path, limit: int = 15) -> Path:
         shown = risky or rows
         names = [fqn for fqn, _ in shown][::-1]
         act = [s["activation_headroom_bits"] or 0.0 for _, s in shown][::-1]
-        grad = [s["grad_headroom_bits"] or 0.0 for _, s in shown][::-1]
+        # Not measured (bf16 / fp32 parameter gradients): no bar, rather than a bar of 0 bits.
+        grad = [math.nan if s["grad_headroom_bits"] is None else s["grad_headroom_bits"] for _, s in shown][::-1]
         pos = range(len(names))
         ax_head.barh([p + 0.2 for p in pos], act, height=0.4, label="activations")
         ax_head.barh([p - 0.2 for p in pos], grad, height=0.4, label="gradients")
