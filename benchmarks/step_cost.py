@@ -229,6 +229,9 @@ class HostClock(L.Callback):
         for name in ("training_step", "backward"):
             pl_module.__dict__.pop(name, None)
 
+    def on_exception(self, trainer, pl_module, exception):
+        hooks.HookSet.register = self._register  # a failed fit does not reach the callbacks' teardown
+
 
 # The core's steps in the order a step calls them, and the collaborators' pieces worth a line of their own.
 CORE_PIECES = ("keep_micro_batch", "observe_input", "start_micro_step", "training_context", "autocast", "scale_loss",
@@ -284,7 +287,10 @@ class PieceClock(L.Callback):
             clock.wrap(label, context.__enter__)()
             try:
                 yield
-            finally:
+            except BaseException as error:
+                if not clock.wrap(label, context.__exit__)(type(error), error, error.__traceback__):
+                    raise
+            else:
                 clock.wrap(label, context.__exit__)(None, None, None)
 
         return timed
@@ -326,6 +332,15 @@ class PieceClock(L.Callback):
             register(hook_set, model, lambda fqn: clock.wrap("statistics: hooks", make_hook(fqn)), kind)
 
         self._patch_class(hooks.HookSet, "register", timed_register)
+        # The statistics' one global hook dispatches to those hooks: its own work is theirs too. (The slower
+        # module-call path any hook forces stays inside "model".)
+        module_hooks = torch.nn.modules.module
+        register_global = module_hooks.register_module_forward_hook
+
+        def timed_global(hook, **kwargs):
+            return register_global(clock.wrap("statistics: hooks", hook), **kwargs)
+
+        self._patch_class(module_hooks, "register_module_forward_hook", timed_global)
 
     def on_train_start(self, trainer, pl_module):
         for optimizer in trainer.optimizers:
@@ -347,10 +362,17 @@ class PieceClock(L.Callback):
         self._switch(None)
 
     def teardown(self, trainer, pl_module, stage):
-        for undo in reversed(self._undo):
-            undo()
+        self._put_back()
         for name in ("training_step", "backward"):
             pl_module.__dict__.pop(name, None)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._put_back()  # a failed fit does not reach the callbacks' teardown
+
+    def _put_back(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo = []
 
 
 def pieces(make_model, kind: str, variants: dict, steps: int, warmup: int = 5) -> dict[str, dict[str, float]]:
@@ -485,8 +507,9 @@ def paired_guard_cost(
         clock = AlternateGuard(odd_guard)
         timed_fit(AdaptiveMP(precision, **options), HFTask(make_model), batches(kind, steps + warmup), steps + warmup,
                   callbacks=[clock])  # fmt: skip
-        times = clock.times[warmup:]
-        on, off = times[0::2], times[1::2]
+        times = clock.times[warmup:]  # times[j] is step warmup + j; the real guard runs on even steps
+        on = [t for j, t in enumerate(times) if (warmup + j) % 2 == 0]
+        off = [t for j, t in enumerate(times) if (warmup + j) % 2 == 1]
         pairs = [a - b for a, b in zip(on, off)] + [a - b for a, b in zip(on[1:], off)]  # each off step's two sides
         out[name] = statistics.median(pairs) * 1e6
         out["step_ms"] = statistics.median(times) * 1e3

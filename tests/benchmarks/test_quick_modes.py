@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 
 from benchmarks import compiled, overhead, scaler_real, scaler_streams, step_cost, versions
 from lightning_mp import AdaptiveMP
@@ -61,12 +62,16 @@ def test_step_cost_pieces_time_each_piece_and_put_every_patch_back():
 
     from lightning_mp.hooks import HookSet
 
-    originals = (Precision.__dict__["_after_closure"], HookSet.__dict__["register"])
+    global_hooks = torch.nn.modules.module
+    originals = (Precision.__dict__["_after_closure"], HookSet.__dict__["register"],
+                 global_hooks.register_module_forward_hook)  # fmt: skip
     (row,) = step_cost.main(["--quick", "--pieces", "--models", "GPT-2"])
     reference, ours = row["pieces"]["reference"], row["pieces"]["AdaptiveMP"]
     assert ours["guard"] > 0 and ours["core.step"] > 0 and ours["model"] > 0
     assert "guard" not in reference and reference["plugin.optimizer_step"] > 0 and reference["model"] > 0
-    assert (Precision.__dict__["_after_closure"], HookSet.__dict__["register"]) == originals
+    now = (Precision.__dict__["_after_closure"], HookSet.__dict__["register"],
+           global_hooks.register_module_forward_hook)  # fmt: skip
+    assert now == originals
 
 
 @pytest.mark.slow
