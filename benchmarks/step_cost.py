@@ -132,7 +132,64 @@ PARTS = ("lightning", "plugin", "callbacks", "stats hooks")  # host time
 MODEL_PARTS = ("forward+backward", "optimizer")  # the model's own work, reported beside it
 
 
-class HostClock(L.Callback):
+class RegionClock(L.Callback):
+    """Charges wall time to the innermost open region: ``region(label, fn)`` wraps a callable, ``context``
+    a context-manager method; ``totals`` holds seconds per label, ``first`` is charged when no region is open."""
+
+    def __init__(self, first: str, totals: dict[str, float]) -> None:
+        self.totals = totals
+        self._stack = [first]
+        self._last = time.perf_counter()
+
+    def _switch(self, push: str | None) -> None:
+        now = time.perf_counter()
+        self.totals[self._stack[-1]] += now - self._last
+        self._last = now
+        self._stack.pop() if push is None else self._stack.append(push)
+
+    def _catch_up(self, label: str) -> None:
+        """Bring the totals up to now, charging the time since the last switch to ``label``."""
+        self._switch(label)
+        self._switch(None)
+
+    def region(self, label: str, fn):
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            self._switch(label)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._switch(None)
+
+        return timed
+
+    def context(self, label: str, make_context, body: str | None = None):
+        """A context manager method whose entry and exit count as ``label``; its body counts as ``body``, or as
+        whatever encloses it when ``body`` is None."""
+        clock = self
+
+        @contextlib.contextmanager
+        def timed(*args, **kwargs):
+            context = make_context(*args, **kwargs)
+            clock.region(label, context.__enter__)()
+            if body is not None:
+                clock._switch(body)
+            try:
+                yield
+            except BaseException as error:
+                if body is not None:
+                    clock._switch(None)
+                if not clock.region(label, context.__exit__)(type(error), error, error.__traceback__):
+                    raise
+            else:
+                if body is not None:
+                    clock._switch(None)
+                clock.region(label, context.__exit__)(None, None, None)
+
+        return timed
+
+
+class HostClock(RegionClock):
     """Time per training step spent outside the model's own work, in seconds, split by where it goes.
 
     Time is charged to the innermost open region: "forward+backward" inside ``training_step`` and the
@@ -146,48 +203,9 @@ class HostClock(L.Callback):
     """
 
     def __init__(self) -> None:
+        super().__init__("lightning", dict.fromkeys(PARTS + MODEL_PARTS, 0.0))
         self.per_step: list[dict[str, float]] = []
-        self._stack = ["lightning"]
-        self._totals = dict.fromkeys(PARTS + MODEL_PARTS, 0.0)
-        self._last = time.perf_counter()
         self._register = hooks.HookSet.register
-
-    def _switch(self, push: str | None) -> None:
-        now = time.perf_counter()
-        self._totals[self._stack[-1]] += now - self._last
-        self._last = now
-        if push is None:
-            self._stack.pop()
-        else:
-            self._stack.append(push)
-
-    def region(self, part: str, fn):
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            self._switch(part)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._switch(None)
-
-        return timed
-
-    def context(self, part: str, make_context):
-        """A context manager method whose entry and exit count as ``part``; its body is charged as usual."""
-        clock = self
-
-        @contextlib.contextmanager
-        def timed(*args, **kwargs):
-            context = make_context(*args, **kwargs)
-            clock.region(part, context.__enter__)()
-            clock._switch("lightning")
-            try:
-                yield
-            finally:
-                clock._switch(None)
-                clock.region(part, context.__exit__)(None, None, None)
-
-        return timed
 
     def setup(self, trainer, pl_module, stage):
         pl_module.training_step = self.region("forward+backward", pl_module.training_step)
@@ -196,7 +214,7 @@ class HostClock(L.Callback):
         for name in PLUGIN_HOOKS:
             setattr(plugin, name, self.region("plugin", getattr(plugin, name)))
         plugin._wrap_closure = self.region("plugin", plugin._wrap_closure)  # Lightning runs it inside step()
-        plugin.train_step_context = self.context("plugin", plugin.train_step_context)
+        plugin.train_step_context = self.context("plugin", plugin.train_step_context, body="lightning")
         register, clock = self._register, self
 
         def timed_register(hook_set, model, make_hook, kind):
@@ -213,10 +231,9 @@ class HostClock(L.Callback):
                     setattr(callback, name, self.region("callbacks", getattr(callback, name)))
 
     def _close_step(self) -> None:
-        self._switch("lightning")  # brings the totals up to now
-        self._switch(None)
-        self.per_step.append(self._totals)
-        self._totals = dict.fromkeys(PARTS + MODEL_PARTS, 0.0)
+        self._catch_up("lightning")
+        self.per_step.append(self.totals)
+        self.totals = dict.fromkeys(PARTS + MODEL_PARTS, 0.0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._close_step()
@@ -245,7 +262,7 @@ COLLABORATOR_PIECES = (("replay", "begin_batch", "RNG snapshot (replay.begin_bat
                        ("ledger", "start_step", "ledger.start_step"))  # fmt: skip
 
 
-class PieceClock(L.Callback):
+class PieceClock(RegionClock):
     """Exclusive time per step of each piece of the precision plugin, in seconds (``--pieces``).
 
     Every wrapped piece pushes its label while it runs, so its time excludes whatever wrapped piece or model
@@ -255,48 +272,12 @@ class PieceClock(L.Callback):
     """
 
     def __init__(self, warmup: int = 5) -> None:
+        super().__init__("lightning (loop)", defaultdict(float))
         self.warmup, self.steps = warmup, 0
-        self.totals: dict[str, float] = defaultdict(float)
-        self._stack, self._last = ["lightning (loop)"], time.perf_counter()
         self._undo: list = []
 
-    def _switch(self, push: str | None) -> None:
-        now = time.perf_counter()
-        self.totals[self._stack[-1]] += now - self._last
-        self._last = now
-        self._stack.pop() if push is None else self._stack.append(push)
-
-    def wrap(self, label: str, fn):
-        @functools.wraps(fn)
-        def timed(*args, **kwargs):
-            self._switch(label)
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._switch(None)
-
-        return timed
-
-    def context(self, label: str, make_context):
-        """A context manager method whose entry and exit count as ``label``; its body is charged as usual."""
-        clock = self
-
-        @contextlib.contextmanager
-        def timed(*args, **kwargs):
-            context = make_context(*args, **kwargs)
-            clock.wrap(label, context.__enter__)()
-            try:
-                yield
-            except BaseException as error:
-                if not clock.wrap(label, context.__exit__)(type(error), error, error.__traceback__):
-                    raise
-            else:
-                clock.wrap(label, context.__exit__)(None, None, None)
-
-        return timed
-
     def _patch(self, owner, name: str, label: str) -> None:
-        setattr(owner, name, self.wrap(label, getattr(owner, name)))
+        setattr(owner, name, self.region(label, getattr(owner, name)))
 
     def _patch_class(self, owner, name: str, replacement) -> None:
         original = owner.__dict__[name]
@@ -313,11 +294,11 @@ class PieceClock(L.Callback):
         step, clock = plugin.optimizer_step, self
 
         def optimizer_step(optimizer, model, closure, **kwargs):
-            return step(optimizer, model, clock.wrap("lightning (closure)", closure), **kwargs)
+            return step(optimizer, model, clock.region("lightning (closure)", closure), **kwargs)
 
-        plugin.optimizer_step = self.wrap("plugin.optimizer_step", optimizer_step)
+        plugin.optimizer_step = self.region("plugin.optimizer_step", optimizer_step)
         after = BasePrecision._after_closure
-        self._patch_class(BasePrecision, "_after_closure", self.wrap("lightning (_after_closure)", after))
+        self._patch_class(BasePrecision, "_after_closure", self.region("lightning (_after_closure)", after))
         core = getattr(plugin, "core", None)
         if core is None:
             return
@@ -329,7 +310,7 @@ class PieceClock(L.Callback):
         register = hooks.HookSet.register
 
         def timed_register(hook_set, model, make_hook, kind):
-            register(hook_set, model, lambda fqn: clock.wrap("statistics: hooks", make_hook(fqn)), kind)
+            register(hook_set, model, lambda fqn: clock.region("statistics: hooks", make_hook(fqn)), kind)
 
         self._patch_class(hooks.HookSet, "register", timed_register)
         # The statistics' one global hook dispatches to those hooks: its own work is theirs too. (The slower
@@ -338,7 +319,7 @@ class PieceClock(L.Callback):
         register_global = module_hooks.register_module_forward_hook
 
         def timed_global(hook, **kwargs):
-            return register_global(clock.wrap("statistics: hooks", hook), **kwargs)
+            return register_global(clock.region("statistics: hooks", hook), **kwargs)
 
         self._patch_class(module_hooks, "register_module_forward_hook", timed_global)
 
@@ -352,14 +333,12 @@ class PieceClock(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
-            self._switch("lightning (loop)")
-            self._switch(None)
+            self._catch_up("lightning (loop)")
             self.totals.clear()
         self.steps += batch_idx >= self.warmup
 
     def on_train_end(self, trainer, pl_module):
-        self._switch("lightning (loop)")
-        self._switch(None)
+        self._catch_up("lightning (loop)")
 
     def teardown(self, trainer, pl_module, stage):
         self._put_back()
