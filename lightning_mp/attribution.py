@@ -80,7 +80,15 @@ class Finding:
 
 
 def floating(values: Any) -> list[torch.Tensor]:
-    """The floating-point tensors anywhere in ``values`` (tuples, dicts, dataclass-like model outputs)."""
+    """The floating-point tensors anywhere in ``values`` (tuples, dicts, dataclass-like model outputs).
+
+    A tensor, or a flat tuple of tensors and ``None`` (what most layers of a Hugging Face model return,
+    ``(hidden_states, None)``), skips the walk through the pytree: module hooks ask this of every output.
+    """
+    if isinstance(values, torch.Tensor):
+        return [values] if values.is_floating_point() else []
+    if type(values) is tuple and all(t is None or isinstance(t, torch.Tensor) for t in values):
+        return [t for t in values if t is not None and t.is_floating_point()]
     return [t for t in tree_leaves(values) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 

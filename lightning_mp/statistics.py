@@ -139,11 +139,10 @@ class ModuleStatistics:
             grad_key = (_Value.OUTPUT_GRAD, fqn)
 
             def forward_hook(module, args, output):
-                for tensor in _output_tensors(output):
-                    if tensor.is_floating_point():
-                        self._extremes(key, tensor.detach())
-                        if full and tensor.requires_grad and torch.is_grad_enabled():
-                            tensor.register_hook(partial(self._extremes, grad_key))
+                for tensor in floating(output):
+                    self._extremes(key, tensor.detach())
+                    if full and tensor.requires_grad and torch.is_grad_enabled():
+                        tensor.register_hook(partial(self._extremes, grad_key))
 
             return forward_hook
 
@@ -216,10 +215,9 @@ class ModuleStatistics:
             if what is _Value.ACTIVATION:
                 stat.activation_amax = _nan_max(stat.activation_amax, value)
             elif what is _Value.OUTPUT_GRAD:  # captured during backward: already carries the loss scale
-                stat.grad_amax = value if stat.grad_amax is None else _nan_max(stat.grad_amax, value)
+                stat.grad_amax = _nan_max(stat.grad_amax, value)
             elif what is _Value.PARAM_GRAD:  # read after unscale_: put the scale back to compare with the format
-                value *= scale
-                stat.grad_amax = value if stat.grad_amax is None else _nan_max(stat.grad_amax, value)
+                stat.grad_amax = _nan_max(stat.grad_amax, value * scale)
             else:
                 stat.underflow_fraction = value
         for fqn in touched:
@@ -244,21 +242,14 @@ def _stack(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         return torch.stack([t.to(device) for t in values])
 
 
-def _output_tensors(output: object) -> list[torch.Tensor]:
-    """The tensors of a module's output: itself, a flat tuple's (what most layers of a Hugging Face model
-    return, ``(hidden_states, None)``) without a walk through the pytree, else every floating leaf."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if type(output) is tuple and all(t is None or isinstance(t, torch.Tensor) for t in output):
-        return [t for t in output if t is not None]
-    return floating(output)
-
-
 def _nan_key(value: float) -> float:
     """Sort key that ranks NaN above everything, as an overflow."""
     return math.inf if math.isnan(value) else value
 
 
-def _nan_max(a: float, b: float) -> float:
-    """``max`` that keeps a NaN (Python's ``max`` drops it or not depending on the order)."""
+def _nan_max(a: float | None, b: float) -> float:
+    """``max`` that keeps a NaN (Python's ``max`` drops it or not depending on the order); ``a`` is ``None``
+    before the first value."""
+    if a is None:
+        return b
     return a + b if a != a or b != b else max(a, b)
