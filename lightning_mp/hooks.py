@@ -56,8 +56,10 @@ class HookSet:
         self.remove()
         modules = [(fqn, module) for fqn, module in model.named_modules() if fqn]
         # A global hook makes torch warn on every call of a torch.compile'd submodule (an OptimizedModule, which
-        # keeps the original as ``_orig_mod``): such models get one hook per submodule.
-        compiled = any(hasattr(module, "_orig_mod") for _, module in modules)
+        # keeps the original as its submodule ``_orig_mod``): such models get one hook per submodule. Asked of
+        # ``_modules`` directly: ``hasattr`` on a module raises and catches an AttributeError for every module,
+        # half the cost of arming a sample.
+        compiled = any("_orig_mod" in module._modules for _, module in modules)
         if not self.dispatch or compiled or kind == "forward_with_kwargs":
             for fqn, module in modules:
                 if kind == "forward_pre":
