@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
+from lightning_mp._compat import skip_inherited_batch_hooks
 from lightning_mp.ledger import EventWarnings, ScaleHistory
 from lightning_mp.plugin import adaptive_plugin as _plugin
 from lightning_mp.report import build_report, headroom_metrics, render_table, run_metrics, write_report
@@ -45,6 +46,7 @@ class LossScaleMonitor(pl.Callback):
             raise ValueError(f"LossScaleMonitor: max_points={max_points!r} is invalid: an integer >= 2.")
         self.scales = ScaleHistory(max_points)
         self._steps_seen = 0
+        skip_inherited_batch_hooks(self)  # Lightning calls each empty one every step otherwise
 
     @property
     def max_points(self) -> int:
@@ -100,6 +102,7 @@ class OverflowDiagnostics(pl.Callback):
         self.top_k = top_k
         self._warnings = EventWarnings()
         self._samples_seen = 0
+        skip_inherited_batch_hooks(self)  # Lightning calls each empty one every step otherwise
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
@@ -131,6 +134,7 @@ class PrecisionReport(pl.Callback):
         self.console = console
         self.paths: dict[str, Any] = {}
         self.report: dict[str, Any] | None = None
+        skip_inherited_batch_hooks(self)  # Lightning calls each empty one every step otherwise
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from lightning_mp import LossScaleMonitor
+from lightning_mp import LossScaleMonitor, OverflowDiagnostics, PrecisionReport
 
 
 def test_history_is_every_step_until_full():
@@ -40,3 +40,20 @@ def test_state_round_trip_continues_identically():
 def test_max_points_is_checked(bad):
     with pytest.raises(ValueError, match="max_points"):
         LossScaleMonitor(max_points=bad)
+
+
+def test_callbacks_leave_the_per_batch_hooks_they_do_not_use_to_lightning_to_skip():
+    """Lightning calls every callback's empty per-batch hooks each step; ours shadow them so they are skipped,
+    and a subclass that overrides one still gets it."""
+    from lightning_mp._compat import BATCH_HOOKS
+
+    for callback in (LossScaleMonitor(), OverflowDiagnostics(), PrecisionReport()):
+        unused = [name for name in BATCH_HOOKS if getattr(callback, name) is None]
+        assert "on_before_backward" in unused and "on_train_batch_start" in unused
+    assert LossScaleMonitor().on_train_batch_end is not None and PrecisionReport().on_train_batch_end is None
+
+    class Mine(LossScaleMonitor):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            pass
+
+    assert callable(Mine().on_train_batch_start)

@@ -147,3 +147,27 @@ def test_the_package_has_no_import_cycle():
         if name != "lightning_mp":
             visit(name)
     assert "lightning_mp.plugin" in done and "lightning_mp.callbacks" in done
+
+
+def test_lightning_skips_a_callback_hook_that_is_not_callable(tmp_path):
+    """``skip_inherited_batch_hooks`` relies on it: a hook shadowed with None is skipped, the others run."""
+    import lightning as L
+
+    from tests.helpers import TinyRegressor, loader
+
+    calls = []
+
+    class Counting(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            calls.append(batch_idx)
+
+    callback = Counting()
+    _compat.skip_inherited_batch_hooks(callback)
+    assert callback.on_train_batch_start is None and callback.on_before_backward is None
+    assert callback.on_train_batch_end is not None  # overridden: kept
+    trainer = L.Trainer(
+        max_steps=3, callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(TinyRegressor(), loader())  # would raise "'NoneType' object is not callable" otherwise
+    assert calls == [0, 1, 2]
