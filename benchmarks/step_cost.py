@@ -228,7 +228,8 @@ class HostClock(RegionClock):
         for callback in trainer.callbacks:  # attached by the plugin at setup: wrapped here, after it
             if type(callback).__module__.startswith("lightning_mp"):
                 for name in CALLBACK_HOOKS:
-                    setattr(callback, name, self.region("callbacks", getattr(callback, name)))
+                    if callable(getattr(callback, name)):  # an unused hook is None: Lightning skips it
+                        setattr(callback, name, self.region("callbacks", getattr(callback, name)))
 
     def _close_step(self) -> None:
         self._catch_up("lightning")
@@ -329,7 +330,8 @@ class PieceClock(RegionClock):
         for callback in trainer.callbacks:
             if type(callback).__module__.startswith("lightning_mp"):
                 for name in CALLBACK_HOOKS:
-                    self._patch(callback, name, f"callback {type(callback).__name__}")
+                    if callable(getattr(callback, name)):  # an unused hook is None: Lightning skips it
+                        self._patch(callback, name, f"callback {type(callback).__name__}")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
