@@ -76,7 +76,7 @@ class LossScaleMonitor(pl.Callback):
         self._steps_seen = step
         if core.scaler is not None:
             self.record(step, core.scaler.get_scale())  # a host float: no sync
-        if step % max(trainer.log_every_n_steps, 1) == 0:
+        if trainer.loggers and step % max(trainer.log_every_n_steps, 1) == 0:
             _log(trainer, run_metrics(plugin))
 
     @override
@@ -116,6 +116,8 @@ class OverflowDiagnostics(pl.Callback):
         if samples == self._samples_seen:
             return
         self._samples_seen = samples
+        if not trainer.loggers:
+            return  # nothing to log to: do not build the figures
         metrics = headroom_metrics(plugin.statistics.summary(plugin.stats_dtype), self.top_k)
         if metrics:
             _log(trainer, metrics)
