@@ -100,6 +100,7 @@ class PrecisionCore:
         self._rerunning = False  # a rescue re-run is in progress: its micro-step is not a new one
         self._backward_passes = 0  # backward passes of this optimizer step so far (manual: before each step)
         self._batch_due = True  # the next micro-batch begins a new optimizer step (a new batch)
+        self._observed: Any = None  # the micro-batch observed last (identity): observed once however often it runs
         self._micro_batches = 0  # micro-batches of this step (a kernel-error retry restores only the first)
         self._batch_stepped = False  # an optimizer stepped cleanly on this batch: its buffer updates are kept
         self._floor_pending = False  # the scaler reached its floor on a step whose event was already recorded
@@ -175,6 +176,7 @@ class PrecisionCore:
     def teardown(self) -> None:
         """Remove every hook we may still hold (an interrupted run, or a run with no optimizer step)."""
         self.replay.clear()  # the last batch is the user's, not ours to keep alive
+        self._observed = None
         self._clean_losses.clear()
         self.tracker.stop()
         self.collect_statistics()
@@ -226,6 +228,7 @@ class PrecisionCore:
         snapshot of the buffers a skipped step puts back."""
         if self._batch_due:
             self._batch_due = False
+            self._observed = None
             self.tracker.new_batch()
             self.buffers.take()
             self.replay.begin_batch(self.device)
@@ -233,11 +236,14 @@ class PrecisionCore:
             self._micro_batches, self._batch_stepped = 0, False
             self._rescue_passes, self._nonfinite_unscaled = 0, False
 
-    def keep_micro_batch(self, run: Callable[[Callable[[Tensor], None]], None]) -> None:
-        """Register how to run the current micro-batch again (see ``StepReplay``): called by the shell as each
-        micro-batch's step starts. Keeps references only."""
+    def keep_micro_batch(self, run: Callable[[Callable[[Tensor], None]], None], batch: Any = None) -> None:
+        """Register how to run the current micro-batch again (see ``StepReplay``) and observe its ``batch``
+        (``observe_input``): called by the shell as each micro-batch's step starts. Keeps references only."""
         self._begin_batch_if_due()
         self.replay.keep(run)
+        if batch is not self._observed:  # LBFGS and a rescue run the same micro-batch again: observed once
+            self._observed = batch
+            self.tracker.observe_input(batch)
 
     def scale_loss(self, loss: Tensor) -> Tensor:
         self._backward_passes += 1

@@ -152,7 +152,8 @@ class AdaptiveMP(CoreView, Precision):
 
     # ---------------------------------------------------------------------------------------- replay
     def _keep_training_steps(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
-        """Let the core replay a bad step: every ``training_step`` call registers how to run it again.
+        """Let the core replay a bad step: every ``training_step`` call registers how to run it again, and its
+        batch is observed (attribution reads it if the step goes bad).
 
         The strategy's ``training_step`` (what Lightning's loop calls, with the batch already on the device) is
         wrapped on this strategy instance for the fit; only references to its arguments are kept.
@@ -162,7 +163,8 @@ class AdaptiveMP(CoreView, Precision):
         original = strategy.training_step
 
         def training_step(*args: Any, **kwargs: Any) -> Any:
-            self.core.keep_micro_batch(functools.partial(self._replay_micro_batch, module, args, kwargs))
+            batch = args[0] if args else kwargs.get("batch")  # as the LightningModule's training_step gets it
+            self.core.keep_micro_batch(functools.partial(self._replay_micro_batch, module, args, kwargs), batch)
             return original(*args, **kwargs)
 
         strategy.training_step = training_step
@@ -216,12 +218,6 @@ class AdaptiveMP(CoreView, Precision):
             if not self.core.promote_after_kernel_error(error):
                 raise
             rank_zero_warn(f"AdaptiveMP: skipped one validation batch after a kernel error ({first_line(error)}).")
-
-    @override
-    def convert_input(self, data: Any) -> Any:
-        if self._trainer is not None and self._trainer.training:
-            self.core.observe_input(data)
-        return data
 
     # -------------------------------------------------------------------------------------- backward
     @override

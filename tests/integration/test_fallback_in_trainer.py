@@ -83,6 +83,19 @@ def test_nan_in_a_batch_is_an_input_event_and_blames_no_layer(precision):
         assert plugin.scaler.get_scale() == 256.0
 
 
+def test_the_batch_observed_is_the_one_training_step_gets_after_the_transfer_hooks():
+    """A NaN written by ``on_after_batch_transfer`` is in the input the model sees: an input event, not a layer's."""
+
+    class PoisonedOnTransfer(TinyRegressor):
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            x, y = batch
+            return (x * float("nan"), y) if self.trainer.global_step == 2 else (x, y)
+
+    plugin = AdaptiveMP("bf16-mixed")
+    fit(plugin, model_cls=PoisonedOnTransfer, max_steps=5)
+    assert [(e.step, e.phase, e.module) for e in plugin.overflow_events] == [(3, "input", None)]
+
+
 def test_nan_loss_is_a_loss_event_and_blames_no_layer():
     plugin = fp16()
     fit(plugin, model_cls=lambda: TinyRegressor(poison_steps={1, 2, 3}), max_steps=6)
