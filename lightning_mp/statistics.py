@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 from functools import partial
 
 import torch
@@ -83,13 +82,11 @@ class ModuleStat:
 LEVELS = ("off", "cheap", "full")
 
 
-class _Value(Enum):
-    """What one pending value measures."""
-
-    ACTIVATION = "activation"  # a module output's amax
-    OUTPUT_GRAD = "output_grad"  # amax of the gradient flowing into a module output, loss scale included
-    PARAM_GRAD = "param_grad"  # amax of the module's own parameter gradients, read after unscaling
-    UNDERFLOW = "underflow"  # underflow fraction of those gradients at the loss scale
+# What one measured value is: a module output's amax (ACTIVATION); the amax of the gradient flowing into a module
+# output, loss scale included (OUTPUT_GRAD); the amax of a module's own parameter gradients, read after unscaling
+# (PARAM_GRAD); the underflow fraction of those gradients at the loss scale (UNDERFLOW). Plain strings: each
+# value of a sample is hashed several times, and an Enum member hashes in Python.
+ACTIVATION, OUTPUT_GRAD, PARAM_GRAD, UNDERFLOW = "activation", "output_grad", "param_grad", "underflow"
 
 
 class ModuleStatistics:
@@ -117,7 +114,7 @@ class ModuleStatistics:
         self.samples_taken = 0  # sampled steps folded in so far
         self._hooks = HookSet(dispatch=True)  # armed and disarmed on every sample: one global hook
         # One per tensor measured this step: what it measures and its (min, max), 0-d tensors on the device.
-        self._pending: list[tuple[tuple[_Value, str], tuple[torch.Tensor, torch.Tensor]]] = []
+        self._pending: list[tuple[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]] = []
         # The largest gradient that flowed into any module output on the last sampled step, as measured (it
         # carries the loss scale); None when output gradients were not recorded.
         self.backward_amax: float | None = None
@@ -134,8 +131,8 @@ class ModuleStatistics:
         full = self.level == "full" or output_grads
 
         def make_hook(fqn: str):
-            key = (_Value.ACTIVATION, fqn)
-            grad_key = (_Value.OUTPUT_GRAD, fqn)
+            key = (ACTIVATION, fqn)
+            grad_key = (OUTPUT_GRAD, fqn)
 
             def forward_hook(module, args, output):
                 for tensor in floating(output):
@@ -149,7 +146,7 @@ class ModuleStatistics:
 
         self._hooks.register(model, make_hook, "forward")
 
-    def _extremes(self, key: tuple[_Value, str], tensor: torch.Tensor) -> None:
+    def _extremes(self, key: tuple[str, str], tensor: torch.Tensor) -> None:
         tensor = local(tensor)
         if tensor.numel():
             self._pending.append((key, torch.aminmax(tensor)))
@@ -184,14 +181,14 @@ class ModuleStatistics:
                 continue
             if measure_range:
                 for grad in grads:
-                    self._extremes((_Value.PARAM_GRAD, fqn), grad)
+                    self._extremes((PARAM_GRAD, fqn), grad)
             if measure_underflow:
                 numel = sum(g.numel() for g in grads)
-                under_keys.append((_Value.UNDERFLOW, fqn))
+                under_keys.append((UNDERFLOW, fqn))
                 under.append(sum(underflow_count(g, dtype, scale) for g in grads) / max(numel, 1))
         # amax = max(high, -low), one vector op per dtype: stacking 0-d tensors of mixed dtypes (a bf16 model's
         # fp32 norms) takes a slow path, 5x the cost of one stack per dtype.
-        by_dtype: dict[torch.dtype, tuple[list[tuple[_Value, str]], list[torch.Tensor]]] = {}
+        by_dtype: dict[torch.dtype, tuple[list[tuple[str, str]], list[torch.Tensor]]] = {}
         for key, (low, high) in self._pending:
             group_keys, extremes = by_dtype.setdefault(low.dtype, ([], []))
             group_keys.append(key)
@@ -209,20 +206,22 @@ class ModuleStatistics:
         if under:
             parts.append(_stack(under, device).float())
         values = torch.cat(parts).tolist()  # the one read of this sample
-        folded: dict[tuple[_Value, str], float] = {}
+        folded: dict[tuple[str, str], float] = {}
         for key, value in zip(keys, values):
             folded[key] = _nan_max(folded[key], value) if key in folded else value
-        grad_values = [v for (what, _), v in folded.items() if what is _Value.OUTPUT_GRAD]
+        grad_values = [v for (what, _), v in folded.items() if what == OUTPUT_GRAD]
         self.backward_amax = max(grad_values, key=_nan_key) if grad_values else None
         touched = set()
         for (what, fqn), value in folded.items():
-            stat = self.modules.setdefault(fqn, ModuleStat())
+            stat = self.modules.get(fqn)
+            if stat is None:
+                stat = self.modules[fqn] = ModuleStat()
             touched.add(fqn)
-            if what is _Value.ACTIVATION:
+            if what == ACTIVATION:
                 stat.activation_amax = _nan_max(stat.activation_amax, value)
-            elif what is _Value.OUTPUT_GRAD:  # captured during backward: already carries the loss scale
+            elif what == OUTPUT_GRAD:  # captured during backward: already carries the loss scale
                 stat.grad_amax = _nan_max(stat.grad_amax, value)
-            elif what is _Value.PARAM_GRAD:  # read after unscale_: put the scale back to compare with the format
+            elif what == PARAM_GRAD:  # read after unscale_: put the scale back to compare with the format
                 stat.grad_amax = _nan_max(stat.grad_amax, value * scale)
             else:
                 stat.underflow_fraction = value
