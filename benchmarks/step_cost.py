@@ -217,8 +217,12 @@ class HostClock(RegionClock):
         plugin.train_step_context = self.context("plugin", plugin.train_step_context, body="lightning")
         register, clock = self._register, self
 
+        wrapped = {}  # one wrapper per make_hook: a dispatching HookSet keeps its table while make_hook is the same
+
         def timed_register(hook_set, model, make_hook, kind):
-            register(hook_set, model, lambda fqn: clock.region("stats hooks", make_hook(fqn)), kind)
+            if make_hook not in wrapped:
+                wrapped[make_hook] = lambda fqn: clock.region("stats hooks", make_hook(fqn))
+            register(hook_set, model, wrapped[make_hook], kind)
 
         hooks.HookSet.register = timed_register
 
@@ -310,8 +314,12 @@ class PieceClock(RegionClock):
             self._patch(getattr(core, owner), name, label)
         register = hooks.HookSet.register
 
+        wrapped = {}  # one wrapper per make_hook: a dispatching HookSet keeps its table while make_hook is the same
+
         def timed_register(hook_set, model, make_hook, kind):
-            register(hook_set, model, lambda fqn: clock.region("statistics: hooks", make_hook(fqn)), kind)
+            if make_hook not in wrapped:
+                wrapped[make_hook] = lambda fqn: clock.region("statistics: hooks", make_hook(fqn))
+            register(hook_set, model, wrapped[make_hook], kind)
 
         self._patch_class(hooks.HookSet, "register", timed_register)
         # The statistics' one global hook dispatches to those hooks: its own work is theirs too. (The slower

@@ -24,6 +24,10 @@ __all__ = ["HookSet", "eager"]
 HookKind = Literal["forward_pre", "forward", "forward_with_kwargs"]
 
 
+# A dispatching HookSet walks the model again (to see submodules added since) on every this-many registrations.
+REWALK_EVERY = 8
+
+
 class HookSet:
     """Hooks that live for a while on every named submodule (the root itself is never hooked).
 
@@ -31,13 +35,18 @@ class HookSet:
         dispatch: register one global module hook that dispatches to each submodule's hook instead of one hook
             per submodule. Arming and disarming then cost one registration, for hooks armed and disarmed on
             every sampled step (the statistics). Such a hook runs before a module's own hooks and, while armed,
-            is consulted by every module call in the process: arm it for one step at a time only.
+            is consulted by every module call in the process: arm it for one step at a time only. The table of
+            submodules and their hooks is kept for the next registration with the same model and ``make_hook``
+            (the walk through the model was most of the cost of arming) and rebuilt every ``REWALK_EVERY``
+            registrations: a submodule added during a run is hooked from then on.
     """
 
     def __init__(self, dispatch: bool = False) -> None:
         self._handles: list[Any] = []
         self.dispatch = dispatch
         self._finalizer: weakref.finalize | None = None  # removes a global hook whose model is gone
+        # (weak reference to the model, make_hook, kind, id -> (weak reference to the module, its hook), uses left)
+        self._table: tuple[weakref.ref, Callable[..., Any], str, dict[int, tuple[weakref.ref, Any]], int] | None = None
 
     @property
     def active(self) -> bool:
@@ -54,6 +63,13 @@ class HookSet:
                 global hooks take keyword arguments only on newer torch).
         """
         self.remove()
+        if self.dispatch and kind != "forward_with_kwargs" and self._table is not None:
+            model_ref, made_by, made_for, hooks, uses_left = self._table
+            if model_ref() is model and made_by is make_hook and made_for == kind and uses_left > 0:
+                self._table = (model_ref, made_by, made_for, hooks, uses_left - 1)
+                self._register_dispatch(model, hooks, kind)
+                return
+        self._table = None
         modules = [(fqn, module) for fqn, module in model.named_modules() if fqn]
         # A global hook makes torch warn on every call of a torch.compile'd submodule (an OptimizedModule, which
         # keeps the original as its submodule ``_orig_mod``): such models get one hook per submodule. Asked of
@@ -71,7 +87,10 @@ class HookSet:
         # id -> (weak reference to the module, its hook): the reference tells ours from an unrelated module that
         # reused a freed id, without keeping the model alive through the global hook table.
         hooks = {id(module): (weakref.ref(module), make_hook(fqn)) for fqn, module in modules}
+        self._table = (weakref.ref(model), make_hook, kind, hooks, REWALK_EVERY - 1)
+        self._register_dispatch(model, hooks, kind)
 
+    def _register_dispatch(self, model: nn.Module, hooks: dict[int, tuple[weakref.ref, Any]], kind: HookKind) -> None:
         def dispatch(module: nn.Module, *args: Any) -> Any:
             entry = hooks.get(id(module))
             return entry[1](module, *args) if entry is not None and entry[0]() is module else None

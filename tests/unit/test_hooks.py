@@ -100,3 +100,30 @@ def test_a_model_with_a_compiled_submodule_gets_one_hook_per_submodule():
     assert not nn.modules.module._global_forward_hooks and model.a._forward_hooks
     hooks.remove()
     assert no_hooks_left(model)
+
+
+def test_a_dispatching_set_keeps_its_table_and_walks_again_to_find_new_submodules():
+    """Arming again with the same model and make_hook reuses the table (no walk, no new hooks built); a submodule
+    added since is hooked once the set walks the model again, at the latest after REWALK_EVERY registrations."""
+    from lightning_mp.hooks import REWALK_EVERY
+
+    model, seen, built = Chain(), [], []
+
+    def make_hook(fqn):
+        built.append(fqn)
+        return lambda module, args, output: seen.append(fqn)
+
+    hooks = HookSet(dispatch=True)
+    hooks.register(model, make_hook, "forward")
+    assert built == ["a", "b", "c"]
+    model.b = nn.Sequential(nn.Linear(3, 3))  # replaced during the run
+    for armed in range(2, REWALK_EVERY + 2):
+        hooks.register(model, make_hook, "forward")
+        seen.clear()
+        model(torch.ones(1, 3))
+        if armed <= REWALK_EVERY:
+            assert seen == ["a", "c"] and len(built) == 3, f"registration {armed}: the kept table"
+    assert seen == ["a", "b.0", "b", "c"], "walked again: the new submodules are hooked"
+    hooks.register(Chain(), make_hook, "forward")  # another model: its own table
+    assert len(built) == 3 + 4 + 3
+    hooks.remove()
