@@ -115,6 +115,12 @@ class ModuleStatistics:
         self._hooks = HookSet(dispatch=True)  # armed and disarmed on every sample: one global hook
         # One per tensor measured this step: what it measures and its (min, max), 0-d tensors on the device.
         self._pending: list[tuple[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]] = []
+        # The last output measured and its extremes: a container that returns it is not measured twice. One
+        # reference, dropped with the step's values.
+        self._last: torch.Tensor | None = None
+        self._last_extremes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._full = False  # this step also records the gradients flowing into module outputs
+        self._make_hook = self._hook_for  # one bound method: the hook set keeps its table while it is the same
         # The largest gradient that flowed into any module output on the last sampled step, as measured (it
         # carries the loss scale); None when output gradients were not recorded.
         self.backward_amax: float | None = None
@@ -128,23 +134,26 @@ class ModuleStatistics:
         the ``"cheap"`` level too (the predictive loss scaler asks for them in fp16; see ``backward_amax``)."""
         if self.level == "off" or self.active:
             return
-        full = self.level == "full" or output_grads
+        self._full = self.level == "full" or output_grads
+        self._hooks.register(model, self._make_hook, "forward")  # the same make_hook: its table is kept
 
-        def make_hook(fqn: str):
-            key = (ACTIVATION, fqn)
-            grad_key = (OUTPUT_GRAD, fqn)
+    def _hook_for(self, fqn: str):
+        key = (ACTIVATION, fqn)
+        grad_key = (OUTPUT_GRAD, fqn)
 
-            def forward_hook(module, args, output):
-                for tensor in floating(output):
+        def forward_hook(module, args, output):
+            for tensor in floating(output):
+                if tensor is self._last:  # a container returning its last submodule's output: measured already
+                    self._pending.append((key, self._last_extremes))
+                else:
                     measured = local(tensor.detach())
                     if measured.numel():
-                        self._pending.append((key, torch.aminmax(measured)))
-                    if full and tensor.requires_grad and torch.is_grad_enabled():
-                        tensor.register_hook(partial(self._extremes, grad_key))
+                        self._last, self._last_extremes = tensor, torch.aminmax(measured)
+                        self._pending.append((key, self._last_extremes))
+                if self._full and tensor.requires_grad and torch.is_grad_enabled():
+                    tensor.register_hook(partial(self._extremes, grad_key))
 
-            return forward_hook
-
-        self._hooks.register(model, make_hook, "forward")
+        return forward_hook
 
     def _extremes(self, key: tuple[str, str], tensor: torch.Tensor) -> None:
         tensor = local(tensor)
@@ -153,7 +162,7 @@ class ModuleStatistics:
 
     def discard(self) -> None:
         """Drop the values measured so far this step and keep the hooks armed (the step runs again)."""
-        self._pending = []
+        self._pending, self._last, self._last_extremes = [], None, None
 
     def stop(self) -> None:
         """Remove the hooks and drop this step's values without folding them in."""
@@ -193,7 +202,7 @@ class ModuleStatistics:
             group_keys, extremes = by_dtype.setdefault(low.dtype, ([], []))
             group_keys.append(key)
             extremes += (low, high)
-        self._pending = []
+        self.discard()
         keys, parts = [], []
         device = next(iter(by_dtype.values()))[1][0].device if by_dtype else under[0].device if under else None
         for group_keys, extremes in by_dtype.values():

@@ -89,3 +89,45 @@ def test_statistics_off_records_nothing_and_bad_level_is_refused():
     assert not stats.active and stats.modules == {}
     with pytest.raises(ValueError, match=r"level 'most' is invalid: must be one of \('off', 'cheap', 'full'\)"):
         ModuleStatistics("most")
+
+
+def test_a_container_returning_its_last_submodules_output_gets_that_measurement():
+    """The same tensor is measured once; a container that computes its own output (a residual sum) is measured."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.ReLU())
+
+        def forward(self, x):
+            return self.inner(x)  # the ReLU's output tensor, returned as it is
+
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            return x + 10 * self.block(x)
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(Residual()), torch.randn(4, 3)
+    stats, calls = ModuleStatistics("cheap"), []
+    original = torch.aminmax
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.shape)
+        return original(tensor, *args, **kwargs)
+
+    stats.start(model)
+    torch.aminmax = counting
+    try:
+        out = model(x)
+    finally:
+        torch.aminmax = original
+    stats.collect(model, 1.0, torch.float16)
+    relu = model[0].block.inner(x).abs().max().item()
+    amax = {fqn: s.activation_amax for fqn, s in stats.modules.items()}
+    assert amax["0.block.inner.1"] == amax["0.block.inner"] == amax["0.block"] == pytest.approx(relu)
+    assert amax["0"] == pytest.approx(out.abs().max().item()) != amax["0.block"]
+    assert len(calls) == 3, "the linear, the ReLU and the residual sum: once each"
