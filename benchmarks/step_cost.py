@@ -438,7 +438,7 @@ class AlternatePlugin(L.Callback):
         self._start = now
         plugin, strategy = trainer.precision_plugin, trainer.strategy
         upcoming = plugin.core.ledger.optimizer_steps + 1  # counted before its forward, which samples on it
-        self.sampled.append(upcoming % plugin.core.options.stats_every == 0)  # if this step is ours
+        self.sampled.append(upcoming % plugin.core.stats_every == 0)  # if this step is ours
         others = [cb for cb in trainer.callbacks if cb not in self._ours]
         if batch_idx % 2 == 0 or self.same:
             for name in PLUGIN_STEP_HOOKS:

@@ -83,7 +83,7 @@ class AdaptiveMP(CoreView, Precision):
         max_consecutive_skips: int = 50,
         max_events: int = 10_000,
         stats: str = "cheap",
-        stats_every: int = 25,
+        stats_every: int | None = None,
     ) -> None:
         options = PluginOptions(
             precision, device, scaler, fp32_modules, auto_fallback, fp32_defaults, guard_nonfinite, promote_after,

@@ -41,7 +41,7 @@ class PluginOptions:
     max_consecutive_skips: int = 50
     max_events: int = 10_000
     stats: str = "cheap"
-    stats_every: int = 25
+    stats_every: int | None = None
     attach_callbacks: bool = True
     sharded_gradients: bool = False
     replay: bool = True
@@ -78,8 +78,11 @@ class PluginOptions:
             raise _invalid("rescue", self.rescue, "must be None (on with the predictive scaler), True or False.")
         for name in _COUNTS:
             value = getattr(self, name)
+            if name == "stats_every" and value is None:
+                continue  # the default: see STATS_EVERY
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise _invalid(name, value, "must be an integer >= 1.")
+                allowed = "None (the default for the precision) or " if name == "stats_every" else ""
+                raise _invalid(name, value, f"must be {allowed}an integer >= 1.")
 
     @property
     def device_type(self) -> str | None:

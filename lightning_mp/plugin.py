@@ -62,7 +62,9 @@ class AdaptiveMP(CoreView, Precision):
         max_events: overflow events kept in memory (oldest dropped; ``overflow_counts`` keeps the totals).
         stats: per-module headroom/underflow statistics: ``"off"``, ``"cheap"`` (module outputs and parameter
             gradients) or ``"full"`` (also the gradients flowing into every module output).
-        stats_every: sample the statistics on one optimizer step out of this many.
+        stats_every: sample the statistics on one optimizer step out of this many. ``None``: 25 in fp16 (the
+            predictive scaler reads the samples; range is what fp16 runs out of), 100 in bf16 and fp32 (fp32's
+            range: there the samples watch for values running away, and cost a quarter as much).
         attach_callbacks: add ``LossScaleMonitor``, ``OverflowDiagnostics`` and ``PrecisionReport`` to the
             Trainer at setup unless it already has them.
         sharded_gradients: each rank holds only a shard of plain-tensor gradients (FSDP1's flat parameters;
@@ -98,7 +100,7 @@ class AdaptiveMP(CoreView, Precision):
         max_consecutive_skips: int = 50,
         max_events: int = 10_000,
         stats: str = "cheap",
-        stats_every: int = 25,
+        stats_every: int | None = None,
         attach_callbacks: bool = True,
         sharded_gradients: bool = False,
         replay: bool = True,

@@ -312,3 +312,9 @@ def test_the_unguarded_path_ends_its_steps_too(kwargs, optimizer):
     assert plugin.core.tracker._batches == [], "and none after the fit"
     assert plugin.optimizer_steps == 20
     assert plugin.statistics.samples_taken == 4  # steps 5, 10, 15, 20
+
+
+def test_a_bf16_run_samples_its_statistics_every_100th_step_by_default():
+    plugin = AdaptiveMP("bf16-mixed")
+    fit(plugin, data=loader(samples=404), max_steps=101)
+    assert plugin.statistics.samples_taken == 1 and plugin.statistics.modules, "step 100 only"

@@ -17,7 +17,7 @@ from lightning_mp.scaling import AdaptiveLossScaler
         ({"precision": "bf16-mixed", "scaler": {}}, r"precision='bf16-mixed', scaler=\.\.\.\) is invalid"),
         ({"stats": "most"}, r"AdaptiveMP\(stats='most'\) is invalid: must be one of \('off', 'cheap', 'full'\)"),
         ({"attach_callbacks": 1}, r"AdaptiveMP\(attach_callbacks=1\) is invalid: must be True or False"),
-        ({"stats_every": 0}, r"AdaptiveMP\(stats_every=0\) is invalid: must be an integer >= 1"),
+        ({"stats_every": 0}, r"AdaptiveMP\(stats_every=0\) is invalid: must be None \(the default for the precisi"),
         ({"max_events": True}, r"AdaptiveMP\(max_events=True\) is invalid: must be an integer >= 1"),
     ],
     ids=["precision", "device", "scaler-type", "scaler-device", "scaler-knob", "scaler-bf16", "stats", "flag",

@@ -116,3 +116,14 @@ def test_migrates_the_scale_from_a_lightning_mixed_precision_checkpoint():
     plugin.on_load_checkpoint({"MixedPrecision": legacy})
     assert plugin.scaler.get_scale() == 512.0
     assert plugin.scaler._get_growth_tracker() == 5
+
+
+def test_statistics_sample_every_25_steps_in_fp16_and_every_100_with_fp32s_range_unless_told():
+    """fp16 runs out of range and its predictive scaler reads the samples; bf16 and fp32 watch for runaway values
+    a quarter as often. An escalation from fp16 to bf16 takes bf16's cadence; an explicit one always holds."""
+    assert AdaptiveMP("16-mixed").core.stats_every == 25
+    assert AdaptiveMP("bf16-mixed").core.stats_every == AdaptiveMP("32-true").core.stats_every == 100
+    assert AdaptiveMP("bf16-mixed", stats_every=7).core.stats_every == 7
+    escalated = AdaptiveMP("16-mixed")
+    escalated.core.switch_to_bf16()
+    assert escalated.core.stats_every == 100 and AdaptiveMP("16-mixed", stats_every=5).core.stats_every == 5
