@@ -122,7 +122,7 @@ class NonfiniteGuard:
         self._dirty: set[torch.device] = set()  # devices whose flag may be set
 
     def __call__(self, optimizer: Optimizer, sharded: bool = False) -> bool:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads = [grad for group in optimizer.param_groups for p in group["params"] if (grad := p.grad) is not None]
         if not grads:
             return False
         device = grads[0].device

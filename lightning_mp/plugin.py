@@ -282,6 +282,8 @@ class AdaptiveMP(CoreView, Precision):
         clip_val: int | float = 0.0,
         gradient_clip_algorithm: GradClipAlgorithmType = GradClipAlgorithmType.NORM,
     ) -> None:
+        if clip_val <= 0:
+            return  # Lightning calls this every step; nothing to clip (what the base class returns on)
         refuse_clipping_fused(optimizer, clip_val)
         super().clip_gradients(optimizer=optimizer, clip_val=clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
