@@ -18,7 +18,8 @@ against itself: the noise floor. Two figures per variant, each the median over r
     python -m benchmarks.step_cost --quick    # smoke run
     python -m benchmarks.step_cost --pieces --models GPT-2   # where it goes, piece by piece (300 steps)
     python -m benchmarks.step_cost --paired                  # against Lightning and the guard, step by step
-    python -m benchmarks.step_cost --paired --option stats_every=100   # the same with other knobs
+    python -m benchmarks.step_cost --paired --fits 5         # the headline: the median over five fresh fits
+    python -m benchmarks.step_cost --paired --option stats_every=25    # the same with other knobs
 
 ``--paired`` measures what the host split cannot: the *marginal* cost of the non-finite guard. A piece's own
 time overstates it when the piece is the first torch call after the backward, because that call pays for
