@@ -61,7 +61,7 @@ SPIKE_FACTOR = 100.0
 SPIKE_HISTORY = 16
 # Statistics sample one optimizer step in this many unless ``stats_every`` says otherwise: fp16 runs out of range
 # and its predictive scaler reads the samples; bf16 and fp32 have fp32's range, where a sample only watches for
-# values running away (a quarter of the cost on small, fast steps).
+# values running away (a quarter of the cost on small, fast steps). The default also samples the first step.
 STATS_EVERY = {"16-mixed": 25, "bf16-mixed": 100, "32-true": 100}
 # Re-runs of one step's forward/backward before it is skipped after all (a rescue): the first at the scale
 # the policy chooses, the last without loss scaling (still non-finite there: not a scaling problem).
@@ -222,7 +222,10 @@ class PrecisionCore:
         self._micro_batches += 1
         self.tracker.start_micro_step()
         calibrating = self.scaler is not None and self.scaler.is_enabled() and self.scaler.policy.calibrating
-        if self.model is not None and (self.ledger.optimizer_steps % self.stats_every == 0 or calibrating):
+        steps = self.ledger.optimizer_steps
+        # With the default cadence the first step samples too: a short run's report still has figures.
+        first = steps == 1 and self.options.stats_every is None
+        if self.model is not None and (steps % self.stats_every == 0 or calibrating or first):
             # A sampled step: hooks live for this step only. The predictive scaler also wants the gradients
             # inside the backward (its growth limit), and a calibrating one wants them before its first step.
             wants_grads = self.scaler is not None and (calibrating or self.scaler.config.policy == "predictive")

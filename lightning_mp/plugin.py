@@ -64,7 +64,8 @@ class AdaptiveMP(CoreView, Precision):
             gradients) or ``"full"`` (also the gradients flowing into every module output).
         stats_every: sample the statistics on one optimizer step out of this many. ``None``: 25 in fp16 (the
             predictive scaler reads the samples; range is what fp16 runs out of), 100 in bf16 and fp32 (fp32's
-            range: there the samples watch for values running away, and cost a quarter as much).
+            range: there the samples watch for values running away, and cost a quarter as much), and the first
+            step too, so that a short run's report has figures.
         attach_callbacks: add ``LossScaleMonitor``, ``OverflowDiagnostics`` and ``PrecisionReport`` to the
             Trainer at setup unless it already has them.
         sharded_gradients: each rank holds only a shard of plain-tensor gradients (FSDP1's flat parameters;

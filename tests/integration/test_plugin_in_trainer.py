@@ -314,7 +314,13 @@ def test_the_unguarded_path_ends_its_steps_too(kwargs, optimizer):
     assert plugin.statistics.samples_taken == 4  # steps 5, 10, 15, 20
 
 
-def test_a_bf16_run_samples_its_statistics_every_100th_step_by_default():
+def test_a_bf16_run_samples_its_statistics_on_the_first_and_every_100th_step_by_default():
     plugin = AdaptiveMP("bf16-mixed")
     fit(plugin, data=loader(samples=404), max_steps=101)
-    assert plugin.statistics.samples_taken == 1 and plugin.statistics.modules, "step 100 only"
+    assert plugin.statistics.samples_taken == 2, "steps 1 and 100"
+    short = AdaptiveMP("bf16-mixed")
+    fit(short, max_steps=3)
+    assert short.statistics.samples_taken == 1 and short.statistics.modules, "a short run's report has figures"
+    explicit = AdaptiveMP("bf16-mixed", stats_every=100)
+    fit(explicit, max_steps=3)
+    assert explicit.statistics.samples_taken == 0, "an explicit cadence is exact"
