@@ -27,11 +27,6 @@ torch
     ``torch.utils._python_dispatch.TorchDispatchMode``, ``torch.utils.weak.WeakIdKeyDictionary``
         the replay's tracer (``replay.py``) sees every aten operation through a dispatch mode (documented, but
         importable only from the private module) and keys non-finite tensors weakly by identity.
-    ``Tensor._version``
-        a tensor's version counter, moved by every in-place operation through the dispatcher: the buffer
-        snapshot copies an integer buffer again only when it moved. (Not by BatchNorm's kernel on its running
-        statistics, nor by a write through ``.data``: floating buffers are copied every step.) Inference tensors
-        have none: read as "changed".
     ``torch._C._autograd._get_sequence_nr``, ``torch._C._current_autograd_node``, ``Node._sequence_nr``
         connect a backward operation to the forward operation it differentiates (the node being created /
         run); the only link there is. Read during a replay only, never on a training step.
@@ -84,7 +79,6 @@ __all__ = [
     "cpu_capability",
     "foreach_non_finite_check_and_unscale_",
     "skip_inherited_batch_hooks",
-    "tensor_version",
     "optimizer_handles_unscaling",
     "refresh_per_optimizer_state",
     "scaler_device",
@@ -139,14 +133,6 @@ _after_closure: Callable[[Any, Any, Any], None] | None = None
 def scaler_device(scaler: torch.amp.GradScaler) -> str:
     """The device type a GradScaler was built for (GradScaler keeps it only as ``_device``)."""
     return scaler._device
-
-
-def tensor_version(tensor: torch.Tensor) -> int | None:
-    """The version counter of ``tensor`` (see the fence); ``None`` for an inference tensor, which has none."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
 
 
 def cpu_capability() -> dict[str, Any]:

@@ -10,12 +10,6 @@ device and dtype: a fixed two or three kernel launches whatever the number of mo
 synchronisation, memory the size of the buffers (BatchNorm's are two vectors per layer). A skipped step copies
 them back; a clean step just overwrites the copy at the next snapshot. A module that assigns a new tensor to
 a buffer attribute (instead of updating it in place, as BatchNorm does) is not followed after setup.
-
-Integer buffers (counters such as ``num_batches_tracked``, index tables such as a Hugging Face model's
-``position_ids``) are copied again only when an in-place operation has written to one of them since the last
-copy, as its version counter tells: most never change, and every copy is a torch call right where each one costs
-the most (about 10 us on a CPU). Floating buffers are copied every step: BatchNorm's kernel updates its running
-statistics without moving their version counter.
 """
 
 from __future__ import annotations
@@ -24,8 +18,6 @@ from collections import defaultdict
 
 import torch
 from torch import nn
-
-from lightning_mp._compat import tensor_version
 
 __all__ = ["BufferSnapshot"]
 
@@ -38,8 +30,6 @@ class BufferSnapshot:
         self._views: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}  # flat views, made once
         self._saved: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         self._strided: set[tuple[torch.device, torch.dtype]] = set()  # groups holding a non-contiguous buffer
-        # integer groups -> their buffers' version counters at the last copy (None: copy at the next take)
-        self._versions: dict[tuple[torch.device, torch.dtype], list[int | None] | None] = {}
 
     def watch(self, model: nn.Module) -> None:
         """Remember which buffers to copy. Once, at setup: walking the modules and building the flat views
@@ -57,17 +47,11 @@ class BufferSnapshot:
             key: torch.empty(sum(b.numel() for b in group), dtype=key[1], device=key[0])
             for key, group in groups.items()
         }
-        self._versions = {key: None for key in groups if not key[1].is_floating_point}
         self.take()  # never hold uninitialised memory: a restore before the first take puts back these values
 
     def take(self) -> None:
         """Copy the buffers now: one concatenation per device and dtype into memory kept between steps."""
         for key, views in self._views.items():
-            if key in self._versions:
-                versions = [tensor_version(b) for b in self._groups[key]]
-                if versions == self._versions[key] and None not in versions:
-                    continue  # nothing wrote to these integer buffers since their copy: it still holds them
-                self._versions[key] = versions
             if key in self._strided:
                 views = [v.reshape(-1) for v in views]
             torch.cat(views, out=self._saved[key])

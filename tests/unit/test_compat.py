@@ -171,15 +171,3 @@ def test_lightning_skips_a_callback_hook_that_is_not_callable(tmp_path):
     )  # fmt: skip
     trainer.fit(TinyRegressor(), loader())  # would raise "'NoneType' object is not callable" otherwise
     assert calls == [0, 1, 2]
-
-
-def test_version_counters_move_on_in_place_ops_but_not_in_batchnorms_kernel():
-    """What the buffer snapshot relies on (integer buffers), and why it does not for floating ones."""
-    bn = torch.nn.BatchNorm1d(3)
-    mean, count = bn.running_mean.detach().view(-1), bn.num_batches_tracked.detach()  # as the snapshot keeps them
-    before = (_compat.tensor_version(mean), _compat.tensor_version(count))
-    bn(torch.randn(4, 3))
-    assert _compat.tensor_version(count) > before[1], "num_batches_tracked.add_(1) moves it"
-    assert _compat.tensor_version(mean) == before[0], "the kernel's running-mean update does not"
-    with torch.inference_mode():
-        assert _compat.tensor_version(torch.zeros(2)) is None
