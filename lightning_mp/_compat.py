@@ -119,15 +119,13 @@ def convert_fp_tensor(tensor: torch.Tensor, dst_type: torch.dtype) -> torch.Tens
 
 def after_closure(plugin: Any, model: Any, optimizer: Any) -> None:
     """Lightning's ``on_before_optimizer_step`` hook and gradient clipping, as ``MixedPrecision`` runs them."""
-    global _after_closure
-    if _after_closure is None:  # imported on first use (Fabric users need not load lightning.pytorch); every step
-        from lightning.pytorch.plugins.precision import Precision
-
-        _after_closure = Precision._after_closure
-    _after_closure(plugin, model, optimizer)
+    global _Precision
+    if _Precision is None:  # imported on first use (Fabric users need not load lightning.pytorch); every step
+        from lightning.pytorch.plugins.precision import Precision as _Precision
+    _Precision._after_closure(plugin, model, optimizer)  # looked up on the class: a patch of it is honoured
 
 
-_after_closure: Callable[[Any, Any, Any], None] | None = None
+_Precision: Any = None
 
 
 def scaler_device(scaler: torch.amp.GradScaler) -> str:
