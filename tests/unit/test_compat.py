@@ -171,3 +171,13 @@ def test_lightning_skips_a_callback_hook_that_is_not_callable(tmp_path):
     )  # fmt: skip
     trainer.fit(TinyRegressor(), loader())  # would raise "'NoneType' object is not callable" otherwise
     assert calls == [0, 1, 2]
+
+
+def test_after_closure_calls_what_precision_has_now(monkeypatch):
+    """Looked up on the class at every call: a patch (the step_cost benchmark's clock) is honoured, then gone."""
+    calls = []
+    monkeypatch.setattr(Precision, "_after_closure", lambda *args: calls.append("first"))
+    _compat.after_closure(None, None, None)
+    monkeypatch.setattr(Precision, "_after_closure", lambda *args: calls.append("second"))
+    _compat.after_closure(None, None, None)
+    assert calls == ["first", "second"]
