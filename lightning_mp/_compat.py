@@ -27,6 +27,11 @@ torch
     ``torch.utils._python_dispatch.TorchDispatchMode``, ``torch.utils.weak.WeakIdKeyDictionary``
         the replay's tracer (``replay.py``) sees every aten operation through a dispatch mode (documented, but
         importable only from the private module) and keys non-finite tensors weakly by identity.
+    ``Tensor._version``
+        a tensor's version counter, moved by every in-place operation through the dispatcher. The statistics
+        reuse a measurement for a container that returns its last submodule's output only if the tensor was
+        not written since (an in-place ReLU or ``out += identity`` returns the same tensor, changed). A write
+        through ``.data`` does not move it; inference tensors have none (read as written).
     ``torch._C._autograd._get_sequence_nr``, ``torch._C._current_autograd_node``, ``Node._sequence_nr``
         connect a backward operation to the forward operation it differentiates (the node being created /
         run); the only link there is. Read during a replay only, never on a training step.
@@ -79,6 +84,7 @@ __all__ = [
     "cpu_capability",
     "foreach_non_finite_check_and_unscale_",
     "skip_inherited_batch_hooks",
+    "tensor_version",
     "optimizer_handles_unscaling",
     "refresh_per_optimizer_state",
     "scaler_device",
@@ -131,6 +137,14 @@ _Precision: Any = None
 def scaler_device(scaler: torch.amp.GradScaler) -> str:
     """The device type a GradScaler was built for (GradScaler keeps it only as ``_device``)."""
     return scaler._device
+
+
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """The version counter of ``tensor`` (see the fence); ``None`` for an inference tensor, which has none."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def cpu_capability() -> dict[str, Any]:

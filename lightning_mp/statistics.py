@@ -10,12 +10,14 @@ the device and are read once per sample, memory is O(number of modules).
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
+from lightning_mp._compat import tensor_version
 from lightning_mp._grads import local
 from lightning_mp.attribution import floating
 from lightning_mp.hooks import HookSet
@@ -115,9 +117,10 @@ class ModuleStatistics:
         self._hooks = HookSet(dispatch=True)  # armed and disarmed on every sample: one global hook
         # One per tensor measured this step: what it measures and its (min, max), 0-d tensors on the device.
         self._pending: list[tuple[tuple[str, str], tuple[torch.Tensor, torch.Tensor]]] = []
-        # The last output measured and its extremes: a container that returns it is not measured twice. One
-        # reference, dropped with the step's values.
-        self._last: torch.Tensor | None = None
+        # The last output measured (a weak reference and its version counter) and its extremes: a container
+        # that returns it unchanged is not measured twice. Weak: it must not keep the logits alive through the
+        # backward.
+        self._last: tuple[weakref.ref, int | None] | None = None
         self._last_extremes: tuple[torch.Tensor, torch.Tensor] | None = None
         self._full = False  # this step also records the gradients flowing into module outputs
         self._make_hook = self._hook_for  # one bound method: the hook set keeps its table while it is the same
@@ -143,12 +146,20 @@ class ModuleStatistics:
 
         def forward_hook(module, args, output):
             for tensor in floating(output):
-                if tensor is self._last:  # a container returning its last submodule's output: measured already
+                last = self._last
+                if (
+                    last is not None
+                    and last[0]() is tensor
+                    and last[1] is not None
+                    and last[1] == tensor_version(tensor)
+                ):
+                    # A container returning its last submodule's output, unwritten since: measured already.
                     self._pending.append((key, self._last_extremes))
                 else:
                     measured = local(tensor.detach())
                     if measured.numel():
-                        self._last, self._last_extremes = tensor, torch.aminmax(measured)
+                        self._last = (weakref.ref(tensor), tensor_version(tensor))
+                        self._last_extremes = torch.aminmax(measured)
                         self._pending.append((key, self._last_extremes))
                 if self._full and tensor.requires_grad and torch.is_grad_enabled():
                     tensor.register_hook(partial(self._extremes, grad_key))

@@ -131,3 +131,48 @@ def test_a_container_returning_its_last_submodules_output_gets_that_measurement(
     assert amax["0.block.inner.1"] == amax["0.block.inner"] == amax["0.block"] == pytest.approx(relu)
     assert amax["0"] == pytest.approx(out.abs().max().item()) != amax["0.block"]
     assert len(calls) == 3, "the linear, the ReLU and the residual sum: once each"
+
+
+def test_an_output_written_in_place_after_its_measurement_is_measured_again():
+    """torchvision's BasicBlock: `out = bn(...); out += identity; out = relu(out)` with an in-place ReLU returns
+    the tensor the BatchNorm produced, changed twice since. Each module gets the amax of what it returned."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+            self.relu = torch.nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            out = self.fc(x)
+            out += 100 * x.abs()
+            return self.relu(out)
+
+    torch.manual_seed(0)
+    model, x = torch.nn.Sequential(Block()), torch.randn(4, 3)
+    with torch.no_grad():
+        fc = model[0].fc(x).abs().max().item()
+        out = model(x).abs().max().item()
+    stats = ModuleStatistics("cheap")
+    stats.start(model)
+    model(x)
+    stats.collect(model, 1.0, torch.float16)
+    amax = {fqn: s.activation_amax for fqn, s in stats.modules.items()}
+    assert amax["0.fc"] == pytest.approx(fc)
+    assert amax["0.relu"] == amax["0"] == pytest.approx(out) != pytest.approx(fc)
+
+
+def test_the_last_output_measured_is_not_kept_alive_by_the_statistics():
+    """The reference used to skip a container's second measurement is weak: the logits of a sampled step must not
+    outlive the forward because of it."""
+    import gc
+    import weakref
+
+    model, stats = Chain(), ModuleStatistics("cheap")
+    stats.start(model)
+    out = model(torch.randn(2, 3))
+    alive = weakref.ref(out)
+    del out
+    gc.collect()
+    assert alive() is None
+    stats.collect(model, 1.0, torch.float16)
