@@ -224,7 +224,7 @@ class PrecisionCore:
         calibrating = self.scaler is not None and self.scaler.is_enabled() and self.scaler.policy.calibrating
         steps = self.ledger.optimizer_steps
         # With the default cadence the first step samples too: a short run's report still has figures.
-        first = steps == 1 and self.options.stats_every is None
+        first = steps == 1 and self.options.stats_every is None and not self.statistics.samples_taken
         if self.model is not None and (steps % self.stats_every == 0 or calibrating or first):
             # A sampled step: hooks live for this step only. The predictive scaler also wants the gradients
             # inside the backward (its growth limit), and a calibrating one wants them before its first step.

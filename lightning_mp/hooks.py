@@ -24,8 +24,28 @@ __all__ = ["HookSet", "eager"]
 HookKind = Literal["forward_pre", "forward", "forward_with_kwargs"]
 
 
-# A dispatching HookSet walks the model again (to see submodules added since) on every this-many registrations.
+# A dispatching HookSet walks the model again at the latest on every this-many registrations (a submodule put
+# straight into ``_modules``, which no registration hook sees).
 REWALK_EVERY = 8
+
+# Bumped whenever any module in the process registers a submodule (``self.x = module``, ``add_module``, a
+# ``torch.compile`` wrapper assigned in place): a dispatching HookSet's table stays valid while it is unchanged.
+_registrations = 0
+_watching: Any = None
+
+
+def _module_registered(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
+    global _registrations
+    _registrations += 1
+
+
+def _watch_registrations() -> int:
+    """Start counting submodule registrations (one global registration hook for the process, never removed:
+    it only counts); returns the count."""
+    global _watching
+    if _watching is None:
+        _watching = torch.nn.modules.module.register_module_module_registration_hook(_module_registered)
+    return _registrations
 
 
 class HookSet:
@@ -37,16 +57,18 @@ class HookSet:
             every sampled step (the statistics). Such a hook runs before a module's own hooks and, while armed,
             is consulted by every module call in the process: arm it for one step at a time only. The table of
             submodules and their hooks is kept for the next registration with the same model and ``make_hook``
-            (the walk through the model was most of the cost of arming) and rebuilt every ``REWALK_EVERY``
-            registrations: a submodule added during a run is hooked from then on.
+            (the walk through the model was most of the cost of arming) until a module anywhere registers a
+            submodule, and at most ``REWALK_EVERY`` registrations.
     """
 
     def __init__(self, dispatch: bool = False) -> None:
         self._handles: list[Any] = []
         self.dispatch = dispatch
         self._finalizer: weakref.finalize | None = None  # removes a global hook whose model is gone
-        # (weak reference to the model, make_hook, kind, id -> (weak reference to the module, its hook), uses left)
-        self._table: tuple[weakref.ref, Callable[..., Any], str, dict[int, tuple[weakref.ref, Any]], int] | None = None
+        # (weak reference to the model, make_hook, kind, registrations count, id -> (weak reference to the module,
+        # its hook), uses left)
+        self._table: tuple[weakref.ref, Callable[..., Any], str, int, dict[int, tuple[weakref.ref, Any]], int] | None
+        self._table = None
 
     @property
     def active(self) -> bool:
@@ -63,10 +85,12 @@ class HookSet:
                 global hooks take keyword arguments only on newer torch).
         """
         self.remove()
+        registrations = _watch_registrations() if self.dispatch else 0
         if self.dispatch and kind != "forward_with_kwargs" and self._table is not None:
-            model_ref, made_by, made_for, hooks, uses_left = self._table
-            if model_ref() is model and made_by is make_hook and made_for == kind and uses_left > 0:
-                self._table = (model_ref, made_by, made_for, hooks, uses_left - 1)
+            model_ref, made_by, made_for, seen, hooks, uses_left = self._table
+            same = model_ref() is model and made_by is make_hook and made_for == kind and seen == registrations
+            if same and uses_left > 0:
+                self._table = (model_ref, made_by, made_for, seen, hooks, uses_left - 1)
                 self._register_dispatch(model, hooks, kind)
                 return
         self._table = None
@@ -87,7 +111,7 @@ class HookSet:
         # id -> (weak reference to the module, its hook): the reference tells ours from an unrelated module that
         # reused a freed id, without keeping the model alive through the global hook table.
         hooks = {id(module): (weakref.ref(module), make_hook(fqn)) for fqn, module in modules}
-        self._table = (weakref.ref(model), make_hook, kind, hooks, REWALK_EVERY - 1)
+        self._table = (weakref.ref(model), make_hook, kind, registrations, hooks, REWALK_EVERY - 1)
         self._register_dispatch(model, hooks, kind)
 
     def _register_dispatch(self, model: nn.Module, hooks: dict[int, tuple[weakref.ref, Any]], kind: HookKind) -> None:

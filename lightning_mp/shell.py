@@ -88,7 +88,8 @@ class CoreView:
 
     @property
     def options(self) -> PluginOptions:
-        """The knobs this plugin was built with (``plugin.options.stats_every``, ...)."""
+        """The knobs this plugin was built with (``plugin.options.stats_every``, ...; ``None`` there means the
+        default, and ``plugin.core.stats_every`` is the cadence in force)."""
         return self.core.options
 
     @property

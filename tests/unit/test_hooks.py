@@ -102,9 +102,10 @@ def test_a_model_with_a_compiled_submodule_gets_one_hook_per_submodule():
     assert no_hooks_left(model)
 
 
-def test_a_dispatching_set_keeps_its_table_and_walks_again_to_find_new_submodules():
-    """Arming again with the same model and make_hook reuses the table (no walk, no new hooks built); a submodule
-    added since is hooked once the set walks the model again, at the latest after REWALK_EVERY registrations."""
+def test_a_dispatching_set_keeps_its_table_until_a_module_registers_a_submodule():
+    """Arming again with the same model and make_hook reuses the table (no walk, no hooks built). A submodule
+    assigned since (any ``self.x = module`` in the process) makes it walk again at the next arming; one put
+    straight into ``_modules``, which no registration hook sees, is found after REWALK_EVERY armings."""
     from lightning_mp.hooks import REWALK_EVERY
 
     model, seen, built = Chain(), [], []
@@ -113,17 +114,23 @@ def test_a_dispatching_set_keeps_its_table_and_walks_again_to_find_new_submodule
         built.append(fqn)
         return lambda module, args, output: seen.append(fqn)
 
-    hooks = HookSet(dispatch=True)
-    hooks.register(model, make_hook, "forward")
-    assert built == ["a", "b", "c"]
-    model.b = nn.Sequential(nn.Linear(3, 3))  # replaced during the run
-    for armed in range(2, REWALK_EVERY + 2):
+    def arm_and_run():
         hooks.register(model, make_hook, "forward")
         seen.clear()
         model(torch.ones(1, 3))
-        if armed <= REWALK_EVERY:
-            assert seen == ["a", "c"] and len(built) == 3, f"registration {armed}: the kept table"
-    assert seen == ["a", "b.0", "b", "c"], "walked again: the new submodules are hooked"
+
+    hooks = HookSet(dispatch=True)
+    arm_and_run()
+    arm_and_run()
+    assert built == ["a", "b", "c"] and seen == ["a", "b", "c"], "the kept table"
+    model.b = nn.Sequential(nn.Linear(3, 3))  # replaced during the run
+    arm_and_run()
+    assert seen == ["a", "b.0", "b", "c"], "walked again at once"
+    model._modules["c"] = nn.Sequential(nn.Linear(3, 1))  # behind the registration hooks' back
+    armings = 0
+    while "c.0" not in seen and armings <= REWALK_EVERY:
+        arm_and_run()
+        armings += 1
+    assert seen == ["a", "b.0", "b", "c.0", "c"] and armings <= REWALK_EVERY
     hooks.register(Chain(), make_hook, "forward")  # another model: its own table
-    assert len(built) == 3 + 4 + 3
     hooks.remove()
