@@ -103,24 +103,15 @@ def headroom_metrics(summary: dict[str, dict[str, float]], top_k: int) -> dict[s
     """``precision/headroom_bits/<fqn>`` (lowest of activation and gradient) and ``precision/underflow/<fqn>``
     for the ``top_k`` modules with the least headroom in a statistics ``summary``; finite values only."""
 
-    def lowest(item: tuple[str, dict[str, float]]) -> float:
-        return _lowest(item[1])
-
     metrics = {}
-    for fqn, stats in sorted(summary.items(), key=lowest)[:top_k]:
-        metrics[f"precision/headroom_bits/{fqn}"] = lowest((fqn, stats))
+    for fqn, stats in sorted(summary.items(), key=lambda item: _lowest(item[1]))[:top_k]:
+        metrics[f"precision/headroom_bits/{fqn}"] = _lowest(stats)
         metrics[f"precision/underflow/{fqn}"] = stats["underflow_fraction"]  # None outside fp16: not logged
     return {k: v for k, v in metrics.items() if v is not None and v == v and abs(v) != float("inf")}
 
 
 def _lowest_headroom(report: dict[str, Any], limit: int) -> list[tuple[str, dict[str, Any]]]:
-    def key(item: tuple[str, dict[str, Any]]) -> float:
-        stats = item[1]
-        values = [stats.get("activation_headroom_bits"), stats.get("grad_headroom_bits")]
-        values = [v for v in values if v is not None]
-        return min(values) if values else math.inf
-
-    return sorted(report["modules"].items(), key=key)[:limit]
+    return sorted(report["modules"].items(), key=lambda item: _lowest(item[1]))[:limit]
 
 
 def render_markdown(report: dict[str, Any], limit: int = 10) -> str:
