@@ -156,20 +156,26 @@ class ModuleStatistics:
                     # A container returning its last submodule's output, unwritten since: measured already.
                     self._pending.append((key, self._last_extremes))
                 else:
-                    measured = local(tensor.detach())
-                    if measured.numel():
-                        self._last = (weakref.ref(tensor), tensor_version(tensor))
-                        self._last_extremes = torch.aminmax(measured)
-                        self._pending.append((key, self._last_extremes))
+                    extremes = self._measure(key, tensor.detach())
+                    if extremes is not None:
+                        self._last, self._last_extremes = (weakref.ref(tensor), tensor_version(tensor)), extremes
                 if self._full and tensor.requires_grad and torch.is_grad_enabled():
                     tensor.register_hook(partial(self._extremes, grad_key))
 
         return forward_hook
 
-    def _extremes(self, key: tuple[str, str], tensor: torch.Tensor) -> None:
+    def _measure(self, key: tuple[str, str], tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Measure ``tensor``'s (min, max) for ``key``; returns them, or ``None`` for an empty tensor."""
         tensor = local(tensor)
-        if tensor.numel():
-            self._pending.append((key, torch.aminmax(tensor)))
+        if not tensor.numel():
+            return None
+        extremes = torch.aminmax(tensor)
+        self._pending.append((key, extremes))
+        return extremes
+
+    def _extremes(self, key: tuple[str, str], tensor: torch.Tensor) -> None:
+        """``_measure`` as a tensor hook on a gradient: it must return nothing, or it would replace the gradient."""
+        self._measure(key, tensor)
 
     def discard(self) -> None:
         """Drop the values measured so far this step and keep the hooks armed (the step runs again)."""
@@ -201,28 +207,29 @@ class ModuleStatistics:
                 continue
             if measure_range:
                 for grad in grads:
-                    self._extremes((PARAM_GRAD, fqn), grad)
+                    self._measure((PARAM_GRAD, fqn), grad)
             if measure_underflow:
                 numel = sum(g.numel() for g in grads)
                 under_keys.append((UNDERFLOW, fqn))
                 under.append(sum(underflow_count(g, dtype, scale) for g in grads) / max(numel, 1))
+        pending = self._pending
+        self.discard()
+        if not pending and not under:
+            return
+        device = (pending[0][1][0] if pending else under[0]).device
         # amax = max(high, -low), one vector op per dtype: stacking 0-d tensors of mixed dtypes (a bf16 model's
         # fp32 norms) takes a slow path, 5x the cost of one stack per dtype.
         by_dtype: dict[torch.dtype, tuple[list[tuple[str, str]], list[torch.Tensor]]] = {}
-        for key, (low, high) in self._pending:
+        for key, (low, high) in pending:
             group_keys, extremes = by_dtype.setdefault(low.dtype, ([], []))
             group_keys.append(key)
             extremes += (low, high)
-        self.discard()
         keys, parts = [], []
-        device = next(iter(by_dtype.values()))[1][0].device if by_dtype else under[0].device if under else None
         for group_keys, extremes in by_dtype.values():
             keys += group_keys
             pairs = _stack(extremes, device).float().view(-1, 2)
             parts.append(torch.maximum(pairs[:, 1], -pairs[:, 0]))
         keys += under_keys
-        if not keys:
-            return
         if under:
             parts.append(_stack(under, device).float())
         values = torch.cat(parts).tolist()  # the one read of this sample
