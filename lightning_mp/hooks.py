@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -48,6 +49,27 @@ def _watch_registrations() -> int:
     return _registrations
 
 
+@dataclass
+class _Table:
+    """A dispatching HookSet's submodules and their hooks, kept for the next arming while still valid."""
+
+    model: weakref.ref  # the root module, held weakly
+    make_hook: Callable[..., Any]
+    kind: str
+    registrations: int  # the process's submodule registrations when the model was walked
+    hooks: dict[int, tuple[weakref.ref, Any]]  # id -> (weak reference to the module, its hook)
+    uses_left: int  # armings before the model is walked again anyway
+
+    def fits(self, model: nn.Module, make_hook: Callable[..., Any], kind: str, registrations: int) -> bool:
+        return (
+            self.model() is model
+            and self.make_hook is make_hook
+            and self.kind == kind
+            and self.registrations == registrations
+            and self.uses_left > 0
+        )
+
+
 class HookSet:
     """Hooks that live for a while on every named submodule (the root itself is never hooked).
 
@@ -65,10 +87,7 @@ class HookSet:
         self._handles: list[Any] = []
         self.dispatch = dispatch
         self._finalizer: weakref.finalize | None = None  # removes a global hook whose model is gone
-        # (weak reference to the model, make_hook, kind, registrations count, id -> (weak reference to the module,
-        # its hook), uses left)
-        self._table: tuple[weakref.ref, Callable[..., Any], str, int, dict[int, tuple[weakref.ref, Any]], int] | None
-        self._table = None
+        self._table: _Table | None = None
 
     @property
     def active(self) -> bool:
@@ -86,13 +105,11 @@ class HookSet:
         """
         self.remove()
         registrations = _watch_registrations() if self.dispatch else 0
-        if self.dispatch and kind != "forward_with_kwargs" and self._table is not None:
-            model_ref, made_by, made_for, seen, hooks, uses_left = self._table
-            same = model_ref() is model and made_by is make_hook and made_for == kind and seen == registrations
-            if same and uses_left > 0:
-                self._table = (model_ref, made_by, made_for, seen, hooks, uses_left - 1)
-                self._register_dispatch(model, hooks, kind)
-                return
+        table = self._table
+        if table is not None and table.fits(model, make_hook, kind, registrations):
+            table.uses_left -= 1
+            self._register_dispatch(model, table.hooks, kind)
+            return
         self._table = None
         modules = [(fqn, module) for fqn, module in model.named_modules() if fqn]
         # A global hook makes torch warn on every call of a torch.compile'd submodule (an OptimizedModule, which
@@ -111,7 +128,7 @@ class HookSet:
         # id -> (weak reference to the module, its hook): the reference tells ours from an unrelated module that
         # reused a freed id, without keeping the model alive through the global hook table.
         hooks = {id(module): (weakref.ref(module), make_hook(fqn)) for fqn, module in modules}
-        self._table = (weakref.ref(model), make_hook, kind, registrations, hooks, REWALK_EVERY - 1)
+        self._table = _Table(weakref.ref(model), make_hook, kind, registrations, hooks, REWALK_EVERY - 1)
         self._register_dispatch(model, hooks, kind)
 
     def _register_dispatch(self, model: nn.Module, hooks: dict[int, tuple[weakref.ref, Any]], kind: HookKind) -> None:
