@@ -164,6 +164,18 @@ class RegionClock(L.Callback):
 
         return timed
 
+    def hook_register(self, register, label: str):
+        """``HookSet.register`` (the function ``register``) with every hook it builds timed as ``label``. One
+        wrapper per make_hook: a dispatching HookSet keeps its table only while make_hook is the same object."""
+        wrapped = {}
+
+        def timed_register(hook_set, model, make_hook, kind):
+            if make_hook not in wrapped:
+                wrapped[make_hook] = lambda fqn: self.region(label, make_hook(fqn))
+            register(hook_set, model, wrapped[make_hook], kind)
+
+        return timed_register
+
     def context(self, label: str, make_context, body: str | None = None):
         """A context manager method whose entry and exit count as ``label``; its body counts as ``body``, or as
         whatever encloses it when ``body`` is None."""
@@ -216,16 +228,7 @@ class HostClock(RegionClock):
             setattr(plugin, name, self.region("plugin", getattr(plugin, name)))
         plugin._wrap_closure = self.region("plugin", plugin._wrap_closure)  # Lightning runs it inside step()
         plugin.train_step_context = self.context("plugin", plugin.train_step_context, body="lightning")
-        register, clock = self._register, self
-
-        wrapped = {}  # one wrapper per make_hook: a dispatching HookSet keeps its table while make_hook is the same
-
-        def timed_register(hook_set, model, make_hook, kind):
-            if make_hook not in wrapped:
-                wrapped[make_hook] = lambda fqn: clock.region("stats hooks", make_hook(fqn))
-            register(hook_set, model, wrapped[make_hook], kind)
-
-        hooks.HookSet.register = timed_register
+        hooks.HookSet.register = self.hook_register(self._register, "stats hooks")
 
     def on_train_start(self, trainer, pl_module):
         for optimizer in trainer.optimizers:
@@ -313,16 +316,7 @@ class PieceClock(RegionClock):
         self._patch(core, "guard", "guard")
         for owner, name, label in COLLABORATOR_PIECES:
             self._patch(getattr(core, owner), name, label)
-        register = hooks.HookSet.register
-
-        wrapped = {}  # one wrapper per make_hook: a dispatching HookSet keeps its table while make_hook is the same
-
-        def timed_register(hook_set, model, make_hook, kind):
-            if make_hook not in wrapped:
-                wrapped[make_hook] = lambda fqn: clock.region("statistics: hooks", make_hook(fqn))
-            register(hook_set, model, wrapped[make_hook], kind)
-
-        self._patch_class(hooks.HookSet, "register", timed_register)
+        self._patch_class(hooks.HookSet, "register", self.hook_register(hooks.HookSet.register, "statistics: hooks"))
         # The statistics' one global hook dispatches to those hooks: its own work is theirs too. (The slower
         # module-call path any hook forces stays inside "model".)
         module_hooks = torch.nn.modules.module
