@@ -232,7 +232,9 @@ class PrecisionCore:
             self.statistics.start(self.model, output_grads=wants_grads)
 
     def observe_input(self, batch: Any) -> None:
-        self._begin_batch_if_due()  # Lightning converts the input before it enters the step context
+        """Keep a reference to a batch for attribution (the Fabric shell; the Trainer's goes through
+        ``keep_micro_batch``). Fabric converts the input before it enters the step context."""
+        self._begin_batch_if_due()
         self.tracker.observe_input(batch)
 
     def _begin_batch_if_due(self) -> None:
