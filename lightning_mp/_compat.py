@@ -32,6 +32,10 @@ torch
         reuse a measurement for a container that returns its last submodule's output only if the tensor was
         not written since (an in-place ReLU or ``out += identity`` returns the same tensor, changed). A write
         through ``.data`` does not move it; inference tensors have none (read as written).
+    ``OpOverload._schema`` (``arguments[i].alias_info.is_write``, ``is_mutable``)
+        which arguments of an aten operation it writes into: how ``side_effects.WriteWatch`` knows, for every
+        operation the user's step runs again, whether it is about to overwrite a parameter (``copy_``, ``mul_``,
+        ``out=``, ``_foreach_lerp_``, ...). Read during a replay or a re-run only.
     ``torch._C._autograd._get_sequence_nr``, ``torch._C._current_autograd_node``, ``Node._sequence_nr``
         connect a backward operation to the forward operation it differentiates (the node being created /
         run); the only link there is. Read during a replay only, never on a training step.
@@ -89,6 +93,7 @@ __all__ = [
     "refresh_per_optimizer_state",
     "scaler_device",
     "tree_leaves",
+    "written_tensors",
 ]
 
 # GradScaler's private methods AdaptiveLossScaler overrides or calls, and the attributes it reads.
@@ -167,6 +172,23 @@ def current_autograd_node() -> Any:
 
 def node_sequence_nr(node: Any) -> int:
     return node._sequence_nr()
+
+
+def written_tensors(func: Any, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensors an aten operation (``func``, an ``OpOverload`` seen by a dispatch mode) writes into."""
+    schema = func._schema
+    if not schema.is_mutable:
+        return []
+    written: list[torch.Tensor] = []
+    for index, argument in enumerate(schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[index] if index < len(args) and not argument.kwarg_only else kwargs.get(argument.name)
+        if isinstance(value, torch.Tensor):
+            written.append(value)
+        elif isinstance(value, (list, tuple)):
+            written.extend(v for v in value if isinstance(v, torch.Tensor))
+    return written
 
 
 # The callback hooks Lightning's loops call once per batch or per optimizer step.

@@ -47,6 +47,7 @@ from lightning_mp.options import PluginOptions
 from lightning_mp.precision import AUTOCAST_DTYPES, autocast, default_device, resolve_auto_precision
 from lightning_mp.replay import StepReplay
 from lightning_mp.scaling import AdaptiveLossScaler, LossScaleFloorError, ScaleAction
+from lightning_mp.side_effects import RerunState, WriteWatch
 from lightning_mp.statistics import ModuleStatistics
 
 __all__ = ["PrecisionCore"]
@@ -99,6 +100,7 @@ class PrecisionCore:
         # sharded gradients, for the same reason as the replay. None = on with the predictive scaler policy.
         self._rescue_option = False if options.sharded_gradients else options.rescue
         self.replay.save_rng = self._rescue_option is not False  # a re-run draws the same dropout masks
+        self.rerun_state = RerunState()  # a re-run starts from the step's own start (an EMA teacher, a counter)
         self._rescue_passes = 0  # re-runs of the current step
         self._nonfinite_unscaled = False  # this step's gradients stayed non-finite when re-run without scaling
         self._rerunning = False  # a rescue re-run is in progress: its micro-step is not a new one
@@ -178,6 +180,7 @@ class PrecisionCore:
         self.model = model
         self.buffers.watch(model)
         self._batch_due = True  # a new fit: what an earlier one kept of its last batch is stale
+        self.rerun_state.clear()
         self.fallback.setup(model, self.precision, self.device)
         if record_order:
             self.tracker.order.record(model)  # removed after the first optimizer step (or at teardown)
@@ -249,6 +252,8 @@ class PrecisionCore:
             self._backward_passes = 0
             self._micro_batches, self._batch_stepped = 0, False
             self._rescue_passes, self._nonfinite_unscaled = 0, False
+            if self.model is not None and self.rescue_enabled:
+                self.rerun_state.take(self.model)
 
     def keep_micro_batch(self, run: Callable[[Callable[[Tensor], None]], None], batch: Any = None) -> None:
         """Register how to run the current micro-batch again (see ``StepReplay``) and observe its ``batch``
@@ -271,6 +276,8 @@ class PrecisionCore:
         """
         while True:
             try:
+                if training and not self._rerunning and self.rerun_state.watch_next and self.rescue_enabled:
+                    return self._run_watched(closure)
                 return closure()
             except (RuntimeError, NotImplementedError) as error:
                 if not self.promote_after_kernel_error(error):
@@ -279,6 +286,18 @@ class PrecisionCore:
                 # micro-batches before it in an accumulated step.
                 if training and self._micro_batches == 1:
                     self.buffers.restore()
+
+    def _run_watched(self, closure: Callable[[], Any]) -> Any:
+        """The first step's closure, under a write watch: what ``training_step`` writes in place (an EMA
+        teacher) is copied at the start of every later step, so that a rescue re-runs it from there."""
+        self.rerun_state.watch_next = False
+        watch = WriteWatch(self.model.named_parameters()) if self.model is not None else None
+        if watch is None:
+            return closure()
+        with watch:
+            result = closure()
+        self.rerun_state.learn(watch.written)
+        return result
 
     def promote_after_kernel_error(self, error: BaseException) -> bool:
         """Promote the module whose low-precision kernel raised ``error``; False when that is not the case."""
@@ -356,12 +375,26 @@ class PrecisionCore:
             self.replay.restart_batch()
             self.tracker.forget_losses()
             self._backward_passes = 0
+            self.rerun_state.before_rerun(self.model)
+            watch = WriteWatch(self.model.named_parameters())
             self._rerunning = True
             try:
-                self.run_closure(rerun)
+                with watch:
+                    self.run_closure(rerun)
             finally:
                 self._rerunning = False
+            self._note_rerun_writes(self.rerun_state.after_rerun(watch))
             self.scaler.unscale_(optimizer)
+
+    def _note_rerun_writes(self, names: list[str]) -> None:
+        if names:
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            rank_zero_warn(
+                f"AdaptiveMP: training_step writes {shown} in place (an EMA teacher?). A rescue ran the step again"
+                " and they were put back as one run leaves them, but this re-run read them after a second write."
+                " From now on they are copied when each step begins, so later rescues start exactly where the"
+                " step did."
+            )
 
     def step(self, optimizer: Optimizer, **kwargs: Any) -> tuple[bool, Any]:
         """Step, or skip a step whose gradients are not finite; then attribute, decide and record.
@@ -423,6 +456,8 @@ class PrecisionCore:
         except Exception as error:  # a replay must never break training: fall back to the cheap attribution
             rank_zero_warn(f"AdaptiveMP: could not replay the bad step to locate it ({first_line(error)}).")
             return True, None
+        if self.rescue_enabled:
+            self.rerun_state.learn(self.replay.written)
         return True, found
 
     def _attribute(self) -> Finding:

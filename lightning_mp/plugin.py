@@ -27,7 +27,6 @@ from lightning_mp._compat import after_closure, muted_step_counting, optimizer_h
 from lightning_mp.core import PrecisionCore, first_line
 from lightning_mp.options import PluginOptions
 from lightning_mp.precision import PrecisionName, cpu_has_native_bf16, resolve_auto_precision
-from lightning_mp.replay import ReplayDone
 from lightning_mp.scaling import AdaptiveLossScaler
 from lightning_mp.schedulers import skip_aware
 from lightning_mp.shell import CoreView
@@ -139,6 +138,8 @@ class AdaptiveMP(CoreView, Precision):
         self.core.setup(module, record_order=self._trainer is None or self._trainer.training)
         if self._trainer is not None:
             self._keep_training_steps(self._trainer, module)
+            # Manual optimization toggles requires_grad between optimizers: a replay starts from the batch's flags.
+            self.core.replay.track_flags(None if module.automatic_optimization else module)
         if self.core.options.attach_callbacks and self._trainer is not None:
             from lightning_mp.callbacks import attach_default_callbacks  # they import this module
 
@@ -238,9 +239,10 @@ class AdaptiveMP(CoreView, Precision):
         core = self.core
         if core.replay.active:
             # A replayed manual-optimization training_step reached opt.step(): its closure may hold the backward
-            # the replay needs (opt.step(closure=...)); nothing is stepped, and the replay ends here.
+            # the replay needs (opt.step(closure=...)). Nothing is stepped; the replay goes on to the backward
+            # that went bad (a GAN's discriminator steps after its generator) and ends there.
             closure()
-            raise ReplayDone
+            return None
         scaled = core.scaler is not None
         lbfgs = isinstance(optimizer, LBFGS)
         if lbfgs and scaled:

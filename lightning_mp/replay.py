@@ -13,7 +13,10 @@ from, with every operation's output checked:
 * **On a bad step only**: gradients are set aside, buffers and RNG go back to the start of the step, and the
   micro-batches run again under the same autocast and loss scale, with ``torch.compile`` forced eager, logging
   muted and optimizer steps never reached. Then gradients, buffers and RNG are put back as the real step left
-  them, so the run goes on exactly as it would have without the replay.
+  them, and so is everything the user's ``training_step`` changed while it ran again (``side_effects.py``:
+  ``requires_grad`` flags and optimizer toggling, module attributes and their containers, ``train``/``eval``
+  mode, hooks, parameters written in place such as an EMA teacher), so the run goes on exactly as it would
+  have without the replay.
 * **The tracer** (:class:`OpTracer`, a ``TorchDispatchMode``) sees every aten operation, forward and backward,
   including arithmetic written in a module's own ``forward`` that no hook can see. A non-finite output whose
   inputs were finite is a *birth*; an output computed from a non-finite input inherits that input's birth.
@@ -53,6 +56,7 @@ from lightning_mp._compat import (
 )
 from lightning_mp.attribution import Finding, Kind, Phase, floating
 from lightning_mp.hooks import eager
+from lightning_mp.side_effects import ModuleState, WriteWatch
 
 __all__ = ["Birth", "OpTracer", "ReplayDone", "StepReplay"]
 
@@ -253,10 +257,24 @@ class StepReplay:
         self._rng: tuple[Tensor, Tensor | None] | None = None
         self.active = False  # a replay is running: the shell must not step optimizers or count anything
         self.save_rng = False  # keep the batch's RNG state even with replays off (a rescue re-run needs it)
+        self.written: list[str] = []  # parameters the last replay's user code wrote in place (then put back)
+        # Manual optimization toggles requires_grad between its optimizers' turns (toggle_optimizer): a replay
+        # must start from the flags the step began with, or it replays the generator with the discriminator's
+        # flags. Kept per batch only for the parameters given to track_flags (one bool each).
+        self._flag_params: list[Tensor] = []
+        self._flags: list[bool] = []
+
+    def track_flags(self, model: nn.Module | None) -> None:
+        """Keep the ``requires_grad`` flags of ``model``'s parameters at the start of every batch (manual
+        optimization: its steps toggle them); ``None`` stops."""
+        self._flag_params = list(model.parameters()) if model is not None else []
+        self._flags = []
 
     def begin_batch(self, device: str | None) -> None:
         """Before the first micro-batch of an optimizer step: forget the last one, keep the RNG state."""
         self._runs = []
+        if self.enabled and self._flag_params:
+            self._flags = [p.requires_grad for p in self._flag_params]
         if self.enabled or self.save_rng:
             cuda = torch.cuda.get_rng_state() if device == "cuda" and torch.cuda.is_available() else None
             self._rng = (torch.get_rng_state(), cuda)
@@ -300,6 +318,8 @@ class StepReplay:
         buffers = [b.detach().clone() for b in model.buffers()]
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if self._rng and self._rng[1] is not None else None)
         tracer = OpTracer(model, stop_frame=sys._getframe())
+        state = ModuleState(model.modules())  # what the user's training_step may change: put back after
+        watch = WriteWatch(model.named_parameters())
         result: list[Finding] = []
         passes = 0
 
@@ -327,17 +347,22 @@ class StepReplay:
         try:
             for p in params:
                 p.grad = None
+            for p, flag in zip(self._flag_params, self._flags):
+                p.requires_grad_(flag)  # as the step began (``state`` puts the real step's flags back)
             restore_buffers()
             torch.set_rng_state(self._rng[0])
             if self._rng[1] is not None:
                 torch.cuda.set_rng_state(self._rng[1])
-            with eager(), autocast, tracer:
+            with eager(), autocast, watch, tracer:
                 for run in self._runs:
                     run(backward)
         except ReplayDone:
             pass
         finally:
             self.active = False
+            state.restore()
+            watch.restore()
+            self.written = watch.written
             with torch.no_grad():
                 for p, g in zip(params, grads):
                     p.grad = g

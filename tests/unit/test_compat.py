@@ -181,3 +181,11 @@ def test_after_closure_calls_what_precision_has_now(monkeypatch):
     monkeypatch.setattr(Precision, "_after_closure", lambda *args: calls.append("second"))
     _compat.after_closure(None, None, None)
     assert calls == ["first", "second"]
+
+
+def test_operation_schemas_name_the_arguments_an_operation_writes():
+    a, b, out = torch.ones(2), torch.ones(2), torch.empty(2)
+    assert _compat.written_tensors(torch.ops.aten.add_.Tensor, (a, b), {}) == [a]
+    assert _compat.written_tensors(torch.ops.aten.add.out, (a, b), {"out": out}) == [out]
+    assert _compat.written_tensors(torch.ops.aten._foreach_mul_.Scalar, ([a, b], 2.0), {}) == [a, b]
+    assert _compat.written_tensors(torch.ops.aten.mul.Tensor, (a, b), {}) == []
