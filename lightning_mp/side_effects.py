@@ -150,7 +150,9 @@ class WriteWatch(TorchDispatchMode):
     @property
     def rebound(self) -> list[str]:
         """Watched tensors whose data was replaced (``p.data = new``) while the mode was on."""
-        return [name for name, alias in self._aliases.items() if _storage_key(self._tensors[name]) != _storage_key(alias)]
+        return [
+            name for name, alias in self._aliases.items() if _storage_key(self._tensors[name]) != _storage_key(alias)
+        ]
 
     @property
     def written(self) -> list[str]:
