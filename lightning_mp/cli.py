@@ -259,8 +259,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "skipped_steps": plugin.skipped_steps,
         "fp32_promotions": [p.module for p in plugin.promotions if p.reason not in ("static", "default")],
         # Every module that ran in fp32 at the end, and why: static (fp32_modules), default (fp16 norms and
-        # softmax), overflow, kernel error, escalation.
-        "fp32_modules": [{"module": p.module, "reason": p.reason, "step": p.step} for p in plugin.promotions],
+        # softmax), overflow, kernel error, escalation; scope "module" (all of it) or "own_code" (its own operations).
+        "fp32_modules": [
+            {"module": p.module, "reason": p.reason, "step": p.step, "scope": p.scope} for p in plugin.promotions
+        ],
         "optimizer_steps": plugin.optimizer_steps,
         "output_dir": str(output_dir),
     }

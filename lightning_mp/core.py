@@ -113,7 +113,6 @@ class PrecisionCore:
         self.model: nn.Module | None = None
         self.switched_to_bf16 = False
         self._last_step_skipped: dict[int, bool] = {}  # id(optimizer) -> skipped, for the LR schedulers
-        self._refused: set[str] = set()  # modules too big to promote that the user was told about
         self._clean_losses: deque[list[Tensor]] = deque(maxlen=SPIKE_HISTORY)  # references; read after a promotion
         self._probation_until = 0  # last optimizer step of the spike rule's window (0: no window open)
         self._loss_reference: float | None = None  # median recent loss magnitude before the promotion
@@ -501,6 +500,7 @@ class PrecisionCore:
             scale,
             scaler_action=scaler_action,
             promoted=promoted,
+            promoted_scope=self.fallback.promotions[promoted].scope if promoted is not None else None,
             escalation=escalation.rung if escalation is not None else None,
             escalated_module=escalation.module if escalation is not None else None,
             action=action,
@@ -544,12 +544,22 @@ class PrecisionCore:
         if finding.phase == "backward" and scaling_can_help:
             return None
         step = self.ledger.optimizer_steps
-        if not self.fallback.rule.blame(finding.module, step) or self._too_big_to_promote(finding.module):
+        if not self.fallback.rule.blame(finding.module, step):
             return None
-        if not self.fallback.promote(self.model, finding.module, "overflow", self.device, step, finding.phase):
+        # Promote what the evidence points to: the module running the operation that overflowed. A leaf holds
+        # it; a module with submodules ran it in its own code, so only that code goes to fp32.
+        scope = "own_code" if self._has_children(finding.module) else "module"
+        if not self.fallback.promote(self.model, finding.module, "overflow", self.device, step, finding.phase, scope):
             return None
-        rank_zero_warn(f"AdaptiveMP: {finding.module} runs in fp32 from now on: repeated {finding.phase} overflows.")
+        rank_zero_warn(promotion_message(finding, self.precision, scope))
         return finding.module
+
+    def _has_children(self, fqn: str) -> bool:
+        try:
+            module = self.model.get_submodule(fqn) if self.model is not None else None
+        except AttributeError:  # a name from another model (a resumed checkpoint)
+            return False
+        return module is not None and next(module.children(), None) is not None
 
     def _escalate(self, why: str, blamed: str | None) -> Escalation:
         """Take the first rung of the ladder that applies (``GIVE_UP`` is raised by the caller)."""
@@ -559,8 +569,6 @@ class PrecisionCore:
         can_switch = self.precision == "16-mixed" and resolve_auto_precision(self.device) == "bf16-mixed"
         for candidate in self.ladder.candidates(why, blamed, self.fallback.promotions, names, can_switch):
             if candidate.rung is Rung.PROMOTE:
-                if self._too_big_to_promote(candidate.module):
-                    continue
                 step = self.ledger.optimizer_steps
                 if self.fallback.promote(self.model, candidate.module, "escalation", self.device, step, why):
                     rank_zero_warn(f"AdaptiveMP escalation: {why}; {candidate.module} runs in fp32 from now on.")
@@ -571,34 +579,6 @@ class PrecisionCore:
                 self.switch_to_bf16()
             return candidate
         raise AssertionError("the ladder always ends with GIVE_UP")
-
-    def _too_big_to_promote(self, fqn: str) -> bool:
-        """A container holding more than half of the model's parameters is never promoted for an overflow.
-
-        It is the network itself, or most of it (a user's ``self.model``): promoting it would run most of the
-        model in fp32 for an overflow that is usually a single line of its own ``forward``. The user is told
-        once what to do instead. A leaf module (no submodules: a big ``Linear`` head) is the smallest unit that
-        contains its operations, so it may still be promoted.
-        """
-        try:
-            module = self.model.get_submodule(fqn) if self.model is not None else None
-        except AttributeError:  # a name from another model (a resumed checkpoint): nothing to promote anyway
-            return False
-        if module is None or next(module.children(), None) is None:
-            return False
-        total = sum(p.numel() for p in self.model.parameters()) if self.model is not None else 0
-        share = sum(p.numel() for p in module.parameters()) / total if module is not None and total else 0.0
-        if share <= 0.5:
-            return False
-        if fqn not in self._refused:
-            self._refused.add(fqn)
-            rank_zero_warn(
-                f"AdaptiveMP: {fqn} keeps overflowing but holds {share:.0%} of the model's parameters, so it is"
-                " not run in fp32 (most of the model would lose low precision); its bad steps are skipped. Run the"
-                f" overflowing lines of {fqn}'s forward in fp32 with `with lightning_mp.fp32(): ...` (cast their"
-                " inputs with .float()), or list a smaller submodule in fp32_modules."
-            )
-        return True
 
     def switch_to_bf16(self) -> None:
         if self.scaler is not None:
@@ -635,6 +615,19 @@ class PrecisionCore:
             self.scaler.load_state_dict(scaler_state)
         if self.model is not None:
             self.fallback.load_state_dict(self.model, state_dict.get("promotions", ()), self.device)
+
+
+def promotion_message(finding: Finding, precision: str, scope: str) -> str:
+    """The warning of a promotion for repeated overflows, with where they were born when a replay said so."""
+    where = f" at {finding.op}" + (f" ({finding.source})" if finding.source else "") if finding.op else ""
+    if scope == "module":
+        return f"AdaptiveMP: {finding.module} runs in fp32 from now on: repeated {finding.phase} overflows{where}."
+    low = {"16-mixed": "fp16", "bf16-mixed": "bf16"}.get(precision, precision)
+    return (
+        f"AdaptiveMP: {finding.module}'s own code runs in fp32 from now on (its submodules keep {low}): repeated"
+        f" {finding.phase} overflows{where} in its forward. To narrow it to the lines that overflow, run them"
+        " with `with lightning_mp.fp32(): ...` (cast their inputs with .float()) instead."
+    )
 
 
 def _loss_magnitude(losses: list[Tensor]) -> float:

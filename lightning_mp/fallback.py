@@ -5,6 +5,15 @@ Its parameters are fp32 already (autocast keeps master weights in fp32), so ever
 inside it is fp32: the backward runs in fp32 too, and its outputs are fp32. The rest of the model keeps its
 low-precision kernels.
 
+An island has a *scope*. A ``"module"`` island runs the whole module in fp32, its submodules included: right
+for a leaf (a ``LayerNorm``, a ``Linear`` head) whose kernel overflows. An ``"own_code"`` island runs only the
+module's *own* operations in fp32, the arithmetic written in its ``forward`` between submodule calls, and gives
+its submodules the run's low precision back (autocast on again around each direct child call, the child's
+floating outputs cast to fp32 for the module's own code). That is what an overflow born in a container's own
+code calls for: a block whose ``forward`` multiplies by a large constant, or a whole network kept as
+``self.model`` whose ``forward`` scales its logits (nanoGPT). Promoting by evidence, not by size: the replay
+names the module running the operation that overflowed, and a container named there overflowed in its own code.
+
 Which modules? A *filter* ``(module, fqn) -> bool`` decides, in the torchao float8 shape. ``fp32_filter``
 builds one from what users naturally write: module classes, fqn glob patterns, or a filter. ``by_type`` and
 ``by_name`` are the two helpers underneath.
@@ -22,7 +31,7 @@ import functools
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -40,6 +49,7 @@ __all__ = [
     "fp32",
     "fp32_filter",
     "is_fp32_island",
+    "island_scope",
     "remove_fp32",
 ]
 
@@ -202,17 +212,98 @@ class fp32:  # noqa: N801 - lower case like torch.no_grad: it reads as a stateme
         return in_fp32
 
 
+class _OwnCodeForward(_Fp32Forward):
+    """Replacement ``forward`` of an own-code island: the module's own operations in fp32, the submodules it
+    calls under the autocast that was on when the module was called.
+
+    The submodules its body calls are its direct children, and the children of a ``ModuleList`` /
+    ``ModuleDict`` child (containers that are never called themselves: nanoGPT's ``self.transformer.h[i]``).
+    A forward pre-hook on each turns that autocast back on for a call made from the module's own body (not from
+    inside another of them), and a forward hook (``always_call``: an exception unwinds it too) turns it off
+    again and casts the submodule's floating outputs to fp32, so that the module's own arithmetic on them runs
+    in fp32 and a matmul never meets an fp16 and an fp32 operand.
+    """
+
+    def __init__(self, original: Callable[..., Any], device_type: str, module: nn.Module) -> None:
+        super().__init__(original, device_type)
+        self._frames: list[list[Any]] = []  # per active call of the module: [caller's autocast dtype, depth]
+        self._calls: list[contextlib.AbstractContextManager | None] = []  # per active hooked call
+        self.handles = []
+        for child in _called_submodules(module):
+            self.handles.append(child.register_forward_pre_hook(self._child_starts))
+            self.handles.append(child.register_forward_hook(self._child_ends, always_call=True))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        on = torch.is_autocast_enabled(self.device_type)
+        self._frames.append([torch.get_autocast_dtype(self.device_type) if on else None, 0])
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self._frames.pop()
+
+    def _child_starts(self, child: nn.Module, args: Any) -> None:
+        frame = self._frames[-1] if self._frames else None
+        context = None
+        if frame is not None:
+            if frame[0] is not None and frame[1] == 0:  # called from the module's own body, under autocast
+                context = torch.autocast(self.device_type, dtype=frame[0], cache_enabled=False)
+                context.__enter__()
+            frame[1] += 1
+        self._calls.append(context)
+
+    def _child_ends(self, child: nn.Module, args: Any, output: Any) -> Any:
+        context = self._calls.pop() if self._calls else None
+        if self._frames:
+            self._frames[-1][1] -= 1
+        if context is None:
+            return None  # not re-enabled here: leave the output alone
+        context.__exit__(None, None, None)
+        return _to_fp32(output)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _called_submodules(module: nn.Module) -> list[nn.Module]:
+    """The submodules a module's ``forward`` can call directly: its children, looking through containers that
+    have no ``forward`` of their own (``ModuleList``, ``ModuleDict``)."""
+    found = []
+    for child in module.children():
+        if type(child).forward is nn.Module.forward:  # a container that is never called itself
+            found.extend(_called_submodules(child))
+        else:
+            found.append(child)
+    return found
+
+
+Scope = Literal["module", "own_code"]
+SCOPES: tuple[str, ...] = ("module", "own_code")
+
+
 def is_fp32_island(module: nn.Module) -> bool:
     return isinstance(module.__dict__.get("forward"), _Fp32Forward)
 
 
-def apply_fp32(model: nn.Module, selected: ModuleFilter | Iterable[str], device_type: str) -> list[str]:
+def island_scope(module: nn.Module) -> Scope | None:
+    """``"module"``, ``"own_code"``, or ``None`` for a module that is not an island."""
+    forward = module.__dict__.get("forward")
+    if not isinstance(forward, _Fp32Forward):
+        return None
+    return "own_code" if isinstance(forward, _OwnCodeForward) else "module"
+
+
+def apply_fp32(
+    model: nn.Module, selected: ModuleFilter | Iterable[str], device_type: str, scope: Scope = "module"
+) -> list[str]:
     """Turn the selected submodules of ``model`` into fp32 islands, in place.
 
     Args:
         model: the root module; fqns are relative to it. The root itself is never selected.
         selected: a filter, or an iterable of exact fqns.
         device_type: the autocast device type to disable inside the islands.
+        scope: ``"module"`` (the whole module in fp32) or ``"own_code"`` (its own operations only; its
+            submodules keep the low precision).
 
     Returns:
         The fqns that became islands by this call, in module order.
@@ -223,7 +314,10 @@ def apply_fp32(model: nn.Module, selected: ModuleFilter | Iterable[str], device_
     converted = []
     for fqn, module in model.named_modules():
         if fqn and not is_fp32_island(module) and selected(module, fqn):
-            module.forward = _Fp32Forward(module.forward, device_type)
+            if scope == "own_code":
+                module.forward = _OwnCodeForward(module.forward, device_type, module)
+            else:
+                module.forward = _Fp32Forward(module.forward, device_type)
             converted.append(fqn)
     return converted
 
@@ -234,7 +328,9 @@ def remove_fp32(model: nn.Module, fqns: Iterable[str] | None = None) -> list[str
     removed = []
     for fqn, module in model.named_modules():
         if is_fp32_island(module) and (wanted is None or fqn in wanted):
-            del module.forward
+            forward = module.__dict__.pop("forward")
+            if isinstance(forward, _OwnCodeForward):
+                forward.remove()
             removed.append(fqn)
     return removed
 
@@ -247,6 +343,7 @@ class Promotion:
     reason: str  # "static", "default", "overflow", "kernel error", "escalation"
     step: int | None = None
     detail: str = ""
+    scope: Scope = "module"  # "module": the whole module in fp32; "own_code": its own operations only
 
 
 class PromotionRule:
@@ -318,12 +415,19 @@ class FallbackManager:
                 self.promotions[fqn] = Promotion(fqn, "default")
 
     def promote(
-        self, model: nn.Module, fqn: str, reason: str, device_type: str, step: int | None = None, detail: str = ""
+        self,
+        model: nn.Module,
+        fqn: str,
+        reason: str,
+        device_type: str,
+        step: int | None = None,
+        detail: str = "",
+        scope: Scope = "module",
     ) -> bool:
-        """Make ``fqn`` an fp32 island now; False if it already was one."""
-        if fqn in self.promotions or not apply_fp32(model, [fqn], device_type):
+        """Make ``fqn`` an fp32 island of ``scope`` now; False if it already was one."""
+        if fqn in self.promotions or not apply_fp32(model, [fqn], device_type, scope):
             return False
-        self.promotions[fqn] = Promotion(fqn, reason, step, detail)
+        self.promotions[fqn] = Promotion(fqn, reason, step, detail, scope)
         return True
 
     def state_dict(self) -> list[dict[str, Any]]:
@@ -334,6 +438,5 @@ class FallbackManager:
         names = {fqn for fqn, _ in model.named_modules()}
         for entry in promotions:
             if entry["module"] in names:
-                self.promote(
-                    model, entry["module"], entry["reason"], device_type, entry.get("step"), entry.get("detail", "")
-                )
+                fqn, reason, step, detail = entry["module"], entry["reason"], entry.get("step"), entry.get("detail", "")
+                self.promote(model, fqn, reason, device_type, step, detail, entry.get("scope", "module"))

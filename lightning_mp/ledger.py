@@ -48,6 +48,7 @@ class OverflowEvent:
     seq: int = 0  # this event's number in the run, from 1; never reused
     scaler_action: ScaleAction | None = None  # what the loss scaler did on this step (fp16)
     promoted: str | None = None  # the module promoted to fp32 for repeated blame at this event
+    promoted_scope: str | None = None  # "module" (all of it) or "own_code" (its own operations only)
     escalation: Rung | None = None  # the escalation rung taken at this event
     escalated_module: str | None = None  # the module the PROMOTE rung put in fp32
     op: str | None = None  # the operation that produced the first non-finite value ("aten::softmax"), from a replay
@@ -63,7 +64,8 @@ class OverflowEvent:
         if self.scaler_action is not None and self.scaler_action.text:
             words.append(self.scaler_action.text)
         if self.promoted is not None:
-            words.append(f"promoted {self.promoted} to fp32")
+            own = "'s own code" if self.promoted_scope == "own_code" else ""
+            words.append(f"promoted {self.promoted}{own} to fp32")
         if self.escalation is Rung.PROMOTE:
             words.append(f"escalation: promoted {self.escalated_module} to fp32")
         elif self.escalation is Rung.SWITCH_TO_BF16:

@@ -213,3 +213,82 @@ class Chain(nn.Module):
 
     def forward(self, x):
         return self.c(self.b(self.a(x)))
+
+
+class Spiky(nn.Module):
+    """A block with one ``Linear`` and an overflowing multiply in its own ``forward``: ``h * gain / gain`` is ``h``
+    in fp32, but its first product overflows fp16 once ``|h| > 65504 / gain``."""
+
+    def __init__(self, width: int = 32, gain: float = 1e4):
+        super().__init__()
+        self.proj = nn.Linear(width, width)
+        self.gain = gain
+
+    def forward(self, x):
+        h = self.proj(x)
+        return h * self.gain / self.gain  # the overflowing line
+
+
+class SpikyRegressor(TinyRegressor):
+    """``Sequential(Linear(4, 32), ReLU(), Spiky(), ReLU(), Linear(32, 1))``: the block holds 63% of the
+    parameters, and its own arithmetic (not its Linear) overflows fp16 on large inputs."""
+
+    def __init__(self, gain: float = 1e4, **kwargs):
+        super().__init__(**kwargs)
+        self.net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), Spiky(32, gain), nn.ReLU(), nn.Linear(32, 1))
+
+
+class OpRecorder:
+    """Records ``(innermost module, aten operation, output dtype)`` for every floating operation a forward runs:
+    what precision each module's own code really computed in. Module names come from global forward hooks (a
+    public torch API), the operations from a dispatch mode."""
+
+    def __init__(self, model: nn.Module):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        self.names = {id(m): fqn for fqn, m in model.named_modules()}
+        self.stack: list[str] = []
+        self.ops: list[tuple[str, str, torch.dtype]] = []
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if isinstance(out, torch.Tensor) and out.is_floating_point():
+                    recorder.ops.append((recorder.stack[-1] if recorder.stack else "", func.name(), out.dtype))
+                return out
+
+        self.mode = Mode()
+
+    def _push(self, module, args):
+        name = self.names.get(id(module))
+        if name is not None:
+            self.stack.append(name)
+
+    def _pop(self, module, args, output):
+        if id(module) in self.names:
+            self.stack.pop()
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self.handles = [register_module_forward_pre_hook(self._push), register_module_forward_hook(self._pop)]
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        for handle in self.handles:
+            handle.remove()
+
+    def fp32_modules(self, ignore=("aten::_to_copy", "aten::clone", "aten::detach")) -> set[str]:
+        """The modules whose own operations produced fp32 values (casts and copies not counted)."""
+        return {module for module, op, dtype in self.ops if dtype == torch.float32 and op not in ignore}
+
+    def dtypes(self, op_prefix: str) -> dict[str, set[torch.dtype]]:
+        """Per module, the output dtypes of the operations whose name starts with ``op_prefix``."""
+        found: dict[str, set[torch.dtype]] = {}
+        for module, op, dtype in self.ops:
+            if op.startswith(op_prefix):
+                found.setdefault(module, set()).add(dtype)
+        return found

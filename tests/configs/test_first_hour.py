@@ -140,6 +140,7 @@ def test_a_run_saves_its_config_and_every_fp32_module_and_prints_no_noise(tmp_pa
     result = json.loads((out / "result.json").read_text())
     assert result["fp32_modules"], "the fp16 defaults put the LayerNorms in fp32: listed, with why"
     assert {m["reason"] for m in result["fp32_modules"]} == {"default"}
+    assert {m["scope"] for m in result["fp32_modules"]} == {"module"}
     for noise in ("litlogger", "not supported by the model summary", "LeafSpec"):
         assert noise not in proc.stdout + proc.stderr, noise
     resumed = run(tmp_path, "train", *QUICK, "precision=fp16", "trainer.max_steps=4", "ckpt_path=last")

@@ -1,8 +1,10 @@
 """Two-process DDP run on CPU (gloo) where only rank 1's data overflows fp16; each rank writes what it decided.
 
-Run by tests/integration/test_ddp.py as ``python -m tests.integration.ddp_worker OUT_DIR [rescue]``; Lightning
-re-launches the same command for rank 1. With ``rescue`` the model's backward overflows at the starting scale
-on both ranks instead (a gradient multiplied by 1e4), so every step is re-run at a lower scale.
+Run by tests/integration/test_ddp.py as ``python -m tests.integration.ddp_worker OUT_DIR [rescue|spiky]``;
+Lightning re-launches the same command for rank 1. With ``rescue`` the model's backward overflows at the
+starting scale on both ranks instead (a gradient multiplied by 1e4), so every step is re-run at a lower scale.
+With ``spiky`` the overflow on rank 1 is born in a block's own arithmetic (``helpers.Spiky``, 63% of the
+parameters): both ranks must promote the same block's own code.
 """
 
 import json
@@ -13,7 +15,7 @@ import lightning as L
 import torch
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
-from tests.helpers import ExplodingBackward, NaiveLogSumExp, TroubleNet, loader, loader_with
+from tests.helpers import ExplodingBackward, NaiveLogSumExp, SpikyRegressor, TroubleNet, loader, loader_with
 
 
 class RankData(L.LightningDataModule):
@@ -45,6 +47,7 @@ def run(out: Path, model: L.LightningModule, strategy) -> None:
     full = [getattr(p, "full_tensor", p.detach)() for p in model.parameters()]  # DTensor shards -> whole
     result = {
         "fp32_modules": plugin.fp32_modules,
+        "scopes": [p.scope for p in plugin.promotions],
         "skipped_steps": plugin.skipped_steps,
         "rescued_steps": plugin.rescued_steps,
         "scale": plugin.scaler.get_scale(),
@@ -58,5 +61,7 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     if sys.argv[2:] == ["rescue"]:
         run(Path(sys.argv[1]), TroubleNet(ExplodingBackward(1e4), lr=1e-6), strategy="ddp")
+    elif sys.argv[2:] == ["spiky"]:
+        run(Path(sys.argv[1]), SpikyRegressor(gain=1e5, lr=1e-4), strategy="ddp")
     else:
         run(Path(sys.argv[1]), TroubleNet(NaiveLogSumExp(), lr=1e-4), strategy="ddp")

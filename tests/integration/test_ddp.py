@@ -54,6 +54,16 @@ def test_overflow_on_one_rank_gives_identical_promotions_and_weights(tmp_path, w
 
 
 @pytest.mark.slow
+def test_a_block_overflowing_in_its_own_code_on_one_rank_is_promoted_on_every_rank(tmp_path):
+    rank0, rank1 = _run_worker(tmp_path, "ddp_worker", "spiky")
+    assert rank0["fp32_modules"] == rank1["fp32_modules"] == ["net.2"]
+    assert rank0["scopes"] == rank1["scopes"] == ["own_code"]
+    assert rank0["events"] == rank1["events"] and [e[2] for e in rank0["events"]] == ["net.2", "net.2"]
+    assert rank0["skipped_steps"] == rank1["skipped_steps"] == 2, "nothing skipped after the promotion"
+    assert rank0["weights"] == rank1["weights"]
+
+
+@pytest.mark.slow
 def test_a_backward_overflow_is_rescued_identically_on_every_rank(tmp_path):
     """Rescue under DDP: the overflow flags come from all-reduced gradients and the forward check is collective, so
     both ranks re-run the same steps together (the re-runs' gradient all-reduces match) and end identical."""

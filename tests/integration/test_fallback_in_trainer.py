@@ -8,7 +8,7 @@ from torch import nn
 import lightning_mp
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP, LossScaleFloorError, ScaleAction
 from lightning_mp.escalation import Rung
-from lightning_mp.fallback import is_fp32_island
+from lightning_mp.fallback import is_fp32_island, island_scope
 from tests.helpers import (
     ExplodingBackward,
     LSTMRegressor,
@@ -276,13 +276,14 @@ class Wrapper(TinyRegressor):
         return self.model(x)
 
 
-def test_a_module_holding_most_parameters_is_not_promoted_and_the_user_is_told_once(recwarn):
+def test_a_network_kept_as_self_model_gets_its_own_code_promoted_and_the_user_is_told_once(recwarn):
     plugin = fp16(init_scale=16.0)
     model, _ = fit(plugin, model_cls=Wrapper, data=scaled_loader(3.0), max_steps=9)
     forward = [e for e in plugin.overflow_events if e.phase == "forward"]
-    assert [e.module for e in forward[1:]] == ["model"] * (len(forward) - 1) and len(forward) >= 3
-    assert plugin.fp32_modules == [], "the whole network must not be moved to fp32"
-    told = [str(w.message) for w in recwarn if "holds 100% of the model's parameters" in str(w.message)]
+    assert [e.module for e in forward] == ["model", "model"], "promoted at the second blame; finite after"
+    assert [(p.module, p.scope) for p in plugin.promotions] == [("model", "own_code")]
+    assert island_scope(model.model.inp) is None, "its submodules keep fp16"
+    told = [str(w.message) for w in recwarn if "model's own code runs in fp32" in str(w.message)]
     assert len(told) == 1 and "lightning_mp.fp32()" in told[0]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

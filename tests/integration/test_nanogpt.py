@@ -1,6 +1,6 @@
 """nanoGPT's model.py (tests/third_party/nanogpt, unchanged) wrapped in a LightningModule as ``self.model``: an
-overflow in the network's own ``forward`` is named down to its line, promotes nothing that holds most of the
-model, and costs the run only the skipped steps."""
+overflow in the network's own ``forward`` is named down to its line, promotes that forward's own code (not its
+blocks) to fp32, and costs the run only the skipped steps."""
 
 import lightning as L
 import pytest
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
-from tests.helpers import line_of, trainer
+from tests.helpers import OpRecorder, line_of, trainer
 from tests.third_party.nanogpt.model import GPT, GPTConfig
 
 VOCAB, BLOCK = 32, 16
@@ -78,7 +78,7 @@ def train(harm_steps=(), steps=80):
 
 
 @pytest.mark.slow
-def test_an_overflow_in_nanogpt_own_forward_is_named_promotes_nothing_and_costs_no_accuracy(recwarn):
+def test_an_overflow_in_nanogpt_own_forward_is_named_promotes_its_own_code_and_costs_no_accuracy(recwarn):
     harm_steps = {10, 11, 12, 13}
     plugin, loss = train(harm_steps)
     clean_plugin, clean_loss = train()
@@ -87,10 +87,23 @@ def test_an_overflow_in_nanogpt_own_forward_is_named_promotes_nothing_and_costs_
     line = f"test_nanogpt.py:{line_of(HarmedGPT.forward, 'the harmful line')}"
     events = plugin.overflow_events
     assert [e.step - 1 for e in events] == sorted(harm_steps), "every harmed step skipped, nothing else"
-    assert {(e.phase, e.module, e.op, e.source, e.reproduced) for e in events} == {
+    assert [(e.phase, e.module, e.op, e.source, e.reproduced) for e in events[:2]] == [
         ("forward", "model", "aten::mul", line, True)
-    }, "the first event is already exact: the network's own forward, its operation and line"
-    assert not any(p.reason in ("overflow", "escalation") for p in plugin.promotions), "the network stays fp16"
-    told = [str(w.message) for w in recwarn if "holds 100% of the model's parameters" in str(w.message)]
-    assert len(told) == 1 and "lightning_mp.fp32()" in told[0]
+    ] * 2, "the first event is already exact: the network's own forward, its operation and line"
+    # The second blame promotes the network's own code; its blocks keep fp16. The harmed steps after it are
+    # finite in fp32 but 1e4 times the usual loss: the spike rule skips them.
+    assert [(p.module, p.reason, p.scope) for p in plugin.promotions if p.reason == "overflow"] == [
+        ("model", "overflow", "own_code")
+    ]
+    assert [e.phase for e in events[2:]] == ["loss", "loss"] and all("spike" in e.action for e in events[2:])
+    told = [str(w.message) for w in recwarn if "model's own code runs in fp32" in str(w.message)]
+    assert len(told) == 1 and "lightning_mp.fp32()" in told[0] and line in told[0]
+    tokens = markov_tokens(4, seed=2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16), OpRecorder(plugin.core.model) as ops:
+        plugin.core.model.model(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    matmuls = {
+        module: dtypes for op in ("aten::mm", "aten::bmm", "aten::addmm") for module, dtypes in ops.dtypes(op).items()
+    }
+    assert "model.lm_head" in matmuls and all(d == {torch.float16} for d in matmuls.values()), matmuls
+    assert ("model", "aten::mul.Tensor", torch.float32) in ops.ops, "the harmful line itself runs in fp32"
     assert abs(loss - clean_loss) <= 0.10 * clean_loss, (loss, clean_loss)
