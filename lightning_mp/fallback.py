@@ -181,12 +181,20 @@ class fp32:  # noqa: N801 - lower case like torch.no_grad: it reads as a stateme
     * ``with lightning_mp.fp32(): ...`` turns autocast off inside the block, on every device type where it is
       on, so operations on fp32 tensors stay fp32. Tensors that are already fp16/bf16 stay so: cast the values
       that enter the block (``x.float()``).
-    * ``@lightning_mp.fp32()`` on a function does the same and also casts its floating tensor arguments to
-      fp32 (nested lists, tuples and dicts included), as an fp32 island does for a module's inputs.
+    * ``@lightning_mp.fp32`` (or ``@lightning_mp.fp32()``, as ``torch.no_grad`` takes both) on a function does
+      the same and also casts its floating tensor arguments to fp32 (nested lists, tuples and dicts included), as
+      an fp32 island does for a module's inputs.
 
     Outside autocast both are no-ops. The backward of the region runs in fp32 as well (autograd records the
     fp32 operations).
     """
+
+    def __new__(cls, function: Callable[..., Any] | None = None) -> Any:
+        if function is not None:  # ``@fp32`` without parentheses: decorate right away
+            if not callable(function):
+                raise TypeError(f"lightning_mp.fp32({function!r}) is invalid: use it bare, or on a function.")
+            return super().__new__(cls)(function)
+        return super().__new__(cls)
 
     def __enter__(self) -> fp32:
         self._contexts = []

@@ -12,7 +12,8 @@ Schema (``schema: "lightning-mp/precision-report/1"``):
 ``events``
     every kept ``OverflowEvent`` as a dict: ``step, phase, module, kind, dtype, scale, action``.
 ``promotions``
-    ``[{module, reason, step, detail}]`` for every module running in fp32 at the end, with why.
+    ``[{module, reason, step, detail, scope}]`` for every module running in fp32 at the end, with why, and whether
+    all of it (``"module"``) or only its own operations (``"own_code"``) run in fp32.
 ``modules``
     ``{fqn: {activation_amax, activation_headroom_bits, grad_amax, grad_headroom_bits, underflow_fraction,
     samples}}`` from the sampled statistics; headroom is in bits below the low-precision format's max
@@ -132,10 +133,11 @@ def render_markdown(report: dict[str, Any], limit: int = 10) -> str:
         )
     lines += ["", "## Modules in fp32", ""]
     if report["promotions"]:
-        lines += ["| module | reason | step | detail |", "|---|---|---|---|"]
+        lines += ["| module | reason | scope | step | detail |", "|---|---|---|---|---|"]
         lines += [
-            f"| `{p['module']}` | {p['reason']} | {p['step'] if p['step'] is not None else ''} | {p['detail']} |"
-            for p in report["promotions"]
+            f"| `{p['module']}` | {p['reason']} | {p.get('scope', 'module')} |"
+            f" {p['step'] if p['step'] is not None else ''} | {p['detail']} |"
+            for p in sorted(report["promotions"], key=lambda p: p["reason"] not in RUN_TIME_REASONS)
         ]
     else:
         lines.append("none")
@@ -173,6 +175,19 @@ def render_markdown(report: dict[str, Any], limit: int = 10) -> str:
 RISKY_HEADROOM_BITS = 8.0
 
 
+# Promotions decided during the run say more than the configured ones: they come first in every summary.
+RUN_TIME_REASONS = ("overflow", "kernel error", "escalation")
+
+
+def promotion_summary(promotions: list[dict[str, Any]], limit: int = 8) -> str:
+    """``"net.2 (overflow, own code), conv_in (kernel error), ln_f (default) (+12 more)"``: run-time promotions
+    first, then the static and default ones, at most ``limit`` shown."""
+    ordered = sorted(promotions, key=lambda p: p["reason"] not in RUN_TIME_REASONS)  # stable within each kind
+    shown = [f"{p['module']} ({p['reason']}{', own code' if p.get('scope') == 'own_code' else ''})" for p in ordered]
+    text = ", ".join(shown[:limit]) or "none"
+    return text + (f" (+{len(shown) - limit} more)" if len(shown) > limit else "")
+
+
 def _lowest(stats: dict[str, Any]) -> float:
     values = [stats.get("activation_headroom_bits"), stats.get("grad_headroom_bits")]
     return min((v for v in values if v is not None), default=float("inf"))
@@ -193,10 +208,16 @@ def render_png(report: dict[str, Any], path: Path, limit: int = 15) -> Path:
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
-    fig, (ax_scale, ax_head) = plt.subplots(1, 2, figsize=(13, 4.5))
     history = report["scale_history"]
     precision = report["run"]["precision"]
     phases = sorted({e["phase"] for e in report["events"]})
+    # A bf16 / fp32 run without a skipped step has no scale and no event to draw: its figure is the headroom
+    # panel alone, headed by the step count, rather than an empty axis.
+    if history or phases:
+        fig, (ax_scale, ax_head) = plt.subplots(1, 2, figsize=(13, 4.5))
+    else:
+        fig, ax_head = plt.subplots(1, 1, figsize=(7, 4.5))
+        ax_scale = None
     if history:  # fp16: the loss scale over steps, events marked at the scale they happened at
         steps, scales = zip(*history)
         ax_scale.step(steps, scales, where="post", label="loss scale")
@@ -206,16 +227,14 @@ def render_png(report: dict[str, Any], path: Path, limit: int = 15) -> Path:
             y = [e["scale"] if e["scale"] is not None else 1.0 for e in events]
             ax_scale.scatter([e["step"] for e in events], y, marker=marker, label=f"{phase} overflow", zorder=3)
         ax_scale.set(xlabel="optimizer step", ylabel="loss scale", title=f"Loss scale ({precision})")
-    else:  # bf16 / fp32: no scale to draw; skipped steps over the run, by phase
+    elif phases:  # bf16 / fp32: no scale to draw; skipped steps over the run, by phase
         for row, phase in enumerate(phases):
             steps = [e["step"] for e in report["events"] if e["phase"] == phase]
             ax_scale.scatter(steps, [row] * len(steps), marker="|", s=200, label=f"{phase} ({len(steps)})")
         ax_scale.set_yticks(range(len(phases)), phases)
         title = f"Skipped steps ({precision}): {report['run']['skipped_steps']} of {report['run']['optimizer_steps']}"
         ax_scale.set(xlabel="optimizer step", title=title)
-        if not phases:
-            ax_scale.text(0.5, 0.5, "no skipped step", ha="center", va="center", transform=ax_scale.transAxes)
-    if history or report["events"]:
+    if ax_scale is not None:
         ax_scale.legend(loc="best", fontsize=8)
     rows = _lowest_headroom(report, limit)
     risky = [(fqn, stats) for fqn, stats in rows if _lowest(stats) < RISKY_HEADROOM_BITS]
@@ -233,11 +252,14 @@ def render_png(report: dict[str, Any], path: Path, limit: int = 15) -> Path:
         ax_head.set(xlabel="headroom (bits below the format's max)", title="Lowest per-module headroom")
     else:  # the format's range is no risk here: say so, and show what runs in fp32 instead of 120-bit bars
         lowest = min((_lowest(s) for _, s in rows), default=None)
-        lines = [f"range is no risk in {precision}"]
+        run = report["run"]
+        lines = [
+            f"range is no risk in {precision}",
+            f"optimizer steps: {run['optimizer_steps']}, skipped: {run['skipped_steps']}",
+        ]
         if lowest is not None:
             lines.append(f"lowest headroom of any module: {lowest:.0f} bits")
-        fp32 = [f"{p['module']} ({p['reason']})" for p in report["promotions"]]
-        lines.append("fp32 modules: " + (", ".join(fp32[:8]) if fp32 else "none"))
+        lines.append("fp32 modules: " + promotion_summary(report["promotions"], limit=6))
         ax_head.text(0.02, 0.5, "\n".join(lines), va="center", transform=ax_head.transAxes, fontsize=10)
         ax_head.set_axis_off()
     fig.tight_layout()
@@ -262,10 +284,7 @@ def render_table(report: dict[str, Any], limit: int = 8) -> Any:
     if run["scaler"]:
         table.add_row("final loss scale", f"{run['scaler']['final_scale']:g} ({run['scaler']['policy']})")
     table.add_row("overflow events", ", ".join(f"{k}: {v}" for k, v in run["overflow_counts"].items()) or "none")
-    table.add_row(
-        "fp32 modules",
-        ", ".join(f"{p['module']} ({p['reason']})" for p in report["promotions"][:limit]) or "none",
-    )
+    table.add_row("fp32 modules", promotion_summary(report["promotions"], limit))
     for fqn, s in _lowest_headroom(report, 3):
         if _lowest(s) >= RISKY_HEADROOM_BITS:
             continue  # bf16/fp32 headroom is over 100 bits: not worth a line, let alone "low"

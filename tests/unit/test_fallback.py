@@ -138,6 +138,19 @@ def test_fp32_decorator_casts_its_tensor_arguments_and_runs_backward_in_fp32():
         assert torch.isinf(torch.log(torch.exp(low * 8.0).sum(dim=-1))).all(), "the same in fp16 overflows"
 
 
+def test_fp32_decorates_a_function_without_parentheses_too():
+    @fp32
+    def matmul(a, b):
+        return a @ b
+
+    a, b = torch.randn(3, 4), torch.randn(4, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert matmul(a.bfloat16(), b).dtype == torch.float32
+    assert matmul.__name__ == "matmul"
+    with pytest.raises(TypeError, match=r"fp32\(3\) is invalid"):
+        fp32(3)
+
+
 def test_fp32_region_outside_autocast_changes_nothing():
     x = torch.randn(2, 2, dtype=torch.float64)
     with fp32():
