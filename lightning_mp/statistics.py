@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -63,22 +63,41 @@ def underflow_count(values: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
 
 @dataclass
 class ModuleStat:
-    """Running per-module figures over the sampled steps (host floats)."""
+    """Running per-module figures over the sampled steps (host floats).
+
+    Each value is judged against the format it was computed in: a Hugging Face model's output holds fp16 logits
+    and an fp32 loss, and the loss's gradient (the loss scale itself, 65536) is no risk to fp16's range. So
+    the largest value is also kept per dtype, and the headroom reported is the lowest over those dtypes.
+    """
 
     activation_amax: float = 0.0
     grad_amax: float | None = None  # as the low-precision backward saw it, loss scale included; None: not measured
     underflow_fraction: float | None = None  # of its parameter gradients at the last sample; fp16 only
     samples: int = 0
+    activation_by_dtype: dict[torch.dtype, float] = field(default_factory=dict)
+    grad_by_dtype: dict[torch.dtype, float] = field(default_factory=dict)
 
     def summary(self, dtype: torch.dtype) -> dict[str, float]:
+        act_amax, act_bits = _judged(self.activation_by_dtype, self.activation_amax, dtype)
+        grad_amax, grad_bits = (
+            _judged(self.grad_by_dtype, self.grad_amax, dtype) if self.grad_amax is not None else (None, None)
+        )
         return {
-            "activation_amax": self.activation_amax,
-            "activation_headroom_bits": headroom_bits(self.activation_amax, dtype),
-            "grad_amax": self.grad_amax,
-            "grad_headroom_bits": headroom_bits(self.grad_amax, dtype) if self.grad_amax is not None else None,
+            "activation_amax": act_amax,
+            "activation_headroom_bits": act_bits,
+            "grad_amax": grad_amax,
+            "grad_headroom_bits": grad_bits,
             "underflow_fraction": self.underflow_fraction,
             "samples": self.samples,
         }
+
+
+def _judged(by_dtype: dict[torch.dtype, float], amax: float, dtype: torch.dtype) -> tuple[float, float]:
+    """(amax, headroom) of the value closest to overflowing its own format; ``amax`` against ``dtype`` when
+    nothing was kept per dtype."""
+    if not by_dtype:
+        return amax, headroom_bits(amax, dtype)
+    return min(((a, headroom_bits(a, d)) for d, a in by_dtype.items()), key=lambda pair: pair[1])
 
 
 LEVELS = ("off", "cheap", "full")
@@ -224,32 +243,47 @@ class ModuleStatistics:
             group_keys, extremes = by_dtype.setdefault(low.dtype, ([], []))
             group_keys.append(key)
             extremes += (low, high)
-        keys, parts = [], []
-        for group_keys, extremes in by_dtype.values():
+        keys, dtypes, parts = [], [], []
+        for value_dtype, (group_keys, extremes) in by_dtype.items():
             keys += group_keys
+            dtypes += [value_dtype] * len(group_keys)
             pairs = _stack(extremes, device).float().view(-1, 2)
             parts.append(torch.maximum(pairs[:, 1], -pairs[:, 0]))
         keys += under_keys
         if under:
             parts.append(_stack(under, device).float())
+        dtypes += [dtype] * len(under_keys)
         values = torch.cat(parts).tolist()  # the one read of this sample
-        folded: dict[tuple[str, str], float] = {}
-        for key, value in zip(keys, values):
+        folded: dict[tuple[str, str, torch.dtype], float] = {}
+        for (what, fqn), value_dtype, value in zip(keys, dtypes, values):
+            key = (what, fqn, value_dtype)
             folded[key] = _nan_max(folded[key], value) if key in folded else value
-        grad_values = [v for (what, _), v in folded.items() if what == OUTPUT_GRAD]
+        # What the loss scale can push over fp16's edge: gradients computed in the low-precision format only (an
+        # fp32 loss's gradient is the scale itself).
+        grad_values = [v for (what, _, d), v in folded.items() if what == OUTPUT_GRAD and d == dtype]
         self.backward_amax = max(grad_values, key=_nan_key) if grad_values else None
+        # A module's parameter gradients are fp32 tensors; they were computed in the format its outputs were.
+        computed_in = {}
+        for what, fqn, value_dtype in folded:
+            if what == ACTIVATION and (
+                fqn not in computed_in or _max_exponent(value_dtype) < _max_exponent(computed_in[fqn])
+            ):
+                computed_in[fqn] = value_dtype
         touched = set()
-        for (what, fqn), value in folded.items():
+        for (what, fqn, value_dtype), value in folded.items():
             stat = self.modules.get(fqn)
             if stat is None:
                 stat = self.modules[fqn] = ModuleStat()
             touched.add(fqn)
             if what == ACTIVATION:
                 stat.activation_amax = _nan_max(stat.activation_amax, value)
+                _fold(stat.activation_by_dtype, value_dtype, value)
             elif what == OUTPUT_GRAD:  # captured during backward: already carries the loss scale
                 stat.grad_amax = _nan_max(stat.grad_amax, value)
+                _fold(stat.grad_by_dtype, value_dtype, value)
             elif what == PARAM_GRAD:  # read after unscale_: put the scale back to compare with the format
                 stat.grad_amax = _nan_max(stat.grad_amax, value * scale)
+                _fold(stat.grad_by_dtype, computed_in.get(fqn, dtype), value * scale)
             else:
                 stat.underflow_fraction = value
         for fqn in touched:
@@ -258,6 +292,10 @@ class ModuleStatistics:
 
     def summary(self, dtype: torch.dtype) -> dict[str, dict[str, float]]:
         return {fqn: stat.summary(dtype) for fqn, stat in self.modules.items()}
+
+
+def _fold(by_dtype: dict[torch.dtype, float], dtype: torch.dtype, value: float) -> None:
+    by_dtype[dtype] = _nan_max(by_dtype.get(dtype), value)
 
 
 def _max_exponent(dtype: torch.dtype) -> int:

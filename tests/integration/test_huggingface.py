@@ -130,6 +130,8 @@ def test_fp16_with_the_defaults_trains_finite_with_norms_in_fp32(name):
     assert reasons[LAYER_NORMS[name]] == "default"
     summary = plugin.statistics.summary(torch.float16)
     assert summary[LAYER_NORMS[name]]["activation_amax"] > 0  # statistics reach the model's own modules
+    # The model returns its fp32 loss, whose gradient is the loss scale: judged against fp32, not fp16's max.
+    assert summary["model"]["grad_headroom_bits"] > 1.0, summary["model"]
 
 
 def test_an_attention_pattern_selects_every_attention_module_of_bert():

@@ -42,24 +42,56 @@ def test_module_statistics_match_direct_computation(level):
     x = torch.randn(4, 3)
     stats = ModuleStatistics(level)
     stats.start(m)
-    out = m(x)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = m(x)
     (out * 100).sum().backward()
     stats.collect(m, scale=1.0, dtype=torch.float16)
     assert not stats.active, "hooks are removed after the sample"
-    a = m.a(x)
+    with torch.autocast("cpu", dtype=torch.float16):
+        a = m.a(x)
     assert stats.modules["a"].activation_amax == pytest.approx(a.abs().max().item())
     param_amax = max(p.grad.abs().max().item() for p in m.a.parameters())
     if level == "cheap":
         assert stats.modules["a"].grad_amax == pytest.approx(param_amax)
     else:
         # full also sees the gradient flowing into a's output, 100 * (c.weight @ b.weight) summed over rows
-        into_a = torch.autograd.functional.vjp(lambda h: m.c(m.b(h)) * 100, a.detach(), torch.ones(4, 1))[1]
+        with torch.autocast("cpu", dtype=torch.float16):
+            into_a = torch.autograd.functional.vjp(lambda h: m.c(m.b(h)) * 100, a.detach(), torch.ones(4, 1))[1]
         assert stats.modules["a"].grad_amax == pytest.approx(max(param_amax, into_a.abs().max().item()))
     summary = stats.summary(torch.float16)["a"]
     assert summary["activation_headroom_bits"] == pytest.approx(math.log2(65504 / a.abs().max().item()))
     assert summary["samples"] == 1
     grads = torch.cat([p.grad.flatten() for p in m.a.parameters()])
     assert summary["underflow_fraction"] == pytest.approx(underflow_fraction(grads, torch.float16).item())
+
+
+class ReturnsItsLoss(torch.nn.Module):
+    """A Hugging Face-shaped model: its output holds fp16 logits and an fp32 loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        logits = self.head(x)
+        return logits, logits.float().pow(2).mean()
+
+
+def test_each_value_is_judged_against_the_format_it_was_computed_in():
+    torch.manual_seed(0)
+    model = ReturnsItsLoss()
+    stats = ModuleStatistics("full")
+    wrapper = torch.nn.Sequential(model)
+    stats.start(wrapper, output_grads=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        logits, loss = wrapper(torch.randn(4, 3))
+    (loss * 2.0**16).backward()  # the loss scale: the fp32 loss's own gradient is 65536, just above fp16's max
+    stats.collect(wrapper, scale=2.0**16, dtype=torch.float16)
+    summary = stats.summary(torch.float16)["0"]
+    assert summary["grad_headroom_bits"] > 0, "the fp32 loss gradient is no risk to fp16"
+    into_logits = (2.0**16 * 2 * logits.float() / logits.numel()).abs().max().item()
+    assert summary["grad_amax"] == pytest.approx(into_logits, rel=1e-2), "judged on the fp16 logits' gradient"
+    assert stats.backward_amax == pytest.approx(into_logits, rel=1e-2), "what the scaler reads: fp16 only"
 
 
 def test_bf16_statistics_skip_underflow_and_a_nan_reads_as_an_overflow():
