@@ -32,19 +32,22 @@ def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
 
 
 class LossScaleMonitor(pl.Callback):
-    """Logs the loss scale, skipped steps, overflow events and fp32 modules; keeps the scale history.
+    """Logs the loss scale, skipped steps, overflow events and fp32 modules every ``log_every_n_steps``
+    optimizer steps, and shows the plugin's scale history.
+
+    The history itself is the plugin's (``AdaptiveMP.scale_history``, saved in the plugin's checkpoint
+    state), so this callback keeps no state of its own: a run resumed without it, or with the plugin adding it
+    again, restores the whole history and Lightning has no callback state to ask for.
 
     Args:
-        max_points: the most ``(step, scale)`` points kept. The history starts with every optimizer step;
-            when it would exceed this, every other point is dropped and from then on only every second
-            (fourth, ...) step is recorded, so memory stays bounded on any run length with an even
-            resolution over the whole run. ``history()`` always ends with the latest step.
+        max_points: the most ``(step, scale)`` points the plugin keeps. The history starts with every optimizer
+            step; when it would exceed this, every other point is dropped and from then on only every second
+            (fourth, ...) step is recorded, so memory stays bounded on any run length with an even resolution
+            over the whole run. ``history()`` always ends with the latest step.
     """
 
     def __init__(self, max_points: int = 4096) -> None:
-        if not isinstance(max_points, int) or max_points < 2:
-            raise ValueError(f"LossScaleMonitor: max_points={max_points!r} is invalid: an integer >= 2.")
-        self.scales = ScaleHistory(max_points)
+        self.scales = ScaleHistory(max_points)  # validates; replaced by the plugin's history at fit start
         self._steps_seen = 0
         skip_inherited_batch_hooks(self)  # Lightning calls each empty one every step otherwise
 
@@ -57,36 +60,30 @@ class LossScaleMonitor(pl.Callback):
         """The kept points (``history()`` adds the latest step when it fell between them)."""
         return self.scales.kept
 
-    def record(self, step: int, scale: float) -> None:
-        self.scales.record(step, scale)
-
     def history(self) -> list[tuple[int, float]]:
         """The kept points, ending with the latest step seen."""
         return self.scales.points()
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        plugin = _plugin(trainer)
+        if plugin is None:
+            return
+        plugin.core.scales.resize(self.max_points)
+        self.scales = plugin.core.scales
+        self._steps_seen = plugin.optimizer_steps  # a resumed run has taken these already
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx) -> None:
         plugin = _plugin(trainer)
         if plugin is None:
             return
-        core = plugin.core
-        step = core.ledger.optimizer_steps
+        step = plugin.optimizer_steps
         if step == self._steps_seen:
             return  # no optimizer step happened (gradient accumulation)
         self._steps_seen = step
-        if core.scaler is not None:
-            self.record(step, core.scaler.get_scale())  # a host float: no sync
         if trainer.loggers and step % max(trainer.log_every_n_steps, 1) == 0:
             _log(trainer, run_metrics(plugin))
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.scales.state_dict(), "steps_seen": self._steps_seen}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.scales.load_state_dict(state_dict)
-        self._steps_seen = state_dict.get("steps_seen", 0)
 
 
 class OverflowDiagnostics(pl.Callback):
@@ -143,8 +140,7 @@ class PrecisionReport(pl.Callback):
         plugin = _plugin(trainer)
         if plugin is None:
             return
-        monitor = next((cb for cb in trainer.callbacks if isinstance(cb, LossScaleMonitor)), None)
-        self.report = build_report(plugin, monitor.history() if monitor is not None else [])
+        self.report = build_report(plugin, plugin.scale_history)
         # trainer.log_dir is a collective under DDP (a broadcast): every rank asks, only rank zero writes.
         self._write(self.dirpath or trainer.log_dir or trainer.default_root_dir)
 

@@ -42,7 +42,7 @@ from lightning_mp.buffers import BufferSnapshot
 from lightning_mp.escalation import Escalation, EscalationLadder, give_up_message
 from lightning_mp.fallback import FallbackManager
 from lightning_mp.hooks import eager
-from lightning_mp.ledger import Rung, RunLedger
+from lightning_mp.ledger import Rung, RunLedger, ScaleHistory
 from lightning_mp.options import PluginOptions
 from lightning_mp.precision import AUTOCAST_DTYPES, autocast, default_device, resolve_auto_precision
 from lightning_mp.replay import StepReplay
@@ -88,6 +88,7 @@ class PrecisionCore:
         self.tracker = OverflowTracker(options.watch_steps)
         self.ladder = EscalationLadder(options.max_consecutive_skips)
         self.ledger = RunLedger(options.max_events)
+        self.scales = ScaleHistory()  # the loss scale after every optimizer step (fp16), for the report's plot
         self.statistics = ModuleStatistics(options.stats)
         self.buffers = BufferSnapshot()  # what a skipped step puts back (BatchNorm statistics)
         self.guard = NonfiniteGuard()  # bf16/fp32: skip a step whose gradients are not finite
@@ -429,6 +430,8 @@ class PrecisionCore:
 
     def end_step(self) -> None:
         self.tracker.end_step()
+        if self.scaler is not None:
+            self.scales.record(self.ledger.optimizer_steps, self.scaler.get_scale())  # a host float: no sync
         self._batch_due = True
 
     def collect_statistics(self) -> None:
@@ -595,6 +598,7 @@ class PrecisionCore:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "promotions": self.fallback.state_dict(),
             "ladder": self.ladder.state_dict(),
+            "scale_history": self.scales.state_dict(),
             **self.ledger.state_dict(),
         }
 
@@ -610,6 +614,7 @@ class PrecisionCore:
             )
         self.ledger.load_state_dict(state_dict)
         self.ladder.load_state_dict(state_dict.get("ladder", {}))
+        self.scales.load_state_dict(state_dict.get("scale_history", {}))
         scaler_state = state_dict.get("scaler")
         if self.scaler is not None and scaler_state and saved == self.precision:
             self.scaler.load_state_dict(scaler_state)

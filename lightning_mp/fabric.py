@@ -48,7 +48,7 @@ from typing_extensions import override
 
 from lightning_mp._compat import convert_fp_tensor, optimizer_handles_unscaling
 from lightning_mp.core import PrecisionCore
-from lightning_mp.ledger import EventWarnings, ScaleHistory
+from lightning_mp.ledger import EventWarnings
 from lightning_mp.options import PluginOptions
 from lightning_mp.precision import PrecisionName
 from lightning_mp.report import build_report, headroom_metrics, render_table, run_metrics, write_report
@@ -91,7 +91,6 @@ class AdaptiveMP(CoreView, Precision):
             attach_callbacks=False, sharded_gradients=False, replay=False, rescue=False,
         )  # fmt: skip
         self.core = PrecisionCore(options)
-        self.scales = ScaleHistory()  # the loss scale per optimizer step, for the report's plot
         self._warnings = EventWarnings()
         self._module: Module | None = None  # the model given to fabric.setup; the core takes it at first use
         self._set_up = False
@@ -220,8 +219,6 @@ class AdaptiveMP(CoreView, Precision):
             self.core.end_step()
             self._step_open = self._micro_open = False
             self._unscaled.discard(id(optimizer))
-            if self.core.scaler is not None:
-                self.scales.record(self.core.ledger.optimizer_steps, self.core.scaler.get_scale())
             for message in self._warnings.new(self.core.ledger):
                 rank_zero_warn(message)
 
@@ -243,7 +240,7 @@ class AdaptiveMP(CoreView, Precision):
     def report(self, directory: str | Path = ".", console: bool = False) -> dict[str, Path]:
         """Write ``precision_report.{json,md,png}`` into ``directory`` (what the Trainer's ``PrecisionReport``
         writes at the end of fit); print the summary table with ``console=True``. Returns the paths."""
-        document = build_report(self, self.scales.points())
+        document = build_report(self, self.scale_history)
         paths = write_report(document, directory)
         if console:
             from rich.console import Console
@@ -254,13 +251,12 @@ class AdaptiveMP(CoreView, Precision):
     # ------------------------------------------------------------------------------------- checkpoint
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {**self.core.state_dict(), "scale_history": self.scales.state_dict()}
+        return self.core.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._ensure_set_up()  # promotions apply to the model: it must be the core's first
         self.core.load_state_dict(state_dict)
-        self.scales.load_state_dict(state_dict.get("scale_history", {}))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(precision={self.precision!r}, device={self.device!r}, scaler={self.scaler!r})"

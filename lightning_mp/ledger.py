@@ -186,12 +186,19 @@ class ScaleHistory:
     """
 
     def __init__(self, max_points: int = 4096) -> None:
-        if not isinstance(max_points, int) or isinstance(max_points, bool) or max_points < 2:
-            raise ValueError(f"max_points={max_points!r} is invalid: must be an integer >= 2.")
-        self.max_points = max_points
         self.kept: list[tuple[int, float]] = []
         self._stride = 1
         self._latest: tuple[int, float] | None = None
+        self.resize(max_points)
+
+    def resize(self, max_points: int) -> None:
+        """Keep at most ``max_points`` from now on (thinning what is kept if it holds more)."""
+        if not isinstance(max_points, int) or isinstance(max_points, bool) or max_points < 2:
+            raise ValueError(f"max_points={max_points!r} is invalid: must be an integer >= 2.")
+        self.max_points = max_points
+        while len(self.kept) > self.max_points:
+            self._stride *= 2
+            self.kept = [p for p in self.kept if p[0] % self._stride == 0]
 
     def record(self, step: int, scale: float) -> None:
         self._latest = (step, scale)

@@ -87,6 +87,11 @@ class CoreView:
         return list(self.core.fallback.promotions.values())
 
     @property
+    def scale_history(self) -> list[tuple[int, float]]:
+        """``(optimizer step, loss scale)`` after each step (fp16; bounded, see ``ledger.ScaleHistory``)."""
+        return self.core.scales.points()
+
+    @property
     def options(self) -> PluginOptions:
         """The knobs this plugin was built with (``plugin.options.stats_every``, ...; ``None`` there means the
         default, and ``plugin.core.stats_every`` is the cadence in force)."""

@@ -108,12 +108,12 @@ def trainer(plugins=None, **kwargs) -> L.Trainer:
     return L.Trainer(plugins=plugins, **defaults)
 
 
-def fit(plugin=None, model=None, model_cls=TinyRegressor, seed=0, data=None, **trainer_kwargs):
+def fit(plugin=None, model=None, model_cls=TinyRegressor, seed=0, data=None, ckpt_path=None, **trainer_kwargs):
     """Seeded fit of a fresh ``model_cls()`` (or of ``model``, seeded by the caller); returns (model, trainer)."""
     torch.manual_seed(seed)
     model = model if model is not None else model_cls()
     t = trainer(plugins=[plugin] if plugin is not None else None, **trainer_kwargs)
-    t.fit(model, data if data is not None else loader())
+    t.fit(model, data if data is not None else loader(), ckpt_path=ckpt_path)
     return model, t
 
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import warnings
 
 import matplotlib.image
 import pytest
@@ -144,3 +145,20 @@ def test_a_newly_blamed_module_is_warned_about_after_the_event_buffer_is_full(re
     # The gradients go bad in on_after_backward, which a replay of the step does not run: not reproduced, and
     # the cheap attribution (nearest non-finite parameter gradient) names the module.
     assert plugin.overflow_events[0].reproduced is False and plugin.overflow_events[0].op is None
+
+
+def test_resuming_a_run_whose_plugin_added_the_callbacks_raises_no_warning_and_keeps_the_history(tmp_path):
+    plugin, trainer = overflowing_fit(tmp_path)
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    resumed = AdaptiveMP("16-mixed", scaler=AdaptiveLossScaler("cpu", init_scale=16.0), stats_every=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(
+            resumed,
+            model_cls=lambda: TroubleNet(NaiveLogSumExp(), lr=1e-4),
+            data=scaled_loader(1.5),
+            max_steps=10,
+            ckpt_path=tmp_path / "last.ckpt",
+        )
+    assert not [w for w in caught if "Please add the following callbacks" in str(w.message)]
+    assert resumed.scale_history[:8] == plugin.scale_history and len(resumed.scale_history) == 10

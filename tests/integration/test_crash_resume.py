@@ -102,11 +102,11 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(tmp_path):
 
     # Loss scale: the whole per-step history, the scaler's counters and learned state, the fp32 modules.
     plugin_full, plugin_resumed = full["AdaptiveMP"], resumed["AdaptiveMP"]
-    history = full["callbacks"]["LossScaleMonitor"]["scale_history"]
+    history = plugin_full["scale_history"]["scale_history"]
     assert len(history) == EPOCHS * STEPS_PER_EPOCH
     assert len({scale for _, scale in history}) > 2, "the scale should have moved during the run"
     assert plugin_full["scaler"]["adaptive"]["skipped_steps"] > 0
-    assert resumed["callbacks"]["LossScaleMonitor"]["scale_history"] == history
+    assert plugin_resumed["scale_history"]["scale_history"] == history
     assert plugin_resumed["scaler"] == plugin_full["scaler"]
     assert plugin_resumed["promotions"] == plugin_full["promotions"]
     assert plugin_resumed["steps"] == plugin_full["steps"]

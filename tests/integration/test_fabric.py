@@ -109,7 +109,7 @@ def test_fp16_with_gradscaler_settings_matches_fabric_mixed_precision_and_its_sc
     theirs, _, _ = run(reference, data, clip=1.0)
     assert same_state(ours, theirs)
     assert amp.scaler.get_scale() == reference.scaler.get_scale() == 2.0**13  # grew three times
-    assert [s for _, s in amp.scales.points()] == [2.0**10, 2.0**11, 2.0**11, 2.0**12, 2.0**12, 2.0**13]
+    assert [s for _, s in amp.scale_history] == [2.0**10, 2.0**11, 2.0**11, 2.0**12, 2.0**12, 2.0**13]
 
 
 def test_a_bad_batch_is_skipped_leaving_weights_optimizer_and_batchnorm_as_without_it():
