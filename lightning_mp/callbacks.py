@@ -15,11 +15,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from lightning_mp._compat import skip_inherited_batch_hooks
-from lightning_mp.ledger import EventWarnings, ScaleHistory
+from lightning_mp.ledger import ScaleHistory
 from lightning_mp.plugin import adaptive_plugin as _plugin
 from lightning_mp.report import build_report, headroom_metrics, render_table, run_metrics, write_report
 
@@ -87,9 +87,8 @@ class LossScaleMonitor(pl.Callback):
 
 
 class OverflowDiagnostics(pl.Callback):
-    """Logs per-module headroom and underflow after each sampled step; warns once per new place a step went
-    non-finite (module, operation and line: ``step 7: blocks.1.attn: aten::softmax in float16 produced inf
-    (model.py:67); action: skipped``).
+    """Logs per-module headroom and underflow after each sampled step. (The warning for each new place a step
+    went non-finite comes from the plugin itself, with or without this callback.)
 
     Args:
         top_k: how many modules (least headroom first) to log each time; the report keeps all of them.
@@ -97,7 +96,6 @@ class OverflowDiagnostics(pl.Callback):
 
     def __init__(self, top_k: int = 10) -> None:
         self.top_k = top_k
-        self._warnings = EventWarnings()
         self._samples_seen = 0
         skip_inherited_batch_hooks(self)  # Lightning calls each empty one every step otherwise
 
@@ -106,10 +104,7 @@ class OverflowDiagnostics(pl.Callback):
         plugin = _plugin(trainer)
         if plugin is None:
             return
-        core = plugin.core
-        for message in self._warnings.new(core.ledger):
-            rank_zero_warn(message)
-        samples = core.statistics.samples_taken
+        samples = plugin.statistics.samples_taken
         if samples == self._samples_seen:
             return
         self._samples_seen = samples

@@ -231,7 +231,9 @@ class ScaleHistory:
 
 class EventWarnings:
     """The warning text for each new place a step went non-finite, once per place (phase, module, operation,
-    line): ``step 7: blocks.1.attn: aten::softmax in float16 produced inf (model.py:67); action: skipped``."""
+    line): ``step 7: blocks.1.attn: aten::softmax in float16 produced inf (model.py:67); action: skipped``.
+    An event with no module (a bad batch, a bad loss, a forward overflow not localized yet) is told once per
+    phase: ``step 3: the batch: input value nan (input); action: skipped``."""
 
     def __init__(self) -> None:
         self._told: set[tuple] = set()
@@ -245,7 +247,7 @@ class EventWarnings:
         for event in ledger.events_after(self._last_seq):
             self._last_seq = event.seq
             key = (event.phase, event.module, event.op, event.source)
-            if (event.module is not None or event.op is not None) and key not in self._told:
+            if key not in self._told:
                 self._told.add(key)
                 messages.append(f"lightning-mp: step {event.step}: {event.where}; action: {event.action}.")
         return messages

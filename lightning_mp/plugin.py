@@ -25,6 +25,7 @@ from typing_extensions import override
 
 from lightning_mp._compat import after_closure, muted_step_counting, optimizer_handles_unscaling
 from lightning_mp.core import PrecisionCore, first_line
+from lightning_mp.ledger import EventWarnings
 from lightning_mp.options import PluginOptions
 from lightning_mp.precision import PrecisionName, cpu_has_native_bf16, resolve_auto_precision
 from lightning_mp.scaling import AdaptiveLossScaler
@@ -112,6 +113,7 @@ class AdaptiveMP(CoreView, Precision):
             sharded_gradients, replay, rescue,
         )  # fmt: skip
         self.core = PrecisionCore(options)
+        self._warnings = EventWarnings()  # one warning per new place (or kind) a step went non-finite
         self._trainer: pl.Trainer | None = None
         self._attached: list[pl.Callback] = []  # the default callbacks this plugin added to the Trainer
 
@@ -255,7 +257,7 @@ class AdaptiveMP(CoreView, Precision):
                 return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
             finally:
                 core.collect_statistics()
-                core.end_step()  # the step is over here too: drop its observations and the order hooks
+                self._end_step()  # the step is over here too: drop its observations and the order hooks
         core.start_step()
         try:
             closure_result = core.run_closure(closure)
@@ -276,7 +278,12 @@ class AdaptiveMP(CoreView, Precision):
             # What Lightning returns: GradScaler.step's output in fp16, else what optimizer.step(closure) would.
             return step_output if scaled else closure_result
         finally:
-            core.end_step()
+            self._end_step()
+
+    def _end_step(self) -> None:
+        self.core.end_step()
+        for message in self._warnings.new(self.core.ledger):
+            rank_zero_warn(message)
 
     @override
     def clip_gradients(

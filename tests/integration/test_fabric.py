@@ -240,3 +240,14 @@ def test_two_optimizers_on_one_backward_skip_together_as_one_event():
     reference = loop(MixedPrecision("bf16-mixed", "cpu"))
     assert same_state(ours, reference)
     assert amp.skipped_steps == 2 and len(amp.overflow_events) == 1  # both optimizers skipped, one event
+
+
+def test_a_skip_without_a_module_is_told_once_per_kind():
+    amp = AdaptiveMP("bf16-mixed")
+    with pytest.warns(UserWarning) as caught:
+        run(amp, batches(7), poison={1, 3, 5})  # unlocalized forward, then bad losses twice
+    told = [str(w.message) for w in caught if str(w.message).startswith("lightning-mp: step")]
+    assert told == [
+        "lightning-mp: step 2: forward pass: forward value nan (unknown); action: skipped.",
+        "lightning-mp: step 4: the loss: loss value nan (loss); action: skipped.",
+    ]
