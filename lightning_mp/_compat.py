@@ -53,6 +53,10 @@ Lightning
     ``Precision._after_closure``
         the base-class step that runs ``on_before_optimizer_step`` and gradient clipping; ``MixedPrecision``
         calls it the same way, between unscaling and the optimizer step.
+    ``WeightAveraging.should_update`` (a public override point, set per instance)
+        ``EMAWeightAveraging`` and its kin update their average in ``on_train_batch_end`` after every optimizer
+        step, a skipped one too; the plugin gives each such callback of the Trainer a ``should_update`` that
+        says no after a skipped step (``skip_weight_averaging_on_skipped_steps``), removed at teardown.
     ``_call_callback_hooks`` skips a callback hook that is not callable
         Lightning calls every callback's every per-batch hook, the base class's empty ones too, each inside a
         profiler context: about 10 us per callback per step on a warm loop here, more right after a backward.
@@ -87,7 +91,9 @@ __all__ = [
     "after_closure",
     "cpu_capability",
     "foreach_non_finite_check_and_unscale_",
+    "restore_weight_averaging",
     "skip_inherited_batch_hooks",
+    "skip_weight_averaging_on_skipped_steps",
     "tensor_version",
     "optimizer_handles_unscaling",
     "refresh_per_optimizer_state",
@@ -215,6 +221,39 @@ def skip_inherited_batch_hooks(callback: Any) -> None:
     for name in BATCH_HOOKS:
         if getattr(type(callback), name) is getattr(Callback, name):
             setattr(callback, name, None)
+
+
+def skip_weight_averaging_on_skipped_steps(callbacks: list[Any], was_skipped: Callable[[], bool]) -> list[Any]:
+    """Make Lightning's ``WeightAveraging`` callbacks (``EMAWeightAveraging``, ...) among ``callbacks`` leave
+    their average alone after a skipped optimizer step; returns the callbacks changed (``restore_weight_averaging``
+    undoes it).
+
+    ``WeightAveraging.on_train_batch_end`` asks ``self.should_update(step_idx=...)``, the hook its docs tell
+    users to override; the instance gets a ``should_update`` that says no for a skipped step and otherwise
+    asks the callback's own. Lightning 2.6 added these callbacks; older versions have none to change.
+    """
+    try:
+        from lightning.pytorch.callbacks import WeightAveraging
+    except ImportError:
+        return []
+    changed = []
+    for callback in callbacks:
+        if isinstance(callback, WeightAveraging) and "should_update" not in callback.__dict__:
+            own = callback.should_update
+
+            def should_update(step_idx: int | None = None, epoch_idx: int | None = None, own: Any = own) -> bool:
+                if step_idx is not None and was_skipped():
+                    return False
+                return own(step_idx=step_idx, epoch_idx=epoch_idx)
+
+            callback.should_update = should_update
+            changed.append(callback)
+    return changed
+
+
+def restore_weight_averaging(callbacks: list[Any]) -> None:
+    for callback in callbacks:
+        callback.__dict__.pop("should_update", None)
 
 
 LIGHTNING_OPTIMIZER_COUNTERS = ("_on_before_step", "_on_after_step")

@@ -114,6 +114,7 @@ class PrecisionCore:
         self.model: nn.Module | None = None
         self.switched_to_bf16 = False
         self._last_step_skipped: dict[int, bool] = {}  # id(optimizer) -> skipped, for the LR schedulers
+        self._last_skipped = False  # the last optimizer step of the run, whichever optimizer
         self._clean_losses: deque[list[Tensor]] = deque(maxlen=SPIKE_HISTORY)  # references; read after a promotion
         self._probation_until = 0  # last optimizer step of the spike rule's window (0: no window open)
         self._loss_reference: float | None = None  # median recent loss magnitude before the promotion
@@ -140,8 +141,11 @@ class PrecisionCore:
     def skipped_steps(self) -> int:
         return self.ledger.guard_skipped + (self.scaler.skipped_steps if self.scaler is not None else 0)
 
-    def step_was_skipped(self, optimizer: Optimizer) -> bool:
-        """Whether the last step of ``optimizer`` was skipped (what a skip-aware LR scheduler asks)."""
+    def step_was_skipped(self, optimizer: Optimizer | None = None) -> bool:
+        """Whether the last step of ``optimizer`` was skipped (what a skip-aware LR scheduler asks); with no
+        optimizer, whether the last optimizer step of the run was."""
+        if optimizer is None:
+            return self._last_skipped
         return self._last_step_skipped.get(id(optimizer), False)
 
     # ------------------------------------------------------------------------------------------ setup
@@ -474,7 +478,7 @@ class PrecisionCore:
         skipped too, but the bad batch is one event, already recorded. ``action``: the event's display text when
         the typed fields cannot say it (a loss spike); built from them otherwise.
         """
-        self._last_step_skipped[id(optimizer)] = finding is not None
+        self._last_step_skipped[id(optimizer)] = self._last_skipped = finding is not None
         if finding is None:
             self._batch_stepped = True
             self._clean_losses.append(self.tracker.losses)

@@ -222,10 +222,6 @@ class AdaptiveMP(CoreView, Precision):
             for message in self._warnings.new(self.core.ledger):
                 rank_zero_warn(message)
 
-    def step_was_skipped(self, optimizer: Optimizer) -> bool:
-        """Whether the last ``optimizer.step()`` was skipped: step your LR scheduler only when it was not."""
-        return self.core.step_was_skipped(getattr(optimizer, "optimizer", optimizer))
-
     # -------------------------------------------------------------------------------- what it reports
     def metrics(self, top_k: int = 10) -> dict[str, float]:
         """What the Trainer's callbacks log, for ``fabric.log_dict(amp.metrics())``: ``precision/loss_scale``,

@@ -23,7 +23,13 @@ from torch.nn import Module
 from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
 
-from lightning_mp._compat import after_closure, muted_step_counting, optimizer_handles_unscaling
+from lightning_mp._compat import (
+    after_closure,
+    muted_step_counting,
+    optimizer_handles_unscaling,
+    restore_weight_averaging,
+    skip_weight_averaging_on_skipped_steps,
+)
 from lightning_mp.core import PrecisionCore, first_line
 from lightning_mp.ledger import EventWarnings
 from lightning_mp.options import PluginOptions
@@ -116,6 +122,7 @@ class AdaptiveMP(CoreView, Precision):
         self._warnings = EventWarnings()  # one warning per new place (or kind) a step went non-finite
         self._trainer: pl.Trainer | None = None
         self._attached: list[pl.Callback] = []  # the default callbacks this plugin added to the Trainer
+        self._averaging: list[pl.Callback] = []  # weight-averaging callbacks told to skip skipped steps
 
     # ------------------------------------------------------------------------------------------ setup
     @override
@@ -147,12 +154,18 @@ class AdaptiveMP(CoreView, Precision):
 
             self._attached = attach_default_callbacks(self._trainer)
         lr_schedulers = [skip_aware(config, self.core.step_was_skipped) for config in lr_schedulers]
+        if self._trainer is not None:  # EMAWeightAveraging & co. average real steps only
+            self._averaging = skip_weight_averaging_on_skipped_steps(
+                self._trainer.callbacks, self.core.step_was_skipped
+            )
         return model, optimizers, lr_schedulers
 
     @override
     def teardown(self) -> None:
         if self._trainer is not None:
             self._trainer.strategy.__dict__.pop("training_step", None)  # our wrapper (see _keep_training_steps)
+        restore_weight_averaging(self._averaging)
+        self._averaging = []
         self.core.teardown()
         super().teardown()
 

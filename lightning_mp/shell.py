@@ -7,6 +7,8 @@ callbacks, the report and the CLI read a run through these properties, whichever
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from lightning_mp.core import PrecisionCore
@@ -60,6 +62,16 @@ class CoreView:
     def skipped_steps(self) -> int:
         """Optimizer steps skipped for non-finite gradients, whatever the precision."""
         return self.core.skipped_steps
+
+    def step_was_skipped(self, optimizer: Any = None) -> bool:
+        """Whether the last ``optimizer.step()`` was skipped for non-finite gradients (``optimizer``: a torch
+        optimizer or Lightning's wrapper of one; ``None``: the last optimizer step of the run, any optimizer).
+
+        Ask it before updating anything that should follow real steps only: an EMA of the weights in
+        ``on_train_batch_end`` (timm's ``ModelEma``), a step-interval scheduler you step yourself. (Lightning's
+        ``WeightAveraging`` callbacks and step-interval LR schedulers ask it already.)
+        """
+        return self.core.step_was_skipped(getattr(optimizer, "optimizer", optimizer))
 
     @property
     def rescued_steps(self) -> int:

@@ -189,3 +189,10 @@ def test_operation_schemas_name_the_arguments_an_operation_writes():
     assert _compat.written_tensors(torch.ops.aten.add.out, (a, b), {"out": out}) == [out]
     assert _compat.written_tensors(torch.ops.aten._foreach_mul_.Scalar, ([a, b], 2.0), {}) == [a, b]
     assert _compat.written_tensors(torch.ops.aten.mul.Tensor, (a, b), {}) == []
+
+
+def test_weight_averaging_asks_should_update_with_a_step_index():
+    from lightning.pytorch.callbacks import WeightAveraging
+
+    assert parameters(WeightAveraging.should_update) == ["self", "step_idx", "epoch_idx"]
+    assert "self.should_update(step_idx=step_idx)" in inspect.getsource(WeightAveraging.on_train_batch_end)
