@@ -57,8 +57,8 @@ class AdaptiveMP(CoreView, Precision):
             ``(module, fqn) -> bool`` filters. A pattern that matches nothing is an error at setup.
         auto_fallback: promote a module to fp32 when it is blamed for ``promote_after`` overflows within
             ``promote_window`` steps, or when its low-precision kernel raises (the step is then retried).
-        fp32_defaults: also run ``fallback.DEFAULT_FP32_MODULES[precision]`` in fp32 (norms and softmax in
-            fp16; nothing in bf16).
+        fp32_defaults: also run ``fallback.DEFAULT_FP32_MODULES[precision]`` in fp32 (``LayerNorm`` and
+            ``LogSoftmax`` in fp16, whose CPU fp16 kernels keep running sums in fp16; nothing in bf16).
         guard_nonfinite: skip bf16/fp32 steps whose gradients are not finite (fp16 is always guarded by the
             scaler). Costs one reduction over the gradients per step; on a GPU it also reads one flag.
         promote_after: see ``auto_fallback``.
