@@ -120,8 +120,18 @@ class PrecisionCore:
         self._loss_reference: float | None = None  # median recent loss magnitude before the promotion
         if self.precision == "16-mixed" and self.scaler is None:
             self.scaler = AdaptiveLossScaler(self.device or default_device(), **options.scaler_knobs)
+        # A scaler the user passed is put back to this state when a later fit starts afresh (``restart``).
+        self._scaler_at_start = None if self._own_scaler or self.scaler is None else self.scaler.state_dict()
         if self.precision != "auto":
             self.resolve(self.device)
+
+    def restart(self) -> PrecisionCore:
+        """A core for a new fit with the same options: counts, events, promotions, the scale and its history,
+        and everything learned start afresh, as they did for the first fit; a scaler the user passed is put
+        back to its state at construction. (A resumed fit then restores them from its checkpoint.)"""
+        if self._scaler_at_start is not None and self.options.scaler is not None:
+            self.options.scaler.load_state_dict(self._scaler_at_start)
+        return PrecisionCore(self.options)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

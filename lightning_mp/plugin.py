@@ -144,7 +144,12 @@ class AdaptiveMP(CoreView, Precision):
         # be wrapped (DDP), and DDP discards what this returns: islands are applied in place, inside.
         module = _unwrap(model)
         self._trainer = _trainer_of(module)
-        self.core.setup(module, record_order=self._trainer is None or self._trainer.training)
+        fitting = self._trainer is None or self._trainer.training
+        if fitting and self.core.model is not None:
+            # A second fit with the same plugin (a new Trainer or model, or lr_find's trial fit before the real
+            # one) is a run of its own: its counts and decisions start afresh instead of adding to the last.
+            self.core = self.core.restart()
+        self.core.setup(module, record_order=fitting)
         if self._trainer is not None:
             self._keep_training_steps(self._trainer, module)
             # Manual optimization toggles requires_grad between optimizers: a replay starts from the batch's flags.

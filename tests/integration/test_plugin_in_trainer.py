@@ -348,3 +348,22 @@ def test_a_skip_without_a_module_is_told_once_per_kind_with_or_without_the_callb
             "lightning-mp: step 3: forward pass: forward value nan (unknown); action: skipped.",
             "lightning-mp: step 4: the loss: loss value nan (loss); action: skipped.",
         ], told  # step 3 is not localized yet (the probe arms); step 5's bad loss is a kind already told
+
+
+@pytest.mark.parametrize("own_scaler", [False, True], ids=["default-scaler", "users-scaler"])
+def test_a_plugin_used_for_a_second_fit_starts_that_fit_afresh(own_scaler):
+    def plugin():
+        knobs = {"init_scale": 2.0**20, "policy": "dynamic"}  # GradScaler's rule: skips to find its scale
+        scaler = AdaptiveLossScaler("cpu", **knobs) if own_scaler else knobs
+        return AdaptiveMP("16-mixed", scaler=scaler, attach_callbacks=False)
+
+    reused = plugin()
+    fit(reused, max_steps=8)
+    assert reused.skipped_steps > 0  # 2^20 overflows at first: there are counts to carry over
+    second, _ = fit(reused, seed=1, max_steps=4)
+    fresh = plugin()
+    reference, _ = fit(fresh, seed=1, max_steps=4)
+    assert reused.optimizer_steps == 4
+    assert (reused.skipped_steps, reused.overflow_events) == (fresh.skipped_steps, fresh.overflow_events)
+    assert reused.scale_history == fresh.scale_history
+    assert same_weights(second, reference)
