@@ -92,6 +92,7 @@ class PrecisionCore:
         self.statistics = ModuleStatistics(options.stats)
         self.buffers = BufferSnapshot()  # what a skipped step puts back (BatchNorm statistics)
         self.guard = NonfiniteGuard()  # bf16/fp32: skip a step whose gradients are not finite
+        self._verdicts: dict[int, bool] = {}  # id(optimizer) -> the guard's answer, asked before step() this step
         # A bad step is replayed under a tracer to name its operation and line. Not with sharded gradients
         # (FSDP): a replayed forward/backward would run the strategy's collectives again.
         self.replay = StepReplay()
@@ -434,7 +435,7 @@ class PrecisionCore:
                 # non-finite without scaling (a rescue's last re-run showed it).
                 self.scaler.excuse_overflow()
             self.scaler.update()
-        elif self.guard(optimizer, self.options.sharded_gradients):  # bf16/fp32: after clipping
+        elif self._guard_finds_nonfinite(optimizer):  # bf16/fp32: after clipping
             self.ledger.guard_skipped += 1
             output, finding = None, self._attribute()
         else:
@@ -442,7 +443,25 @@ class PrecisionCore:
         self._decide(optimizer, finding, repeat=finding is not None and repeat)
         return finding is not None, output
 
+    def gradients_nonfinite(self, optimizer: Optimizer) -> bool:
+        """Whether ``optimizer``'s gradients of this step hold an inf or NaN, asked before ``step`` (Fabric's
+        clipping, which raises on a non-finite norm). fp16 reads the flags on the sync ``step`` makes anyway;
+        bf16/fp32 run the guard now and ``step`` takes its answer instead of asking again."""
+        if self.scaler is not None:
+            return self.scaler.overflowed(optimizer)
+        if not self.options.guard_nonfinite:
+            return False
+        found = self._verdicts[id(optimizer)] = self.guard(optimizer, self.options.sharded_gradients)
+        return found
+
+    def _guard_finds_nonfinite(self, optimizer: Optimizer) -> bool:
+        verdict = self._verdicts.pop(id(optimizer), None)
+        if verdict is not None:
+            return verdict
+        return self.options.guard_nonfinite and self.guard(optimizer, self.options.sharded_gradients)
+
     def end_step(self) -> None:
+        self._verdicts.clear()
         self.tracker.end_step()
         if self.scaler is not None:
             self.scales.record(self.ledger.optimizer_steps, self.scaler.get_scale())  # a host float: no sync

@@ -97,6 +97,7 @@ class AdaptiveMP(CoreView, Precision):
         self._step_open = False  # this optimizer step has begun (its first training forward or backward ran)
         self._micro_open = False  # a micro-batch's forward ran and its backward has not yet
         self._unscaled: set[int] = set()  # optimizers unscaled in this step (fabric.clip_gradients does it)
+        self._held: dict[int, list] = {}  # id(optimizer) -> a bad step's (param, grad), held back from the clip
 
     # ------------------------------------------------------------------------------------------ setup
     @override
@@ -188,10 +189,21 @@ class AdaptiveMP(CoreView, Precision):
 
     @override
     def unscale_gradients(self, optimizer: Optimizer) -> None:
-        """What ``fabric.clip_gradients`` calls first: unscale once per step (then statistics are sampled)."""
+        """What ``fabric.clip_gradients`` calls first: unscale once per step (then statistics are sampled).
+
+        The clip comes next and, with Fabric's default ``error_if_nonfinite=True``, raises on a non-finite norm
+        before ``optimizer.step()`` could skip the step. So a bad step's gradients are held back until then: the
+        clip sees none (and returns a norm of 0), and ``optimizer.step()`` puts them back, skips the step and
+        attributes it as usual. The same in every precision.
+        """
         if self.core.scaler is not None and optimizer_handles_unscaling(optimizer):
             raise NotImplementedError("Gradient clipping is not implemented for optimizers handling the unscaling.")
         self._unscale(optimizer)
+        if self.core.gradients_nonfinite(optimizer):
+            held = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self._held[id(optimizer)] = [(p, p.grad) for p in held]
+            for p in held:
+                p.grad = None
 
     def _unscale(self, optimizer: Optimizer) -> None:
         if id(optimizer) not in self._unscaled:
@@ -208,6 +220,8 @@ class AdaptiveMP(CoreView, Precision):
         if not self._step_open:
             self.core.start_step()
         closure = kwargs.pop("closure", None)
+        for param, grad in self._held.pop(id(optimizer), ()):
+            param.grad = grad  # a bad step's gradients, held back from the clip (see unscale_gradients)
         try:
             if closure is not None:
                 with torch.enable_grad():

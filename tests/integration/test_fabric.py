@@ -64,7 +64,7 @@ class LSTMNet(nn.Module):
         return self.head(out[:, -1])
 
 
-def run(plugin, data, net_cls=Net, accumulate=1, poison=(), clip=None, seed=0):
+def run(plugin, data, net_cls=Net, accumulate=1, poison=(), clip=None, seed=0, error_if_nonfinite=False):
     """The Fabric loop a user writes; returns (module, optimizer, fabric). ``poison``: micro-batch indices whose
     loss is NaN."""
     torch.manual_seed(seed)
@@ -79,7 +79,7 @@ def run(plugin, data, net_cls=Net, accumulate=1, poison=(), clip=None, seed=0):
         fabric.backward(loss / accumulate)
         if (i + 1) % accumulate == 0:
             if clip is not None:
-                fabric.clip_gradients(model, optimizer, max_norm=clip, error_if_nonfinite=False)
+                fabric.clip_gradients(model, optimizer, max_norm=clip, error_if_nonfinite=error_if_nonfinite)
             optimizer.step()
             optimizer.zero_grad()
     return net, optimizer, fabric
@@ -251,3 +251,28 @@ def test_a_skip_without_a_module_is_told_once_per_kind():
         "lightning-mp: step 2: forward pass: forward value nan (unknown); action: skipped.",
         "lightning-mp: step 4: the loss: loss value nan (loss); action: skipped.",
     ]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"], ids=["bf16", "fp16"])
+def test_clipping_as_litgpt_writes_it_lets_a_bad_step_be_skipped(precision):
+    # fabric.clip_gradients' default error_if_nonfinite=True raised before the guard could skip the step.
+    def plugin():
+        if precision == "bf16-mixed":
+            return AdaptiveMP(precision)
+        return AdaptiveMP(precision, scaler=AdaptiveLossScaler("cpu", init_scale=2.0**10, policy="dynamic"))
+
+    data = batches(5)
+    amp = plugin()
+    ours, _, _ = run(amp, data, poison={2}, clip=1.0, error_if_nonfinite=True)
+    assert amp.skipped_steps == 1 and amp.optimizer_steps == 5
+    without, _, _ = run(plugin(), data[:2] + data[3:], clip=1.0, error_if_nonfinite=True)
+    assert same_state(ours, without)
+
+
+def test_guard_nonfinite_false_lets_a_bad_bf16_step_through_as_fabric_would():
+    amp = AdaptiveMP("bf16-mixed", guard_nonfinite=False)
+    ours, _, _ = run(amp, batches(4), poison={2})
+    theirs, _, _ = run(MixedPrecision("bf16-mixed", "cpu"), batches(4), poison={2})
+    assert amp.skipped_steps == 0
+    assert not torch.isfinite(ours.inp.weight).all()
+    torch.testing.assert_close(ours.state_dict(), theirs.state_dict(), rtol=0, atol=0, equal_nan=True)
