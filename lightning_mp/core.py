@@ -121,6 +121,8 @@ class PrecisionCore:
         self._loss_reference: float | None = None  # median recent loss magnitude before the promotion
         if self.precision == "16-mixed" and self.scaler is None:
             self.scaler = AdaptiveLossScaler(self.device or default_device(), **options.scaler_knobs)
+            if options.scaler_state:
+                self.scaler.load_state_dict(options.scaler_state)
         # A scaler the user passed is put back to this state when a later fit starts afresh (``restart``).
         self._scaler_at_start = None if self._own_scaler or self.scaler is None else self.scaler.state_dict()
         if self.precision != "auto":
@@ -176,6 +178,8 @@ class PrecisionCore:
             return
         if self.scaler is None or (self._own_scaler and scaler_device(self.scaler) != device):
             self.scaler = AdaptiveLossScaler(device, **self.options.scaler_knobs)
+            if self.options.scaler_state:  # a torch.amp.GradScaler's scale and growth tracker carry over
+                self.scaler.load_state_dict(self.options.scaler_state)
             self._own_scaler = True
         elif scaler_device(self.scaler) != device:
             raise ValueError(

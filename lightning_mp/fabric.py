@@ -71,7 +71,7 @@ class AdaptiveMP(CoreView, Precision):
         self,
         precision: PrecisionName = "auto",
         device: str | None = None,
-        scaler: AdaptiveLossScaler | None = None,
+        scaler: AdaptiveLossScaler | torch.amp.GradScaler | dict[str, Any] | None = None,
         fp32_modules: Any = (),
         auto_fallback: bool = True,
         *,

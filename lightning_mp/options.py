@@ -6,15 +6,18 @@ Each error names the field, the value and what is allowed, in the form the CLI p
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from lightning_mp.precision import PRECISIONS
 from lightning_mp.scaling import AdaptiveLossScaler
 from lightning_mp.statistics import LEVELS
 
-__all__ = ["PluginOptions"]
+__all__ = ["GRADSCALER_RULE", "PluginOptions"]
 
 _FLAGS = ("auto_fallback", "fp32_defaults", "guard_nonfinite", "attach_callbacks", "sharded_gradients", "replay")
 _COUNTS = ("promote_after", "promote_window", "watch_steps", "max_consecutive_skips", "max_events", "stats_every")
@@ -53,12 +56,20 @@ class PluginOptions:
             raise _invalid("precision", precision, f"precision must be one of {PRECISIONS}.")
         if device is not None and not isinstance(device, str):
             raise _invalid("device", device, "device must be None or a device type string such as 'cuda' or 'cpu'.")
-        if scaler is not None and not isinstance(scaler, (AdaptiveLossScaler, Mapping)):
+        if scaler is not None and not isinstance(scaler, (torch.amp.GradScaler, Mapping)):
             raise _invalid(
                 "scaler",
                 scaler,
-                "scaler must be None, an AdaptiveLossScaler (AdaptiveLossScaler(policy='dynamic', hysteresis=1,"
-                " min_scale=None, max_scale=None) reproduces torch.amp.GradScaler) or a dict of its arguments.",
+                "scaler must be None, an AdaptiveLossScaler, a torch.amp.GradScaler (its settings and state carry"
+                " over) or a dict of AdaptiveLossScaler's arguments.",
+            )
+        if _is_plain_gradscaler(scaler):
+            warnings.warn(
+                f"AdaptiveMP(scaler={type(scaler).__name__}(...)): its settings and state carry over into an"
+                " AdaptiveLossScaler(policy='dynamic', hysteresis=1, min_scale=None, max_scale=None), which is"
+                " GradScaler's own rule (the same scales, step for step) with overflow attribution added; pass"
+                " scaler=None for the adaptive policy.",
+                stacklevel=4,
             )
         if isinstance(scaler, Mapping):
             if "device" in scaler:
@@ -91,5 +102,30 @@ class PluginOptions:
 
     @property
     def scaler_knobs(self) -> dict[str, Any]:
-        """The scaler arguments a YAML config gives as a dict (built for the device at setup)."""
-        return dict(self.scaler) if isinstance(self.scaler, Mapping) else {}
+        """The arguments the scaler is built from at setup, for the model's device: a YAML config's dict, or a
+        plain ``torch.amp.GradScaler``'s settings under its own rule."""
+        if isinstance(self.scaler, Mapping):
+            return dict(self.scaler)
+        if _is_plain_gradscaler(self.scaler):
+            return {
+                "init_scale": self.scaler.get_scale(),
+                "growth_factor": self.scaler.get_growth_factor(),
+                "backoff_factor": self.scaler.get_backoff_factor(),
+                "growth_interval": self.scaler.get_growth_interval(),
+                "enabled": self.scaler.is_enabled(),
+                **GRADSCALER_RULE,
+            }
+        return {}
+
+    @property
+    def scaler_state(self) -> dict[str, Any] | None:
+        """A plain ``torch.amp.GradScaler``'s state, which the scaler built from it continues from."""
+        return self.scaler.state_dict() if _is_plain_gradscaler(self.scaler) else None
+
+
+# AdaptiveLossScaler's knobs that make it torch.amp.GradScaler's rule exactly.
+GRADSCALER_RULE: dict[str, Any] = {"policy": "dynamic", "hysteresis": 1, "min_scale": None, "max_scale": None}
+
+
+def _is_plain_gradscaler(scaler: Any) -> bool:
+    return isinstance(scaler, torch.amp.GradScaler) and not isinstance(scaler, AdaptiveLossScaler)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.fabric.utilities.types import Optimizable
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
@@ -51,8 +52,10 @@ class AdaptiveMP(CoreView, Precision):
             CUDA, else fp32), ``"16-mixed"``, ``"bf16-mixed"`` or ``"32-true"``.
         device: device type for autocast; ``None`` takes it from the model at setup.
         scaler: the :class:`AdaptiveLossScaler` for ``"16-mixed"``, or a dict of its arguments (built for the
-            device at setup; what a YAML config gives); ``None`` builds a default one. Must be ``None`` for
-            ``"bf16-mixed"`` and ``"32-true"``.
+            device at setup; what a YAML config gives), or a plain ``torch.amp.GradScaler`` (what
+            ``MixedPrecision(scaler=...)`` took: its settings and state carry over into an ``AdaptiveLossScaler``
+            under GradScaler's own rule, ``policy="dynamic", hysteresis=1``, with a warning saying so); ``None``
+            builds a default one. Must be ``None`` for ``"bf16-mixed"`` and ``"32-true"``.
         fp32_modules: modules that always run in fp32: classes, fqn glob patterns (``"encoder.*.norm"``) or
             ``(module, fqn) -> bool`` filters. A pattern that matches nothing is an error at setup.
         auto_fallback: promote a module to fp32 when it is blamed for ``promote_after`` overflows within
@@ -95,7 +98,7 @@ class AdaptiveMP(CoreView, Precision):
         self,
         precision: PrecisionName = "auto",
         device: str | None = None,
-        scaler: AdaptiveLossScaler | None = None,
+        scaler: AdaptiveLossScaler | torch.amp.GradScaler | dict[str, Any] | None = None,
         fp32_modules: Any = (),
         auto_fallback: bool = True,
         *,

@@ -367,3 +367,19 @@ def test_a_plugin_used_for_a_second_fit_starts_that_fit_afresh(own_scaler):
     assert (reused.skipped_steps, reused.overflow_events) == (fresh.skipped_steps, fresh.overflow_events)
     assert reused.scale_history == fresh.scale_history
     assert same_weights(second, reference)
+
+
+def test_a_plain_gradscaler_carries_its_settings_and_state_and_trains_as_mixed_precision_with_it():
+    def gradscaler():
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+        scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0**11, "_growth_tracker": 1})  # a used one
+        return scaler
+
+    with pytest.warns(UserWarning, match=r"GradScaler\(\.\.\.\)\): its settings and state carry over"):
+        plugin = AdaptiveMP("16-mixed", scaler=gradscaler(), attach_callbacks=False)
+    ours, _ = fit(plugin, max_steps=6)
+    reference = MixedPrecision("16-mixed", "cpu", scaler=gradscaler())
+    theirs, _ = fit(reference, max_steps=6)
+    assert plugin.scaler.config.policy == "dynamic" and plugin.scaler.config.hysteresis == 1
+    assert same_weights(ours, theirs)
+    assert plugin.scaler.get_scale() == reference.scaler.get_scale() == 2.0**14  # 2^11, grown on steps 1, 3, 5

@@ -22,7 +22,7 @@ from lightning_mp.precision import resolve_auto_precision
             ValueError,
             r"scaler.*only used with",
         ),
-        ({"precision": "16-mixed", "scaler": torch.amp.GradScaler("cpu")}, ValueError, r"AdaptiveLossScaler"),
+        ({"precision": "16-mixed", "scaler": 2.0**16}, ValueError, r"scaler=65536.0.*torch.amp.GradScaler"),
         ({"device": 0}, ValueError, r"device=0.*device type string"),
         ({"guard_nonfinite": "yes"}, ValueError, r"guard_nonfinite='yes'"),
     ],
