@@ -53,8 +53,11 @@ def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConf
     """The training config for these overrides (Hydra's compose API; no working-directory change)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    overrides = plugin_knob_overrides(normalize_overrides(overrides))
+    overrides = normalize_overrides(overrides)
+    _check_group_options(OverridesParser.create().parse_overrides(overrides))
+    overrides = plugin_knob_overrides(overrides)
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=overrides, return_hydra_config=return_hydra_config)
     _validate(cfg)
@@ -106,6 +109,33 @@ def _unknown_key(key: str, value: str | None) -> str:
     hint += f"={value}?" if nearest and value is not None else ("?" if nearest else "")
     known = ", ".join(k for k in TOP_LEVEL_KEYS if k not in ("sweep_keys", "hydra"))
     return f"{key!r} is not a key of the training config (nothing would read it).{hint} Top-level keys: {known}."
+
+
+# How each group's options are named in an error: "recipe=visoin is not a recipe".
+_GROUP_NOUNS = {
+    "recipe": "a recipe",
+    "precision": "a precision",
+    "experiment": "an experiment",
+    "trainer": "a trainer preset",
+    "logger": "a logger",
+    "callbacks": "a callbacks preset",
+}
+
+
+def _check_group_options(overrides: list[Any]) -> None:
+    """An option that no file of its group holds (``recipe=visoin``) is refused naming the group's options and
+    the nearest one, instead of Hydra's message with the config search path."""
+    import difflib
+
+    for override in overrides:
+        group = override.key_or_group
+        if group not in GROUPS or override.is_delete() or override.is_sweep_override() or override.value() is None:
+            continue  # a sweep is checked job by job; ~group and group=null remove the group
+        option, options = str(override.value()), [name for name, _ in list_configs()[group]]
+        if option not in options:
+            nearest = difflib.get_close_matches(option, options, n=1)
+            hint = f" Did you mean {nearest[0]}?" if nearest else ""
+            raise UsageError(f"{group}={option} is not {_GROUP_NOUNS[group]}: choose from {', '.join(options)}.{hint}")
 
 
 def plugin_knob_overrides(overrides: list[str]) -> list[str]:
@@ -355,7 +385,8 @@ def multirun(argv: list[str]) -> None:
         try:
             cfg = compose(job, return_hydra_config=True)
         except Exception as error:
-            if "hydra/launcher" in str(error) and "submitit" in str(error):
+            # Without the plugin the preset's submitit_slurm is missing; with it, the error is a typo of Hydra's.
+            if "hydra/launcher" in str(error) and "submitit" in str(error) and not _has_submitit():
                 raise UsageError(
                     'hydra/launcher=slurm needs Hydra\'s submitit launcher: pip install "lightning-mp[slurm]".'
                 ) from error
@@ -378,6 +409,12 @@ def multirun(argv: list[str]) -> None:
         hydra_main(_multirun_job)()
     finally:
         sys.argv = saved_argv
+
+
+def _has_submitit() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("hydra_plugins.hydra_submitit_launcher") is not None
 
 
 def swept_keys(overrides: list[str]) -> list[str]:
@@ -706,9 +743,14 @@ def _one_line(error: BaseException) -> str:
         cause = error.__cause__ or error.__context__
         if cause is not None:
             return key + _one_line(cause)
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    if "Config search path:" in lines:
-        lines = lines[: lines.index("Config search path:")]
+    lines: list[str] = []
+    for raw in str(error).splitlines():
+        if raw.strip() == "Config search path:":
+            break
+        if raw.startswith("\t") and lines:  # an item of the list the line above opens ("Available options:")
+            lines[-1] += (" " if lines[-1].endswith(":") else ", ") + raw.strip()
+        elif raw.strip():
+            lines.append(raw.strip())
     text = "; ".join(lines) or type(error).__name__
     return key + text.replace("\t", "")
 

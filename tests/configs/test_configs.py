@@ -73,8 +73,8 @@ def test_scaler_knobs_reach_the_scaler():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["recipe=vizion"], "Could not find 'recipe/vizion'"),
-        (["precision=fp8"], "Could not find 'precision/fp8'"),
+        (["recipe=vizion"], "recipe=vizion is not a recipe: choose from nlp, speech, vision. Did you mean vision?"),
+        (["precision=fp8"], "precision=fp8 is not a precision: choose from auto, bf16, fp16, fp32."),
         (
             ["precision=fp16", "precision.scaler.growth_interval=abc"],
             "AdaptiveLossScaler(growth_interval='abc') is invalid",
