@@ -934,7 +934,9 @@ def _one_line(error: BaseException) -> str:
             lines[-1] += (" " if lines[-1].endswith(":") else ", ") + raw.strip()
         elif raw.strip():
             lines.append(raw.strip())
-    text = "; ".join(lines) or type(error).__name__
+    # Sentences run on ("Could not override 'x'. To append ..."); other lines are separated by semicolons.
+    text = "".join(line + (" " if line.endswith(".") else "; ") for line in lines[:-1]) + "".join(lines[-1:])
+    text = text or type(error).__name__
     return key + text.replace("\t", "")
 
 

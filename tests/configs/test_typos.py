@@ -132,3 +132,12 @@ def test_the_installed_command_refuses_a_typo_from_an_empty_directory(tmp_path):
         " Did you mean data.batch_size=8?"
     )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hydras_own_sentences_are_not_joined_with_semicolons(capsys, tmp_path):
+    """A real argument the YAML leaves out, set without +: Hydra's advice (+, which the rule above accepts)."""
+    err = refused(capsys, tmp_path, "callbacks.early_stopping.min_delta=0.1")
+    assert err == (
+        "Could not override 'callbacks.early_stopping.min_delta'."
+        " To append to your config use +callbacks.early_stopping.min_delta=0.1"
+    )
