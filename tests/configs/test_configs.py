@@ -73,8 +73,8 @@ def test_scaler_knobs_reach_the_scaler():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["recipe=vizion"], "Could not find 'recipe/vizion'"),
-        (["precision=fp8"], "Could not find 'precision/fp8'"),
+        (["recipe=vizion"], "recipe=vizion is not a recipe: choose from nlp, speech, vision. Did you mean vision?"),
+        (["precision=fp8"], "precision=fp8 is not a precision: choose from auto, bf16, fp16, fp32."),
         (
             ["precision=fp16", "precision.scaler.growth_interval=abc"],
             "AdaptiveLossScaler(growth_interval='abc') is invalid",
@@ -82,7 +82,7 @@ def test_scaler_knobs_reach_the_scaler():
         (["precision=fp16", "precision.scaler.backoff_factor=2"], "AdaptiveLossScaler(backoff_factor=2) is invalid"),
         (["precision=fp16", "precision.scaler.growth_factor=1"], "AdaptiveLossScaler(growth_factor=1) is invalid"),
         (["precision=fp16", "precision.scaler.min_scale=8", "precision.scaler.max_scale=2"], "min_scale must be <="),
-        (["precision=fp16", "precision.scaler.polcy=dynamic"], "Could not override 'precision.scaler.polcy'"),
+        (["precision=fp16", "precision.scaler.polcy=dynamic"], "Did you mean precision.scaler.policy=dynamic?"),
         (["+trainer.precision=16-mixed"], "trainer.precision='16-mixed' is not allowed"),
         (["trainer.max_epochs=three"], "trainer.max_epochs='three' is invalid"),
         (["data.batch_size=0"], "data.batch_size=0 is invalid"),
