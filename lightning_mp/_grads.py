@@ -28,6 +28,11 @@ def is_sharded(tensors: Iterable[torch.Tensor]) -> bool:
     return any(callable(getattr(t, "to_local", None)) for t in tensors)
 
 
+def distributed() -> bool:
+    """Whether this process is one rank of an initialised process group."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def all_reduce(values: torch.Tensor | list[float], op: str = "MAX") -> Any:
     """Combine ``values`` across ranks with ``op`` (``"MAX"``, ``"MIN"``, ...); a no-op without an initialised
     process group.
@@ -39,7 +44,7 @@ def all_reduce(values: torch.Tensor | list[float], op: str = "MAX") -> Any:
     are per rank: every rank must see the same values, or they would skip different steps, pick different
     scales or promote different modules.
     """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not distributed():
         return values
     if isinstance(values, torch.Tensor):
         torch.distributed.all_reduce(values, op=getattr(torch.distributed.ReduceOp, op))

@@ -24,6 +24,7 @@ statistics back when a step is skipped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections import deque
 from collections.abc import Callable
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_mp._compat import optimizer_handles_unscaling, scaler_device
-from lightning_mp._grads import NonfiniteGuard, all_reduce, is_sharded
+from lightning_mp._grads import NonfiniteGuard, all_reduce, distributed, is_sharded
 from lightning_mp.attribution import Finding, OverflowTracker, is_kernel_error, module_from_traceback
 from lightning_mp.buffers import BufferSnapshot
 from lightning_mp.escalation import Escalation, EscalationLadder, give_up_message
@@ -335,32 +336,36 @@ class PrecisionCore:
         """Count one optimizer step, before its closure runs."""
         self.ledger.start_step()
 
-    def unscale(
-        self, optimizer: Optimizer, handles_unscaling: bool = False, rerun: Callable[[], Any] | None = None
-    ) -> None:
+    def unscale(self, optimizer: Optimizer, handles_unscaling: bool = False, rerun: Any = None) -> None:
         """After backward: unscale (fp16, unless the optimizer does it in ``step``), then sample statistics.
 
         Unscaling comes first so that statistics, ``on_before_optimizer_step`` and clipping see true gradients.
-        ``rerun`` runs the step's forward, zero_grad and backward again (Lightning's closure, logging muted):
-        given it, an fp16 overflow born in the backward is rescued (see ``_rescue``).
+        ``rerun(runs)`` runs the step's forward, zero_grad and backward again, logging muted: one micro-batch
+        through Lightning's closure, or each of ``runs`` (the kept micro-batches, see ``StepReplay``) for an
+        accumulated step. Given it, an fp16 overflow born in the backward is rescued (see ``_rescue``).
         """
         if self.scaler is not None:
+            # An accumulated step is re-run micro-batch by micro-batch, from the kept runs; not across ranks,
+            # where each micro-batch but the last would need the strategy's no-sync context again.
+            accumulated_ok = len(self.replay.kept) == self._micro_batches and not distributed()
             can_rescue = (
                 rerun is not None
-                and not handles_unscaling
                 and self.rescue_enabled
-                and self._micro_batches == 1
+                and (self._micro_batches == 1 or accumulated_ok)
                 and not self.replay.active
             )
             # Growth may go closer to the edge only where an overflow costs a re-run, not a batch.
             self.scaler.policy.rescuing = can_rescue
-            if not handles_unscaling:
+            # A fused optimizer unscales inside step(); to rescue it, unscale here instead (its step then takes
+            # found_inf and no scale, as GradScaler arranges): the verdict is on the host before step(), the
+            # one read a rescue needs. Without rescue it reads nothing, as GradScaler's fused path.
+            if not handles_unscaling or can_rescue:
                 self.scaler.unscale_(optimizer)
                 if can_rescue:
                     self._rescue(optimizer, rerun)
         self.collect_statistics()  # before clipping: the statistics describe what the backward produced
 
-    def _rescue(self, optimizer: Optimizer, rerun: Callable[[], Any]) -> None:
+    def _rescue(self, optimizer: Optimizer, rerun: Callable[[list[Any]], Any]) -> None:
         """fp16: when this step's gradients overflowed in the backward, re-run its forward/backward on the same
         batch at a lower scale instead of skipping it (called by ``unscale``, after ``unscale_``).
 
@@ -391,7 +396,9 @@ class PrecisionCore:
             self.scaler.rescue(last=self._rescue_passes == RESCUE_ATTEMPTS)
             self.statistics.discard()
             self.buffers.restore()
-            self.replay.restart_batch()
+            runs = self.replay.kept
+            accumulated = self._micro_batches > 1
+            self.replay.restart_batch(keep_runs=accumulated)
             self.tracker.forget_losses()
             self._backward_passes = 0
             self.rerun_state.before_rerun(self.model)
@@ -399,7 +406,7 @@ class PrecisionCore:
             self._rerunning = True
             try:
                 with watch:
-                    self.run_closure(rerun)
+                    self.run_closure(functools.partial(rerun, runs if accumulated else []))
             finally:
                 self._rerunning = False
             self._note_rerun_writes(self.rerun_state.after_rerun(watch))

@@ -287,7 +287,7 @@ class AdaptiveMP(CoreView, Precision):
             skip_backward = closure_result is None and automatic
             # Optimizers that unscale inside step() (fused Adam) cannot be clipped; see clip_gradients.
             # An fp16 overflow born in the backward re-runs the closure at a lower scale (automatic optimization).
-            rerun = _Rerun(model, closure) if scaled and automatic and not skip_backward else None
+            rerun = _Rerun(self, model, closure, optimizer) if scaled and automatic and not skip_backward else None
             handles = skip_backward or optimizer_handles_unscaling(optimizer)
             core.unscale(optimizer, handles_unscaling=handles, rerun=rerun)
             if rerun is not None and rerun.ran:
@@ -374,14 +374,27 @@ def _ignore(*args: Any, **kwargs: Any) -> None:
 
 
 class _Rerun:
-    """Runs Lightning's closure (training_step, zero_grad, backward) again with ``self.log`` muted, for a rescue:
-    a rescued step's metrics are logged once, by its first run. Keeps the last run's result."""
+    """Runs a step's forward and backward again with ``self.log`` muted, for a rescue: a rescued step's metrics
+    are logged once, by its first run.
 
-    def __init__(self, module: pl.LightningModule, closure: Callable[[], Any]) -> None:
-        self.module, self.closure = module, closure
+    One micro-batch: Lightning's closure (training_step, zero_grad, backward); its result replaces the first
+    run's. An accumulated step: ``runs``, each kept micro-batch's ``training_step`` (see ``StepReplay``), each
+    loss through the strategy's backward as Lightning's loop does (normalised by ``accumulate_grad_batches``,
+    ``on_before_backward`` / ``on_after_backward`` called), after zeroing the gradients the first attempt summed.
+    """
+
+    def __init__(self, plugin: AdaptiveMP, module: pl.LightningModule, closure: Callable[[], Any], optimizer) -> None:
+        self.plugin, self.module, self.closure, self.optimizer = plugin, module, closure, optimizer
         self.ran, self.result = False, None
 
-    def __call__(self) -> Any:
+    def __call__(self, runs: list[Callable[[Callable[[Tensor], None]], None]]) -> Any:
+        if runs:
+            strategy = self.module.trainer.strategy
+            self.optimizer.zero_grad()
+            for run in runs:
+                with self.plugin.core.training_context():
+                    run(lambda loss: strategy.backward(loss, self.optimizer))
+            return None
         with _muted_logging(self.module):
             self.result = self.closure()
         self.ran = True

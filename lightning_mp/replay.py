@@ -280,16 +280,23 @@ class StepReplay:
             self._rng = (torch.get_rng_state(), cuda)
 
     def keep(self, run: Callable[[Callable[[Tensor], None]], None]) -> None:
-        if self.enabled and not self.active:
+        if (self.enabled or self.save_rng) and not self.active:  # a rescue re-runs kept micro-batches too
             self._runs.append(run)
+
+    @property
+    def kept(self) -> list[Callable[[Callable[[Tensor], None]], None]]:
+        """How to run each micro-batch of this step again, in order."""
+        return list(self._runs)
 
     def clear(self) -> None:
         self._runs, self._rng = [], None
 
-    def restart_batch(self) -> None:
+    def restart_batch(self, keep_runs: bool = False) -> None:
         """The step's forward/backward is about to run again (a rescue): put the RNG back where the batch
-        began, so dropout draws the same masks, and forget the kept micro-batches (the re-run keeps its own)."""
-        self._runs = []
+        began, so dropout draws the same masks, and forget the kept micro-batches unless ``keep_runs`` (a re-run
+        through Lightning's closure keeps its own)."""
+        if not keep_runs:
+            self._runs = []
         if self._rng is not None:
             torch.set_rng_state(self._rng[0])
             if self._rng[1] is not None:

@@ -243,6 +243,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         found, _ = optimizer_state["host"] if "host" in optimizer_state else self._read_flags(optimizer_state)
         if found:
             self._policy.skipped_steps += 1
+            optimizer_state["skip_counted"] = True
             return None
         return optimizer.step(*args, **kwargs)
 
@@ -282,8 +283,9 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
                 else:
                     # Fused optimizers unscale inside their kernel and never synced in step(): read once here.
                     found, amax_value = self._read_flags(state)
-                    if found and state["stage"] is OptState.STEPPED:
-                        self._policy.skipped_steps += 1
+                # A fused optimizer's step() skips itself on found_inf, without _maybe_opt_step counting it.
+                if found and state["stage"] is OptState.STEPPED and not state.get("skip_counted"):
+                    self._policy.skipped_steps += 1
                 found_any = found_any or found
                 if amax_value is not None:
                     amaxes.append(amax_value)

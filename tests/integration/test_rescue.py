@@ -54,9 +54,11 @@ def _gradscaler_reproduction(**knobs) -> AdaptiveLossScaler:
     return AdaptiveLossScaler("cpu", policy="dynamic", hysteresis=1, min_scale=None, max_scale=None, **knobs)
 
 
-def _fit(plugin, model, steps, data=None, callbacks=()):
-    data = data or loader(samples=4 * steps)  # one epoch: epoch-level logged sums cover every step
-    return fit(plugin, model=model, data=data, max_steps=steps, callbacks=list(callbacks))
+def _fit(plugin, model, steps, data=None, callbacks=(), accumulate=1):
+    data = data or loader(samples=4 * steps * accumulate)  # one epoch: epoch-level logged sums cover every step
+    return fit(
+        plugin, model=model, data=data, max_steps=steps, callbacks=list(callbacks), accumulate_grad_batches=accumulate
+    )
 
 
 def test_a_rescued_step_equals_the_step_a_run_at_the_lower_scale_takes_dropout_and_batchnorm_included():
@@ -86,6 +88,32 @@ def test_a_rescued_step_equals_the_step_a_run_at_the_lower_scale_takes_dropout_a
     for ours, theirs in zip(rescued_model.state_dict().values(), reference_model.state_dict().values()):
         assert torch.equal(ours, theirs)
     assert reference.ledger.rescued_steps == rescuing.ledger.rescued_steps - 1
+
+
+def test_a_rescued_accumulated_step_equals_the_step_a_run_at_the_lower_scale_takes():
+    # Each kept micro-batch runs again (dropout masks and BatchNorm statistics as the batch found them); the
+    # logged count shows the re-runs' self.log calls were muted.
+    torch.manual_seed(0)
+    rescued_model = GainedRegressor(norm_and_dropout=True)
+    rescuing = AdaptiveMP("16-mixed", scaler=_gradscaler_reproduction(init_scale=2.0**15), rescue=True)
+    _, t = _fit(rescuing, rescued_model, steps=6, accumulate=3)
+    assert rescuing.skipped_steps == 0 and rescuing.ledger.rescued_steps >= 1
+    assert t.callback_metrics["steps_logged"] == 18
+    torch.manual_seed(0)
+    reference_model = GainedRegressor(norm_and_dropout=True)
+    reference = AdaptiveMP("16-mixed", scaler=_gradscaler_reproduction(init_scale=2.0**14), rescue=True)
+    _fit(reference, reference_model, steps=6, accumulate=3)
+    for ours, theirs in zip(rescued_model.state_dict().values(), reference_model.state_dict().values()):
+        assert torch.equal(ours, theirs)
+    assert reference.ledger.rescued_steps == rescuing.ledger.rescued_steps - 1
+
+
+@pytest.mark.parametrize("accumulate", [1, 2, 4])
+def test_the_calibrated_start_skips_no_step_with_gradient_accumulation_either(accumulate):
+    torch.manual_seed(0)
+    plugin = AdaptiveMP("16-mixed", attach_callbacks=False)  # the defaults
+    _fit(plugin, GainedRegressor(100.0), steps=16, accumulate=accumulate)
+    assert plugin.skipped_steps == 0 and plugin.ledger.rescued_steps == 1
 
 
 def test_without_rescue_the_same_overflow_is_a_skipped_step():
@@ -248,3 +276,39 @@ def test_a_checkpoint_taken_between_rescue_and_update_keeps_the_policys_scale():
         scaler.policy.update(False, amax=1.0)  # the scale has proven itself: the overflow will be tolerated
     assert scaler.rescue() == 2.0**11 and scaler.get_scale() == 2.0**11  # the re-run's scale
     assert scaler.state_dict()["scale"] == scaler.policy.scale == 2.0**12
+
+
+class BoringModel(L.LightningModule):
+    """Lightning's BoringModel (demos/boring_classes.py) as its fused-optimizer parity test uses it."""
+
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.layer = nn.Linear(32, 2)
+        self.fused = fused
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1.0, fused=self.fused)
+
+
+def test_fused_and_unfused_adam_train_the_same_as_in_lightnings_parity_test():
+    # A CPU port of Lightning's test_amp_fused_optimizer_parity: the unfused run rescues its overflowing first
+    # step; the fused one must take the same decision, not skip it.
+    def run(fused: bool):
+        L.seed_everything(1234, verbose=False)
+        model = BoringModel(fused)
+        data = torch.utils.data.DataLoader(torch.randn(64, 32), batch_size=2)
+        plugin = AdaptiveMP("16-mixed", attach_callbacks=False)
+        fit(plugin, model=model, data=data, max_steps=5, seed=1234)
+        return model, plugin
+
+    plain, plain_plugin = run(fused=False)
+    fused, fused_plugin = run(fused=True)
+    assert (fused_plugin.skipped_steps, fused_plugin.rescued_steps) == (
+        plain_plugin.skipped_steps,
+        plain_plugin.rescued_steps,
+    )
+    for p, q in zip(plain.parameters(), fused.parameters()):
+        torch.testing.assert_close(p, q)
