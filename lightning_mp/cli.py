@@ -12,6 +12,7 @@ line and exit with status 2 (``LIGHTNING_MP_DEBUG=1`` shows the traceback); noth
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -410,6 +411,18 @@ def _validate_model(model: Any) -> None:
 # ------------------------------------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one recipe under one precision; write and return its ``result.json``. Reads top to bottom."""
+    output_dir = Path(os.path.expanduser(str(cfg.output_dir)))
+    created = [d for d in (output_dir, *output_dir.parents) if not d.exists()]  # deepest first
+    try:
+        return _train(cfg)
+    except BaseException:
+        for directory in created:  # a run that failed before writing anything leaves no empty folders
+            with contextlib.suppress(OSError):
+                directory.rmdir()  # only an empty one
+        raise
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = prepare_output_dir(cfg)  # the checks that need no Lightning come first: a refusal is quick
     ckpt_path = cfg.ckpt_path
     if ckpt_path == "last":

@@ -115,11 +115,12 @@ def test_a_failure_inside_training_keeps_its_traceback(tmp_path, monkeypatch):
     assert not list((tmp_path / "run").glob("csv/version_*")), "no log folder of a run that trained nothing"
 
 
-def test_a_refused_run_leaves_no_log_folder(tmp_path):
+def test_a_refused_run_leaves_no_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     args = ["recipe=nlp", "experiment=quick", "logger=tensorboard", f"data.root={tmp_path / 'empty'}"]
     assert main(["train", *args, f"output_dir={tmp_path}/run"]) == 2
     assert not (tmp_path / "run" / "tensorboard").exists(), "no tensorboard/version_0 with an empty events file"
+    assert not (tmp_path / "run").exists(), "nor the empty run folder itself"
 
 
 def test_a_sweep_gives_every_job_its_own_folder(tmp_path, monkeypatch):
