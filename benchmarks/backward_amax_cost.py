@@ -19,7 +19,7 @@ import time
 import torch
 
 from benchmarks.step_cost import batches, models
-from lightning_mp.statistics import ModuleStatistics
+from lightning_mp.diagnosis.statistics import ModuleStatistics
 
 
 def sampled_step(model: torch.nn.Module, batch: dict, output_grads: bool | None) -> float:

@@ -21,7 +21,7 @@ from lightning.pytorch.plugins import MixedPrecision, Precision
 
 from benchmarks.overhead import Task, Transformer, data, timed_fit
 from lightning_mp import AdaptiveMP
-from lightning_mp.precision import cpu_has_native_bf16
+from lightning_mp.formats import cpu_has_native_bf16
 
 
 class RecompileCounter(logging.Handler):

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_mp.fallback import apply_fp32
+from lightning_mp.fallback.islands import apply_fp32
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
 MAGNITUDES = (1.0, 16.0, 256.0, 1e3, 4e3, 1.6e4, 3e4, 6e4)

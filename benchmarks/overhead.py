@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP, PrecisionReport
-from lightning_mp.precision import cpu_has_native_bf16
+from lightning_mp.formats import cpu_has_native_bf16
 
 
 class Timer(L.Callback):

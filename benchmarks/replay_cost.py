@@ -19,7 +19,7 @@ from torch import nn
 
 from benchmarks.overhead import Task, Transformer, cnn, data, mlp, timed_fit
 from lightning_mp import AdaptiveMP
-from lightning_mp.precision import cpu_has_native_bf16
+from lightning_mp.formats import cpu_has_native_bf16
 
 
 class Poisoned(nn.Module):

@@ -36,9 +36,9 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
+from lightning_mp.diagnosis.statistics import underflow_fraction
 from lightning_mp.recipes.common import Classifier
 from lightning_mp.recipes.nlp import TextData, TransformerClassifier
-from lightning_mp.statistics import underflow_fraction
 
 
 class ScaleProbe(L.Callback):

@@ -55,8 +55,9 @@ from lightning.pytorch.plugins.precision import Precision as BasePrecision
 from torch.utils.data import DataLoader
 
 from benchmarks.overhead import timed_fit
-from lightning_mp import AdaptiveMP, hooks
-from lightning_mp.precision import cpu_has_native_bf16
+from lightning_mp import AdaptiveMP
+from lightning_mp.diagnosis import hooks
+from lightning_mp.formats import cpu_has_native_bf16
 
 
 def models() -> dict:
@@ -422,7 +423,7 @@ class AlternatePlugin(L.Callback):
         self._ours: list = []
 
     def on_train_start(self, trainer, pl_module):
-        self._ours = [cb for cb in trainer.callbacks if type(cb).__module__ == "lightning_mp.callbacks"]
+        self._ours = [cb for cb in trainer.callbacks if type(cb).__module__ == "lightning_mp.reporting.callbacks"]
         self._ours = [cb for cb in self._ours if type(cb).__name__ != "PrecisionReport"]  # the reference has one
         self._wrapper = trainer.strategy.__dict__["training_step"]
 

@@ -16,10 +16,10 @@ _EXPORTS = {
     "AdaptiveMP": "lightning_mp.plugin",
     "AtomicCheckpointIO": "lightning_mp.checkpoint",
     "LossScaleFloorError": "lightning_mp.scaling",
-    "LossScaleMonitor": "lightning_mp.callbacks",
-    "OverflowDiagnostics": "lightning_mp.callbacks",
-    "OverflowEvent": "lightning_mp.ledger",
-    "PrecisionReport": "lightning_mp.callbacks",
+    "LossScaleMonitor": "lightning_mp.reporting.callbacks",
+    "OverflowDiagnostics": "lightning_mp.reporting.callbacks",
+    "OverflowEvent": "lightning_mp.reporting.events",
+    "PrecisionReport": "lightning_mp.reporting.callbacks",
     "ScaleAction": "lightning_mp.scaling",
     "ScalePolicy": "lightning_mp.scaling",
     "ScalerConfig": "lightning_mp.scaling",
@@ -44,12 +44,12 @@ __all__ = [
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what static tools and IDEs see
-    from lightning_mp.callbacks import LossScaleMonitor, OverflowDiagnostics, PrecisionReport
     from lightning_mp.checkpoint import AtomicCheckpointIO
-    from lightning_mp.fallback import fp32
+    from lightning_mp.fallback.islands import fp32
     from lightning_mp.fsdp import AdaptiveFSDPMP
-    from lightning_mp.ledger import OverflowEvent
     from lightning_mp.plugin import AdaptiveMP
+    from lightning_mp.reporting.callbacks import LossScaleMonitor, OverflowDiagnostics, PrecisionReport
+    from lightning_mp.reporting.events import OverflowEvent
     from lightning_mp.scaling import AdaptiveLossScaler, LossScaleFloorError, ScaleAction, ScalePolicy, ScalerConfig
 
 

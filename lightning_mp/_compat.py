@@ -39,8 +39,26 @@ torch
     ``torch._C._autograd._get_sequence_nr``, ``torch._C._current_autograd_node``, ``Node._sequence_nr``
         connect a backward operation to the forward operation it differentiates (the node being created /
         run); the only link there is. Read during a replay only, never on a training step.
+    ``Tensor._base``
+        the tensor a view was taken of: an in-place write through a view makes its base non-finite too, and the
+        replay's tracer follows it there. Read during a replay only.
+    ``sys._getframe``
+        the replay names the user's source line by walking the interpreter's frames from the operation up to
+        the frame that started the replay (a traceback of the running code, without raising). Replay only.
+    ``Module._modules``
+        a module's registered submodules, asked directly: whether a module is ``torch.compile``'s wrapper
+        (``_orig_mod`` among them) without ``hasattr``, which raises and catches per module (half the cost of
+        arming a statistics sample).
 
-Lightning
+Lightning (live objects changed for the length of a fit or a re-run, each undone)
+    ``Strategy.training_step`` on the strategy instance
+        every ``training_step`` call is wrapped to keep how to run that micro-batch again (replay, rescue) with
+        the batch as the LightningModule receives it; Lightning has no hook that sees the step's arguments and
+        can run it again. Set at connect, removed at teardown (``wrap_training_step``).
+    ``LightningModule.log`` / ``log_dict`` and ``manual_backward`` on the module instance
+        a replay or a re-run of ``training_step`` must not log twice, and a replayed manual-optimization step's
+        ``manual_backward`` hands its loss to the replay; instance attributes, removed on the way out
+        (``muted_logging``, ``redirected_manual_backward``).
     ``LightningOptimizer._on_before_step`` / ``_on_after_step``
         the manual-optimization loop counts optimizer steps through them; a replayed ``training_step`` must not
         count its ``opt.step()`` calls (they never step), so the replay mutes them for its duration.
@@ -70,7 +88,9 @@ state in ``Precision.on_load_checkpoint``), ``LightningModule._trainer`` (``modu
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -98,7 +118,14 @@ __all__ = [
     "optimizer_handles_unscaling",
     "refresh_per_optimizer_state",
     "scaler_device",
+    "caller_frame",
+    "is_compiled_wrapper",
+    "muted_logging",
+    "redirected_manual_backward",
+    "tensor_base",
     "tree_leaves",
+    "unwrap_training_step",
+    "wrap_training_step",
     "written_tensors",
 ]
 
@@ -281,3 +308,55 @@ def muted_step_counting(lightning_optimizers: list[Any]) -> Callable[[], None]:
 
 def _nothing(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def tensor_base(tensor: torch.Tensor) -> torch.Tensor | None:
+    """The tensor ``tensor`` is a view of, or ``None``."""
+    return tensor._base
+
+
+def caller_frame(depth: int = 1) -> Any:
+    """The frame ``depth`` levels above the caller's (``sys._getframe(depth + 1)``)."""
+    return sys._getframe(depth + 1)
+
+
+def is_compiled_wrapper(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is ``torch.compile``'s wrapper (it keeps the original as submodule ``_orig_mod``)."""
+    return "_orig_mod" in module._modules
+
+
+def wrap_training_step(strategy: Any, before: Callable[..., None]) -> None:
+    """Call ``before(*args, **kwargs)`` ahead of every ``strategy.training_step`` call (see the fence)."""
+    unwrap_training_step(strategy)  # a wrapper from an earlier fit
+    original = strategy.training_step
+
+    def training_step(*args: Any, **kwargs: Any) -> Any:
+        before(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    strategy.training_step = training_step
+
+
+def unwrap_training_step(strategy: Any) -> None:
+    strategy.__dict__.pop("training_step", None)
+
+
+@contextlib.contextmanager
+def muted_logging(module: Any) -> Iterator[None]:
+    """``self.log`` / ``self.log_dict`` do nothing inside (a step run again must not count its metrics twice)."""
+    module.log = module.log_dict = _nothing
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            module.__dict__.pop(name, None)
+
+
+@contextlib.contextmanager
+def redirected_manual_backward(module: Any, backward: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """``self.manual_backward(loss)`` hands the loss to ``backward`` inside (a replayed manual step)."""
+    module.manual_backward = lambda loss, *args, **kwargs: backward(loss)
+    try:
+        yield
+    finally:
+        module.__dict__.pop("manual_backward", None)

@@ -453,7 +453,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     if plugin.options.attach_callbacks:
         # The plugin would add these at setup; given to the Trainer here, a resumed run finds them when
         # Lightning restores callback state (no "Please add the following callbacks" warning).
-        from lightning_mp.callbacks import LossScaleMonitor, OverflowDiagnostics, PrecisionReport
+        from lightning_mp.reporting.callbacks import LossScaleMonitor, OverflowDiagnostics, PrecisionReport
 
         callbacks = [LossScaleMonitor(), OverflowDiagnostics(), PrecisionReport(), *callbacks]
     # Atomic checkpoint writes: a run killed during a save keeps its previous last.ckpt intact.

@@ -32,6 +32,7 @@ once per place) is issued from ``optimizer.step()``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -47,24 +48,25 @@ from torch.optim import LBFGS, Optimizer
 from typing_extensions import override
 
 from lightning_mp._compat import convert_fp_tensor, optimizer_handles_unscaling
-from lightning_mp.core import PrecisionCore
-from lightning_mp.ledger import EventWarnings
-from lightning_mp.options import PluginOptions
-from lightning_mp.precision import PrecisionName
-from lightning_mp.report import build_report, headroom_metrics, render_table, run_metrics, write_report
+from lightning_mp.formats import PrecisionName
+from lightning_mp.options import FABRIC_KNOBS, PluginOptions, args_doc
+from lightning_mp.reporting.report import build_report, headroom_metrics, render_table, run_metrics, write_report
+from lightning_mp.reporting.warnings import EventWarnings
 from lightning_mp.scaling import AdaptiveLossScaler
 from lightning_mp.shell import CoreView
+from lightning_mp.step.core import PrecisionCore
 
 __all__ = ["AdaptiveMP"]
 
 
 class AdaptiveMP(CoreView, Precision):
-    """Mixed precision for Lightning Fabric: adaptive loss scaling, a non-finite guard, attribution and fp32
-    fallback. Use as ``Fabric(plugins=[AdaptiveMP(...)])`` and do not also pass ``Fabric(precision=...)``.
+    __doc__ = f"""Mixed precision for Lightning Fabric: adaptive loss scaling, a non-finite guard, attribution and
+    fp32 fallback. Use as ``Fabric(plugins=[AdaptiveMP(...)])`` and do not also pass ``Fabric(precision=...)``.
 
-    The arguments are those of the Trainer's :class:`lightning_mp.AdaptiveMP` (see there), without
-    ``attach_callbacks`` (Fabric has no callbacks), ``sharded_gradients``, ``replay`` and ``rescue`` (see the
-    module docstring).
+    The knobs of the Trainer's :class:`lightning_mp.AdaptiveMP` but those Fabric cannot have (no callbacks, no
+    FSDP1, no ``training_step`` to replay or re-run; see the module docstring).
+
+{args_doc(FABRIC_KNOBS)}
     """
 
     def __init__(
@@ -85,18 +87,15 @@ class AdaptiveMP(CoreView, Precision):
         stats: str = "cheap",
         stats_every: int | None = None,
     ) -> None:
+        arguments = {name: value for name, value in locals().items() if name in FABRIC_KNOBS}
         options = PluginOptions(
-            precision, device, scaler, fp32_modules, auto_fallback, fp32_defaults, guard_nonfinite, promote_after,
-            promote_window, watch_steps, max_consecutive_skips, max_events, stats, stats_every,
-            attach_callbacks=False, sharded_gradients=False, replay=False, rescue=False,
-        )  # fmt: skip
-        self.core = PrecisionCore(options)
+            **arguments, attach_callbacks=False, sharded_gradients=False, replay=False, rescue=False
+        )
+        self.core = PrecisionCore(options, warn=rank_zero_warn)
         self._warnings = EventWarnings()
         self._module: Module | None = None  # the model given to fabric.setup; the core takes it at first use
         self._set_up = False
-        self._step_open = False  # this optimizer step has begun (its first training forward or backward ran)
         self._micro_open = False  # a micro-batch's forward ran and its backward has not yet
-        self._unscaled: set[int] = set()  # optimizers unscaled in this step (fabric.clip_gradients does it)
         self._held: dict[int, list] = {}  # id(optimizer) -> a bad step's (param, grad), held back from the clip
 
     # ------------------------------------------------------------------------------------------ setup
@@ -140,12 +139,10 @@ class AdaptiveMP(CoreView, Precision):
     def _training(self) -> bool:
         return torch.is_grad_enabled() and self._module is not None and self._module.training
 
-    def _begin_micro_step(self) -> None:
-        if not self._step_open:
-            self.core.start_step()
-            self._step_open = True
+    def _begin_micro_batch(self) -> None:
+        """Fabric has no micro-batch: one is the training forwards until the next backward."""
         if not self._micro_open:
-            self.core.start_micro_step()
+            self.core.begin_micro_batch()
             self._micro_open = True
 
     @override
@@ -156,7 +153,7 @@ class AdaptiveMP(CoreView, Precision):
             with self.core.autocast():
                 yield
             return
-        self._begin_micro_step()
+        self._begin_micro_batch()
         with self.core.training_context():
             yield
 
@@ -182,8 +179,8 @@ class AdaptiveMP(CoreView, Precision):
     @override
     def backward(self, tensor: Tensor, model: Module | None, *args: Any, **kwargs: Any) -> None:
         self._ensure_set_up()
-        if not self._step_open:
-            self._begin_micro_step()  # a backward with no forward through the Fabric model in this step
+        if not self.core.step_open:
+            self._begin_micro_batch()  # a backward with no forward through the Fabric model in this step
         super().backward(self.core.scale_loss(tensor), model, *args, **kwargs)
         self._micro_open = False  # the next training forward is the next micro-batch
 
@@ -196,43 +193,30 @@ class AdaptiveMP(CoreView, Precision):
         clip sees none (and returns a norm of 0), and ``optimizer.step()`` puts them back, skips the step and
         attributes it as usual. The same in every precision.
         """
-        if self.core.scaler is not None and optimizer_handles_unscaling(optimizer):
+        if self.core.format.scaled and optimizer_handles_unscaling(optimizer):
             raise NotImplementedError("Gradient clipping is not implemented for optimizers handling the unscaling.")
-        self._unscale(optimizer)
-        if self.core.gradients_nonfinite(optimizer):
+        if self.core.prepare_clipping(optimizer):
             held = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
             self._held[id(optimizer)] = [(p, p.grad) for p in held]
             for p in held:
                 p.grad = None
 
-    def _unscale(self, optimizer: Optimizer) -> None:
-        if id(optimizer) not in self._unscaled:
-            self._unscaled.add(id(optimizer))
-            self.core.unscale(optimizer, handles_unscaling=optimizer_handles_unscaling(optimizer))
-
     @override
     def optimizer_step(self, optimizer: Optimizable, **kwargs: Any) -> Any:
         self._ensure_set_up()
-        if isinstance(optimizer, LBFGS):
-            if self.core.scaler is not None:
-                raise TypeError("AMP and the LBFGS optimizer are not compatible.")
-            return super().optimizer_step(optimizer, **kwargs)  # re-evaluates its closure: nothing to guard
-        if not self._step_open:
-            self.core.start_step()
-        closure = kwargs.pop("closure", None)
-        for param, grad in self._held.pop(id(optimizer), ()):
-            param.grad = grad  # a bad step's gradients, held back from the clip (see unscale_gradients)
         try:
-            if closure is not None:
-                with torch.enable_grad():
-                    self.core.run_closure(closure)
-            self._unscale(optimizer)
-            _, output = self.core.step(optimizer, **kwargs)
-            return output
+            if isinstance(optimizer, LBFGS):
+                if self.core.format.scaled:
+                    raise TypeError("AMP and the LBFGS optimizer are not compatible.")
+                # It re-evaluates its closure inside step(): nothing to guard.
+                return self.core.unguarded_step(functools.partial(super().optimizer_step, optimizer, **kwargs))
+            closure = kwargs.pop("closure", None)
+            for param, grad in self._held.pop(id(optimizer), ()):
+                param.grad = grad  # a bad step's gradients, held back from the clip (see unscale_gradients)
+            step_closure = functools.partial(_with_grad, closure) if closure is not None else None
+            return self.core.optimizer_step(optimizer, step_closure, automatic=False, **kwargs).output
         finally:
-            self.core.end_step()
-            self._step_open = self._micro_open = False
-            self._unscaled.discard(id(optimizer))
+            self._micro_open = False
             for message in self._warnings.new(self.core.ledger):
                 rank_zero_warn(message)
 
@@ -270,3 +254,8 @@ class AdaptiveMP(CoreView, Precision):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(precision={self.precision!r}, device={self.device!r}, scaler={self.scaler!r})"
+
+
+def _with_grad(closure: Any) -> Any:
+    with torch.enable_grad():
+        return closure()

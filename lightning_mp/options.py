@@ -1,54 +1,127 @@
-"""``PluginOptions``: every knob of ``AdaptiveMP``, validated once at construction.
+"""``PluginOptions``: every knob of ``AdaptiveMP``, declared once with what it does, validated at construction.
 
-Each error names the field, the value and what is allowed, in the form the CLI prints as its one line:
-``AdaptiveMP(stats='most') is invalid: must be one of ('off', 'cheap', 'full').``
+The declaration is the one place a knob is written: the Trainer and Fabric shells take their keyword arguments
+from it (their signatures are pinned to it by ``tests/unit/test_options.py``), their docstrings' ``Args`` are
+built from the ``doc`` of each field (``args_doc``), and the CLI's help and the ``conf/precision`` defaults are
+checked against it. Each error names the field, the value and what is allowed, in the form the CLI prints as its
+one line: ``AdaptiveMP(stats='most') is invalid: must be one of ('off', 'cheap', 'full').``
 """
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 
-from lightning_mp.precision import PRECISIONS
+from lightning_mp.diagnosis.statistics import LEVELS
+from lightning_mp.formats import PRECISIONS
 from lightning_mp.scaling import AdaptiveLossScaler
-from lightning_mp.statistics import LEVELS
 
-__all__ = ["GRADSCALER_RULE", "PluginOptions"]
+__all__ = ["FABRIC_KNOBS", "GRADSCALER_RULE", "KNOBS", "TRAINER_ONLY", "PluginOptions", "args_doc"]
 
 _FLAGS = ("auto_fallback", "fp32_defaults", "guard_nonfinite", "attach_callbacks", "sharded_gradients", "replay")
 _COUNTS = ("promote_after", "promote_window", "watch_steps", "max_consecutive_skips", "max_events", "stats_every")
 
 
-def _invalid(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"AdaptiveMP({field}={value!r}) is invalid: {allowed}")
+def _knob(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"doc": " ".join(doc.split())})
+
+
+def _invalid(field_name: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"AdaptiveMP({field_name}={value!r}) is invalid: {allowed}")
 
 
 @dataclass(frozen=True, eq=False)
 class PluginOptions:
-    """The arguments of :class:`~lightning_mp.AdaptiveMP` (see its docstring for what each one does)."""
+    """The arguments of :class:`~lightning_mp.AdaptiveMP`, each with its documentation."""
 
-    precision: str = "auto"
-    device: str | None = None
-    scaler: AdaptiveLossScaler | Mapping[str, Any] | None = None
-    fp32_modules: Any = ()
-    auto_fallback: bool = True
-    fp32_defaults: bool = True
-    guard_nonfinite: bool = True
-    promote_after: int = 2
-    promote_window: int = 100
-    watch_steps: int = 20
-    max_consecutive_skips: int = 50
-    max_events: int = 10_000
-    stats: str = "cheap"
-    stats_every: int | None = None
-    attach_callbacks: bool = True
-    sharded_gradients: bool = False
-    replay: bool = True
-    rescue: bool | None = None
+    precision: str = _knob(
+        "auto",
+        """``"auto"`` (resolved at setup: bf16 where the device runs it natively, else fp16 on CUDA, else fp32),
+        ``"16-mixed"``, ``"bf16-mixed"`` or ``"32-true"``.""",
+    )
+    device: str | None = _knob(None, "device type for autocast; ``None`` takes it from the model at setup.")
+    scaler: Any = _knob(
+        None,
+        """the :class:`AdaptiveLossScaler` for ``"16-mixed"``, or a dict of its arguments (built for the device at
+        setup; what a YAML config gives), or a plain ``torch.amp.GradScaler`` (what ``MixedPrecision(scaler=...)``
+        took: its settings and state carry over into an ``AdaptiveLossScaler`` under GradScaler's own rule,
+        ``policy="dynamic", hysteresis=1``, with a warning saying so); ``None`` builds a default one. Must be
+        ``None`` for ``"bf16-mixed"`` and ``"32-true"``.""",
+    )
+    fp32_modules: Any = _knob(
+        (),
+        """modules that always run in fp32: classes, fqn glob patterns (``"encoder.*.norm"``) or
+        ``(module, fqn) -> bool`` filters. A pattern that matches nothing is an error at setup.""",
+    )
+    auto_fallback: bool = _knob(
+        True,
+        """promote a module to fp32 when it is blamed for ``promote_after`` overflows within ``promote_window``
+        steps (a leaf whole, a module with submodules its own code only), or when its low-precision kernel
+        raises (the step is then retried).""",
+    )
+    fp32_defaults: bool = _knob(
+        True,
+        """also run the format's defaults in fp32 (``LayerNorm`` and ``LogSoftmax`` in fp16, whose CPU fp16 kernels
+        keep running sums in fp16; nothing in bf16).""",
+    )
+    guard_nonfinite: bool = _knob(
+        True,
+        """skip bf16/fp32 steps whose gradients are not finite (fp16 is always guarded by the scaler). Costs one
+        reduction over the gradients per step; on a GPU it also reads one flag.""",
+    )
+    promote_after: int = _knob(2, "see ``auto_fallback``.")
+    promote_window: int = _knob(100, "see ``auto_fallback``; also the spike rule's window after a promotion.")
+    watch_steps: int = _knob(
+        20, "optimizer steps the forward probe stays armed after an overflow it could not localize."
+    )
+    max_consecutive_skips: int = _knob(
+        50, "skipped steps in a row that trigger the next rung of the escalation ladder."
+    )
+    max_events: int = _knob(
+        10_000, "overflow events kept in memory (oldest dropped; ``overflow_counts`` keeps the totals)."
+    )
+    stats: str = _knob(
+        "cheap",
+        """per-module headroom/underflow statistics: ``"off"``, ``"cheap"`` (module outputs and parameter
+        gradients) or ``"full"`` (also the gradients flowing into every module output).""",
+    )
+    stats_every: int | None = _knob(
+        None,
+        """sample the statistics on one optimizer step out of this many. ``None``: the format's own (25 in fp16,
+        whose predictive scaler reads the samples; 100 in bf16 and fp32, fp32's range), and the first step too, so
+        that a short run's report has figures.""",
+    )
+    attach_callbacks: bool = _knob(
+        True,
+        """add ``LossScaleMonitor``, ``OverflowDiagnostics`` and ``PrecisionReport`` to the Trainer at setup
+        unless it already has them (Trainer only).""",
+    )
+    sharded_gradients: bool = _knob(
+        False,
+        """each rank holds only a shard of plain-tensor gradients (FSDP1's flat parameters; ``AdaptiveFSDPMP`` sets
+        it): every non-finite flag is combined across ranks before a step is taken (Trainer only).""",
+    )
+    replay: bool = _knob(
+        True,
+        """run a bad step again under an operation tracer to name the operation and source line where its first
+        non-finite value was born (bad steps only; off with ``sharded_gradients``; Trainer only: Fabric has no
+        ``training_step`` to run again).""",
+    )
+    rescue: bool | None = _knob(
+        None,
+        """fp16: when a step overflows in the backward because of the loss scale (inputs and loss finite, scale
+        above its floor), lower the scale and run the step's forward/backward again on the same batch instead of
+        skipping it: no batch is lost, the step count and LR schedule are unchanged, at the cost of one extra
+        forward/backward (what a skipped step wastes). Automatic optimization only, every micro-batch of an
+        accumulated step included (not across ranks); the re-run's ``self.log`` calls are muted. ``None``: on with
+        the predictive scaler policy, off with ``policy="dynamic"`` (which then reproduces GradScaler). Trainer
+        only.""",
+    )
 
     def __post_init__(self) -> None:
         precision, device, scaler = self.precision, self.device, self.scaler
@@ -90,7 +163,7 @@ class PluginOptions:
         for name in _COUNTS:
             value = getattr(self, name)
             if name == "stats_every" and value is None:
-                continue  # the default: see STATS_EVERY
+                continue  # the format's default
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 allowed = "None (the default for the precision) or " if name == "stats_every" else ""
                 raise _invalid(name, value, f"must be {allowed}an integer >= 1.")
@@ -123,8 +196,23 @@ class PluginOptions:
         return self.scaler.state_dict() if _is_plain_gradscaler(self.scaler) else None
 
 
+# Every knob, in declaration order; those that only the Trainer has (Fabric has no callbacks, no FSDP1, no
+# training_step to run again).
+KNOBS: tuple[str, ...] = tuple(f.name for f in fields(PluginOptions))
+TRAINER_ONLY: tuple[str, ...] = ("attach_callbacks", "sharded_gradients", "replay", "rescue")
+FABRIC_KNOBS: tuple[str, ...] = tuple(k for k in KNOBS if k not in TRAINER_ONLY)
+
 # AdaptiveLossScaler's knobs that make it torch.amp.GradScaler's rule exactly.
 GRADSCALER_RULE: dict[str, Any] = {"policy": "dynamic", "hysteresis": 1, "min_scale": None, "max_scale": None}
+
+
+def args_doc(knobs: tuple[str, ...] = KNOBS, indent: int = 4) -> str:
+    """The ``Args:`` section of a shell's docstring, built from the declaration."""
+    docs = {f.name: f.metadata["doc"] for f in fields(PluginOptions)}
+    lines = ["Args:"]
+    for name in knobs:
+        lines += textwrap.wrap(f"{name}: {docs[name]}", 112, initial_indent="    ", subsequent_indent="        ")
+    return textwrap.indent("\n".join(lines), " " * indent)
 
 
 def _is_plain_gradscaler(scaler: Any) -> bool:

@@ -11,12 +11,13 @@ from typing import Any
 
 import torch
 
-from lightning_mp.core import PrecisionCore
-from lightning_mp.fallback import Promotion
-from lightning_mp.ledger import OverflowEvent, RunLedger
+from lightning_mp.diagnosis.statistics import ModuleStatistics
+from lightning_mp.fallback.promotion import Promotion
 from lightning_mp.options import PluginOptions
+from lightning_mp.reporting.events import OverflowEvent
+from lightning_mp.reporting.ledger import RunLedger
 from lightning_mp.scaling import AdaptiveLossScaler
-from lightning_mp.statistics import ModuleStatistics
+from lightning_mp.step.core import PrecisionCore
 
 __all__ = ["CoreView"]
 

@@ -114,11 +114,6 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         return {name: state[name] for name in ScalePolicy.COUNTERS}
 
     @property
-    def stats(self) -> dict[str, float]:
-        """The same as :attr:`counters` (the name of version 0.1)."""
-        return self.counters
-
-    @property
     def rescues(self) -> int:
         """Overflowing steps re-run at a lower scale on the same batch (see :meth:`rescue`)."""
         return self._policy.rescues
@@ -158,6 +153,27 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         self._scale.fill_(scale)
         self._per_optimizer_states = defaultdict(refresh_per_optimizer_state)
         return scale
+
+    @property
+    def rescuing(self) -> bool:
+        """Whether overflows are rescued (re-run at a lower scale) rather than skipped: growth may then go
+        closer to the edge (see ``ScalePolicy.rescuing``)."""
+        return self._policy.rescuing
+
+    @rescuing.setter
+    def rescuing(self, value: bool) -> None:
+        self._policy.rescuing = value
+
+    def rescue_checkpoint(self) -> dict[str, Any]:
+        """The policy's state before a step's first rescue, for ``undo_rescue``."""
+        return self._policy.state_dict()
+
+    def undo_rescue(self, checkpoint: dict[str, Any]) -> None:
+        """The step's gradients stayed non-finite without scaling: its back-offs could not have helped. Put the
+        policy back as it was before the step's rescues, keeping the count of rescues made."""
+        rescues = self._policy.rescues
+        self._policy.load_state_dict(checkpoint)
+        self._policy.rescues = rescues
 
     def observe_backward_amax(self, scaled_amax: float) -> None:
         """The largest gradient seen inside this iteration's backward, as measured (still scaled)."""

@@ -60,7 +60,7 @@ def test_step_cost_pieces_time_each_piece_and_put_every_patch_back():
     pytest.importorskip("transformers")
     from lightning.pytorch.plugins.precision import Precision
 
-    from lightning_mp.hooks import HookSet
+    from lightning_mp.diagnosis.hooks import HookSet
 
     global_hooks = torch.nn.modules.module
     originals = (Precision.__dict__["_after_closure"], HookSet.__dict__["register"],

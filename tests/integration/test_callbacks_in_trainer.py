@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP, LossScaleMonitor, OverflowDiagnostics, PrecisionReport
-from lightning_mp.report import render_table
+from lightning_mp.reporting.report import render_table
 from tests.helpers import NaiveLogSumExp, TinyRegressor, TroubleNet, fit, scaled_loader
 
 

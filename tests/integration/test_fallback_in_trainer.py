@@ -7,8 +7,8 @@ from torch import nn
 
 import lightning_mp
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP, LossScaleFloorError, ScaleAction
-from lightning_mp.escalation import Rung
-from lightning_mp.fallback import is_fp32_island, island_scope
+from lightning_mp.fallback.escalation import Rung
+from lightning_mp.fallback.islands import is_fp32_island, island_scope
 from tests.helpers import (
     ExplodingBackward,
     LSTMRegressor,
@@ -223,7 +223,7 @@ def test_escalation_promotes_when_the_scale_sits_at_its_floor():
 
 
 def test_escalation_ladder_switches_fp16_to_bf16_then_stops_with_a_diagnosis(monkeypatch, recwarn):
-    monkeypatch.setattr("lightning_mp.precision.cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr("lightning_mp.formats.auto.cpu_has_native_bf16", lambda: True)
     plugin = fp16(max_consecutive_skips=3)
     with pytest.raises(LossScaleFloorError, match=r"gave up: 3 optimizer steps in a row were skipped.*loss"):
         fit(plugin, model_cls=lambda: TinyRegressor(poison_steps=set(range(20))), max_steps=20)

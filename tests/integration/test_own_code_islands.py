@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
-from lightning_mp.fallback import island_scope
+from lightning_mp.fallback.islands import island_scope
 from tests.helpers import OpRecorder, SpikyRegressor, fit, line_of, loader, loader_with, trainer
 
 MATMULS = ("aten::mm", "aten::bmm", "aten::addmm")

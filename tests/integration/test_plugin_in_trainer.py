@@ -7,7 +7,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
-from lightning_mp.precision import cpu_has_native_bf16
+from lightning_mp.formats import cpu_has_native_bf16
 from tests.helpers import ManualRegressor, TinyRegressor, fit, loader, loader_with, same_weights, trainer
 
 GRADSCALER = {"policy": "dynamic", "hysteresis": 1, "min_scale": None, "max_scale": None}
@@ -144,7 +144,7 @@ def test_auto_resolves_from_the_device_at_setup(monkeypatch):
     fit(plugin, max_steps=1)
     assert plugin.precision == ("bf16-mixed" if cpu_has_native_bf16() else "32-true")
     assert plugin.device == "cpu"
-    monkeypatch.setattr("lightning_mp.precision.cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr("lightning_mp.formats.auto.cpu_has_native_bf16", lambda: False)
     plugin = AdaptiveMP()
     fit(plugin, max_steps=1)
     assert plugin.precision == "32-true"

@@ -14,7 +14,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
-from lightning_mp.report import build_report, render_markdown, run_metrics
+from lightning_mp.reporting.report import build_report, render_markdown, run_metrics
 from lightning_mp.scaling import ScaleAction, ScalePolicy, ScalerConfig
 from tests.helpers import ExplodingBackward, TroubleNet, fit, loader
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_mp.attribution import (
+from lightning_mp.diagnosis.attribution import (
     ExecutionOrder,
     Finding,
     ForwardProbe,

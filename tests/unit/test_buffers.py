@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from lightning_mp.buffers import BufferSnapshot
+from lightning_mp.step.buffers import BufferSnapshot
 
 
 def test_restore_puts_back_every_buffer_in_place():

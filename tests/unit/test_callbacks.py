@@ -4,7 +4,7 @@ and ends at the latest step; the callbacks keep no checkpoint state of their own
 import pytest
 
 from lightning_mp import LossScaleMonitor, OverflowDiagnostics, PrecisionReport
-from lightning_mp.ledger import ScaleHistory
+from lightning_mp.reporting.history import ScaleHistory
 
 
 def test_history_is_every_step_until_full():

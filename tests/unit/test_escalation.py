@@ -2,9 +2,9 @@
 
 import pytest
 
-from lightning_mp.attribution import Finding
-from lightning_mp.escalation import Escalation, EscalationLadder, Rung, enclosing, give_up_message
-from lightning_mp.ledger import RunLedger
+from lightning_mp.diagnosis.attribution import Finding
+from lightning_mp.fallback.escalation import Escalation, EscalationLadder, Rung, enclosing, give_up_message
+from lightning_mp.reporting.ledger import RunLedger
 
 NAMES = ["encoder", "encoder.layers", "encoder.layers.3", "encoder.layers.3.attn", "head"]
 

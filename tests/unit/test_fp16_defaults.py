@@ -4,7 +4,8 @@
 import torch
 from torch import nn
 
-from lightning_mp.fallback import DEFAULT_FP32_MODULES, apply_fp32, by_type
+from lightning_mp.fallback import apply_fp32, by_type
+from lightning_mp.formats import FORMATS
 
 torch.set_num_threads(1)  # the LayerNorm backward keeps one fp16 gradient buffer per thread
 
@@ -16,7 +17,8 @@ def _island(module: nn.Module) -> nn.Module:
 
 
 def test_the_fp16_defaults_are_layernorm_and_logsoftmax():
-    assert DEFAULT_FP32_MODULES["16-mixed"] == (nn.LayerNorm, nn.LogSoftmax)
+    assert FORMATS["16-mixed"].fp32_defaults == (nn.LayerNorm, nn.LogSoftmax)
+    assert FORMATS["bf16-mixed"].fp32_defaults == FORMATS["32-true"].fp32_defaults == ()
 
 
 def test_fp16_log_softmax_over_a_large_vocabulary_is_minus_infinity_and_its_island_is_not():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_mp.hooks import HookSet
+from lightning_mp.diagnosis.hooks import HookSet
 from tests.helpers import Chain
 
 
@@ -106,7 +106,7 @@ def test_a_dispatching_set_keeps_its_table_until_a_module_registers_a_submodule(
     """Arming again with the same model and make_hook reuses the table (no walk, no hooks built). A submodule
     assigned since (any ``self.x = module`` in the process) makes it walk again at the next arming; one put
     straight into ``_modules``, which no registration hook sees, is found after REWALK_EVERY armings."""
-    from lightning_mp.hooks import REWALK_EVERY
+    from lightning_mp.diagnosis.hooks import REWALK_EVERY
 
     model, seen, built = Chain(), [], []
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
-from lightning_mp.precision import resolve_auto_precision
+from lightning_mp.formats import resolve_auto_precision
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_no_scaler_without_fp16(precision):
     [("cpu", True, "bf16-mixed"), ("cpu", False, "32-true"), ("mps", False, "32-true")],
 )
 def test_auto_precision_table(monkeypatch, device, native_bf16, expected):
-    monkeypatch.setattr("lightning_mp.precision.cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr("lightning_mp.formats.auto.cpu_has_native_bf16", lambda: native_bf16)
     assert resolve_auto_precision(device) == expected
 
 
@@ -96,7 +96,7 @@ def test_autocast_before_setup_decides_nothing():
 
 def test_state_from_another_precision_keeps_counters_and_ignores_the_scaler(recwarn):
     source = AdaptiveMP("bf16-mixed")
-    source.ledger.guard_skipped = 3
+    source.ledger.skipped_steps = 3
     target = AdaptiveMP("16-mixed", device="cpu")
     target.load_state_dict(source.state_dict())
     assert target.skipped_steps == 3

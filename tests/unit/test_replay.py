@@ -5,7 +5,7 @@ import sys
 import torch
 from torch import nn
 
-from lightning_mp.replay import OpTracer
+from lightning_mp.diagnosis.replay import OpTracer
 from tests.helpers import Explode, line_of
 
 

@@ -3,7 +3,7 @@
 import matplotlib.image
 from rich.console import Console
 
-from lightning_mp.report import promotion_summary, render_png, render_table
+from lightning_mp.reporting.report import promotion_summary, render_png, render_table
 
 
 def _promotions() -> list[dict]:

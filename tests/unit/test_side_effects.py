@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from lightning_mp.side_effects import InPlaceParams, ModuleState, RerunState, WriteWatch
+from lightning_mp.step.side_effects import InPlaceParams, ModuleState, RerunState, WriteWatch
 
 
 def _net() -> nn.Module:

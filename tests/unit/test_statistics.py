@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lightning_mp.report import headroom_metrics
-from lightning_mp.statistics import ModuleStatistics, headroom_bits, underflow_fraction
+from lightning_mp.diagnosis.statistics import ModuleStatistics, headroom_bits, underflow_fraction
+from lightning_mp.reporting.report import headroom_metrics
 from tests.helpers import Chain
 
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from lightning_mp._compat import tree_leaves
 from lightning_mp._grads import all_reduce, finite_sum
-from lightning_mp.hooks import HookSet
+from lightning_mp.diagnosis.hooks import HookSet
 
 __all__ = [
     "ExecutionOrder",
@@ -77,6 +77,11 @@ class Finding:
     op: str | None = None
     source: str | None = None
     reproduced: bool | None = None
+
+    @classmethod
+    def spike(cls) -> Finding:
+        """A finite loss far above its history after a promotion (the spike rule skips the step)."""
+        return cls("loss", None, "spike", "float32")
 
 
 def floating(values: Any) -> list[torch.Tensor]:
@@ -294,6 +299,10 @@ def agree(model: nn.Module, phase: Phase, found: Finding | None) -> Finding | No
     return Finding(phase, names[int(index)], KINDS[int(kind_code)] if kind_code else "nan", dtype)
 
 
+# Runs a bad step again under the operation tracer: expected phase -> (a replay ran, its finding or None).
+Replayer = Callable[[Phase], tuple[bool, "Finding | None"]]
+
+
 class OverflowTracker:
     """The attribution state machine of one training run: cheap flags, the armed probe, the order.
 
@@ -311,8 +320,6 @@ class OverflowTracker:
         # one forward/backward, and a bad batch is one event, not one per optimizer.
         self._batch_finding: Finding | None = None
         self._batch_optimizers: set[int] = set()  # ids of the optimizers that stepped on this batch
-        # Replays the bad step (``replay.py``): expected phase -> (a replay ran, its reproduced finding or None).
-        self.replayer: Callable[[Phase], tuple[bool, Finding | None]] | None = None
 
     # Per step, always on and free: references to the batch and the loss (a detached scalar), read only if the
     # step turns out bad (the replay keeps the batch for the same time anyway). The batch's floating tensors
@@ -379,21 +386,22 @@ class OverflowTracker:
         """Whether any attribution hook is on the model now."""
         return self.order.recording or self.probe.armed
 
-    def attribute(self, model: nn.Module) -> Finding:
+    def attribute(self, model: nn.Module, replay: Replayer | None = None) -> Finding:
         """Classify a bad step. Call only after the step is known to be bad; collective under DDP.
 
-        A second call for the same batch (another optimizer of a manual-optimization step) returns the first
-        answer.
+        ``replay(expected_phase)`` runs the step again under the operation tracer when it can (``replay.py``):
+        ``(a replay ran, its reproduced finding or None)``. A second call for the same batch (another optimizer
+        of a manual-optimization step) returns the first answer.
         """
         if self._batch_finding is None:
-            self._batch_finding = self._classify(model)
+            self._batch_finding = self._classify(model, replay)
         return self._batch_finding
 
-    def _classify(self, model: nn.Module) -> Finding:
+    def _classify(self, model: nn.Module, replay: Replayer | None) -> Finding:
         input_code, loss_code = self._forward_codes()
         if input_code:
             return Finding("input", None, KINDS[input_code], "input")
-        replayed, reproduced = self._replay("forward" if loss_code else "backward")
+        replayed, reproduced = self._replay(replay, "forward" if loss_code else "backward")
         if replayed is not None:
             return replayed
         if loss_code:
@@ -403,12 +411,12 @@ class OverflowTracker:
         found = found if found is not None else Finding("backward", None, "nan", "unknown")
         return replace(found, reproduced=reproduced)
 
-    def _replay(self, expected: Phase) -> tuple[Finding | None, bool | None]:
-        """Replay the step when the shell can: (its finding if it went bad in the expected phase, reproduced)."""
-        if self.replayer is None:
+    def _replay(self, replay: Replayer | None, expected: Phase) -> tuple[Finding | None, bool | None]:
+        """Replay the step when it can be: (its finding if it went bad in the expected phase, reproduced)."""
+        if replay is None:
             return None, None
         with self.probe.paused():
-            ran, found = self.replayer(expected)
+            ran, found = replay(expected)
         if found is not None and (found.phase == "backward") != (expected == "backward"):
             found = None  # it went bad, but not the way the real step did
         found = agree_replay(found)

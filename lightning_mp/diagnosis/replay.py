@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -51,12 +50,14 @@ from lightning_mp._compat import (
     TorchDispatchMode,
     WeakIdKeyDictionary,
     autograd_sequence_nr,
+    caller_frame,
     current_autograd_node,
     node_sequence_nr,
+    tensor_base,
 )
-from lightning_mp.attribution import Finding, Kind, Phase, floating
-from lightning_mp.hooks import eager
-from lightning_mp.side_effects import ModuleState, WriteWatch
+from lightning_mp.diagnosis.attribution import Finding, Kind, Phase, floating
+from lightning_mp.diagnosis.hooks import eager
+from lightning_mp.step.side_effects import ModuleState, WriteWatch
 
 __all__ = ["Birth", "OpTracer", "ReplayDone", "StepReplay"]
 
@@ -122,7 +123,7 @@ class OpTracer(TorchDispatchMode):
     def backward_pass(self) -> Iterator[None]:
         """Trace a backward pass started from the caller's frame (manual optimization calls it from the
         user's ``training_step``: that line is where backward was asked for, not where anything overflowed)."""
-        self.backward, self._backward_frame = True, sys._getframe(2)
+        self.backward, self._backward_frame = True, caller_frame(2)
         try:
             yield
         finally:
@@ -174,8 +175,9 @@ class OpTracer(TorchDispatchMode):
             self.births.append(self._birth(op, bad[0], node, where, constant=not data))
         for t in bad:
             self._origin[t] = index
-            if t._base is not None:  # an in-place write through a view made its base non-finite too
-                self._origin[t._base] = index
+            base = tensor_base(t)
+            if base is not None:  # an in-place write through a view made its base non-finite too
+                self._origin[base] = index
 
     def _birth(self, op: str, tensor: Tensor, node: Any, where: Any, constant: bool) -> Birth:
         kind: Kind = "nan" if bool(torch.isnan(tensor).any()) else "inf"
@@ -212,7 +214,7 @@ class OpTracer(TorchDispatchMode):
         """(innermost submodule being called, the user's source line) from the Python stack."""
         module: str | None = None
         source: str | None = None
-        frame = sys._getframe(2)
+        frame = caller_frame(2)
         stop = self._backward_frame if self.backward and self._backward_frame is not None else self._stop
         while frame is not None and frame is not stop:
             code = frame.f_code
@@ -324,7 +326,7 @@ class StepReplay:
         grads = [p.grad for p in params]
         buffers = [b.detach().clone() for b in model.buffers()]
         rng = (torch.get_rng_state(), torch.cuda.get_rng_state() if self._rng and self._rng[1] is not None else None)
-        tracer = OpTracer(model, stop_frame=sys._getframe())
+        tracer = OpTracer(model, stop_frame=caller_frame(0))
         state = ModuleState(model.modules())  # what the user's training_step may change: put back after
         watch = WriteWatch(model.named_parameters())
         result: list[Finding] = []

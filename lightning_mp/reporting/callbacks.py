@@ -19,9 +19,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from lightning_mp._compat import skip_inherited_batch_hooks
-from lightning_mp.ledger import ScaleHistory
 from lightning_mp.plugin import adaptive_plugin as _plugin
-from lightning_mp.report import build_report, headroom_metrics, render_table, run_metrics, write_report
+from lightning_mp.reporting.history import ScaleHistory
+from lightning_mp.reporting.report import build_report, headroom_metrics, render_table, run_metrics, write_report
 
 __all__ = ["LossScaleMonitor", "OverflowDiagnostics", "PrecisionReport", "attach_default_callbacks"]
 

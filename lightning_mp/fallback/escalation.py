@@ -16,10 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from enum import Enum
+from typing import TYPE_CHECKING
 
-from lightning_mp.ledger import OverflowEvent, Rung
+if TYPE_CHECKING:
+    from lightning_mp.reporting.events import OverflowEvent
 
 __all__ = ["Escalation", "EscalationLadder", "Rung", "enclosing", "give_up_message"]
+
+
+class Rung(str, Enum):
+    """A rung of the escalation ladder (see ``escalation.py``)."""
+
+    PROMOTE = "promote"  # run the blamed module, or its enclosing block, in fp32
+    SWITCH_TO_BF16 = "switch_to_bf16"  # leave fp16 for bf16 (fp32's range) where the device runs it natively
+    GIVE_UP = "give_up"  # stop with a diagnosis
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from torch import nn
 
 from lightning_mp._compat import tensor_version
 from lightning_mp._grads import local
-from lightning_mp.attribution import floating
-from lightning_mp.hooks import HookSet
+from lightning_mp.diagnosis.attribution import floating
+from lightning_mp.diagnosis.hooks import HookSet
 
-__all__ = ["LEVELS", "ModuleStat", "ModuleStatistics", "headroom_bits", "underflow_fraction"]
+__all__ = ["LEVELS", "Cadence", "ModuleStat", "ModuleStatistics", "headroom_bits", "underflow_fraction"]
 
 
 def headroom_bits(amax: float, dtype: torch.dtype) -> float:
@@ -101,6 +101,28 @@ def _judged(by_dtype: dict[torch.dtype, float], amax: float, dtype: torch.dtype)
 
 
 LEVELS = ("off", "cheap", "full")
+
+
+class Cadence:
+    """Which optimizer steps are sampled: one in ``stats_every``, or one in the format's own default (25 in
+    fp16, whose predictive scaler reads every sample; 100 in bf16 and fp32, fp32's range, where a sample only
+    watches for values running away) and then the first step too, so that a short run's report has figures.
+    A scaler calibrating its first scale asks for every step until it has.
+
+    Args:
+        stats_every: the user's cadence, or ``None`` for the format's default.
+    """
+
+    def __init__(self, stats_every: int | None = None) -> None:
+        self.stats_every = stats_every
+
+    def every(self, default: int) -> int:
+        """The cadence in force, given the format's default."""
+        return self.stats_every or default
+
+    def due(self, step: int, default: int, samples_taken: int, calibrating: bool = False) -> bool:
+        first = step == 1 and self.stats_every is None and not samples_taken
+        return step % self.every(default) == 0 or calibrating or first
 
 
 # What one measured value is: a module output's amax (ACTIVATION); the amax of the gradient flowing into a module

@@ -20,6 +20,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_mp._compat import is_compiled_wrapper
+
 __all__ = ["HookSet", "eager"]
 
 HookKind = Literal["forward_pre", "forward", "forward_with_kwargs"]
@@ -116,7 +118,7 @@ class HookSet:
         # keeps the original as its submodule ``_orig_mod``): such models get one hook per submodule. Asked of
         # ``_modules`` directly: ``hasattr`` on a module raises and catches an AttributeError for every module,
         # half the cost of arming a sample.
-        compiled = any("_orig_mod" in module._modules for _, module in modules)
+        compiled = any(is_compiled_wrapper(module) for _, module in modules)
         if not self.dispatch or compiled or kind == "forward_with_kwargs":
             for fqn, module in modules:
                 if kind == "forward_pre":

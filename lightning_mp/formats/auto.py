@@ -1,29 +1,16 @@
-"""Which precision a run uses: the accepted names, ``"auto"`` resolution and the CPU feature check behind it."""
+"""``"auto"``: which format a run uses on its device, and the CPU feature check behind it."""
 
 from __future__ import annotations
 
 import contextlib
 import platform
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from lightning_mp._compat import cpu_capability
 
-__all__ = [
-    "AUTOCAST_DTYPES",
-    "PRECISIONS",
-    "PrecisionName",
-    "autocast",
-    "cpu_has_native_bf16",
-    "default_device",
-    "resolve_auto_precision",
-]
-
-PrecisionName = Literal["auto", "16-mixed", "bf16-mixed", "32-true"]
-PRECISIONS: tuple[str, ...] = ("auto", "16-mixed", "bf16-mixed", "32-true")
-AUTOCAST_DTYPES = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16}
+__all__ = ["cpu_has_native_bf16", "default_device", "resolve_auto_precision"]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -48,14 +35,3 @@ def resolve_auto_precision(device_type: str) -> str:
     if device_type == "cpu" and cpu_has_native_bf16():
         return "bf16-mixed"
     return "32-true"
-
-
-def autocast(device_type: str, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context of a resolved precision (none for ``"32-true"``).
-
-    ``cache_enabled=False`` as in Lightning's ``MixedPrecision``: same kernels, same numbers.
-    """
-    dtype = AUTOCAST_DTYPES.get(precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type, dtype=dtype, cache_enabled=False)

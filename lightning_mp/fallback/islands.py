@@ -1,4 +1,4 @@
-"""Layer-wise FP32 fallback: choose modules, run them as fp32 islands inside autocast, promote at run time.
+"""fp32 islands: modules (or a module's own code) that run in fp32 inside autocast, and ``fp32`` regions.
 
 An *fp32 island* is a module whose forward runs with autocast disabled and its floating inputs cast to fp32.
 Its parameters are fp32 already (autocast keeps master weights in fp32), so everything recorded for autograd
@@ -14,10 +14,6 @@ code calls for: a block whose ``forward`` multiplies by a large constant, or a w
 ``self.model`` whose ``forward`` scales its logits (nanoGPT). Promoting by evidence, not by size: the replay
 names the module running the operation that overflowed, and a container named there overflowed in its own code.
 
-Which modules? A *filter* ``(module, fqn) -> bool`` decides, in the torchao float8 shape. ``fp32_filter``
-builds one from what users naturally write: module classes, fqn glob patterns, or a filter. ``by_type`` and
-``by_name`` are the two helpers underneath.
-
 Why islands are applied in place: Lightning's DDP strategy discards the return value of
 ``Precision.convert_module``, so the plugin changes the model it is given (``module.forward`` becomes an
 instance attribute) and ``remove_fp32`` undoes it.
@@ -26,122 +22,16 @@ instance attribute) and ``remove_fp32`` undoes it.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
-from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from lightning_mp.errors import ConfigError
+from lightning_mp.fallback.filters import ModuleFilter
 
-__all__ = [
-    "DEFAULT_FP32_MODULES",
-    "ModuleFilter",
-    "Promotion",
-    "PromotionRule",
-    "apply_fp32",
-    "by_name",
-    "by_type",
-    "fp32",
-    "fp32_filter",
-    "is_fp32_island",
-    "island_scope",
-    "remove_fp32",
-]
-
-ModuleFilter = Callable[[nn.Module, str], bool]
-
-# What runs in fp32 by default, per precision, and the measured reason (``python -m benchmarks.fp16_norms``).
-# A norm's variance does not overflow fp16: the CPU and CUDA kernels take statistics in fp32 (Welford), and
-# every norm stayed finite forward and backward up to |x| = 6e4. What goes wrong is two CPU fp16 kernels that
-# keep a running sum in fp16: LayerNorm's backward accumulates dgamma/dbeta in an fp16 buffer (0.6-0.8% off
-# at any scale, inf once a loss-scaled partial sum passes 65504), and LogSoftmax keeps each row's sum of
-# exponentials in fp16 (every log-probability -inf once ~65504 near-equal logits share a row: a 128k-token
-# head at initialization; 5e-3 to 1e-2 nats off otherwise). GroupNorm, InstanceNorm, BatchNorm, RMSNorm and
-# Softmax accumulate in fp32 on CPU and match fp32 up to the rounding of their fp16 output: not forced. CUDA
-# autocast already runs layer_norm and log_softmax in fp32 (there the islands change nothing). bf16 has fp32's
-# exponent range: nothing forced. Each island costs two casts and fp32 math for that module only; models
-# without these modules are untouched (bitwise equal to Lightning's MixedPrecision).
-DEFAULT_FP32_MODULES: dict[str, tuple[type[nn.Module], ...]] = {
-    "16-mixed": (nn.LayerNorm, nn.LogSoftmax),
-    "bf16-mixed": (),
-    "32-true": (),
-}
-
-
-def by_type(*types: type[nn.Module]) -> ModuleFilter:
-    """A filter selecting modules that are instances of any of ``types``."""
-    for t in types:
-        if not (isinstance(t, type) and issubclass(t, nn.Module)):
-            raise ValueError(f"by_type({t!r}) is invalid: expected nn.Module subclasses.")
-    return lambda module, fqn: isinstance(module, types)
-
-
-def by_name(*patterns: str) -> ModuleFilter:
-    """A filter selecting modules whose fully qualified name matches any glob pattern (``encoder.*.attn``)."""
-    for p in patterns:
-        if not isinstance(p, str) or not p:
-            raise ValueError(f"by_name({p!r}) is invalid: expected non-empty fqn glob patterns.")
-    return lambda module, fqn: any(_name_matches(fqn, p) for p in patterns)
-
-
-def _name_matches(fqn: str, pattern: str) -> bool:
-    """``pattern`` matches the fqn, or the fqn as written without ``torch.compile``'s ``_orig_mod`` level
-    (``net.0`` selects ``net._orig_mod.0`` of ``self.net = torch.compile(...)``)."""
-    if fnmatch.fnmatchcase(fqn, pattern):
-        return True
-    plain = ".".join(part for part in fqn.split(".") if part != "_orig_mod")
-    return plain != fqn and fnmatch.fnmatchcase(plain, pattern)
-
-
-def _entries(spec: Any) -> list[Any]:
-    """A single entry or any collection of entries (lists, tuples, sets, Hydra's ListConfig) as a list."""
-    if isinstance(spec, (str, type)) or callable(spec) or not isinstance(spec, Iterable):
-        return [spec]
-    return list(spec)
-
-
-def fp32_filter(spec: Any) -> ModuleFilter:
-    """Build one filter from what a user wrote: a class, a glob pattern, a filter, or a sequence of those.
-
-    Raises:
-        ValueError: an entry is none of the accepted kinds (names the entry and what is allowed).
-    """
-    items = _entries(spec)
-    filters: list[ModuleFilter] = []
-    for item in items:
-        if isinstance(item, type) and issubclass(item, nn.Module):
-            filters.append(by_type(item))
-        elif isinstance(item, str):
-            filters.append(by_name(item))
-        elif callable(item):
-            filters.append(item)
-        else:
-            raise ValueError(
-                f"fp32_modules entry {item!r} is invalid: expected an nn.Module class, an fqn glob pattern"
-                " string, or a (module, fqn) -> bool filter."
-            )
-    return lambda module, fqn: any(f(module, fqn) for f in filters)
-
-
-def pattern_misses(spec: Any, model: nn.Module) -> list[str]:
-    """Glob patterns in ``spec`` that match no module of ``model`` (usually a typo)."""
-    items = _entries(spec)
-    names = [fqn for fqn, _ in model.named_modules() if fqn]
-    return [p for p in items if isinstance(p, str) and not any(_name_matches(n, p) for n in names)]
-
-
-def prefixed_suggestions(pattern: str, model: nn.Module) -> list[str]:
-    """``child.<pattern>`` for each direct child of ``model`` under which ``pattern`` matches a module: what a
-    pattern written against the user's own network (``transformer.h.*.attn``) means inside the LightningModule
-    that holds it (``model.transformer.h.*.attn``)."""
-    names = [fqn for fqn, _ in model.named_modules() if fqn]
-    children = [name for name, _ in model.named_children()]
-    return [f"{c}.{pattern}" for c in children if any(_name_matches(n, f"{c}.{pattern}") for n in names)]
+__all__ = ["SCOPES", "Scope", "apply_fp32", "fp32", "is_fp32_island", "island_scope", "remove_fp32"]
 
 
 def _to_fp32(value: Any) -> Any:
@@ -339,110 +229,3 @@ def remove_fp32(model: nn.Module, fqns: Iterable[str] | None = None) -> list[str
                 forward.remove()
             removed.append(fqn)
     return removed
-
-
-@dataclass(frozen=True)
-class Promotion:
-    """One module running in fp32 and why."""
-
-    module: str
-    reason: str  # "static", "default", "overflow", "kernel error", "escalation"
-    step: int | None = None
-    detail: str = ""
-    scope: Scope = "module"  # "module": the whole module in fp32; "own_code": its own operations only
-
-
-class PromotionRule:
-    """Decides when blame turns into promotion: ``promote_after`` blames within ``window`` optimizer steps.
-
-    Pure bookkeeping over fqns and step numbers, so every rank that feeds it the same combined evidence
-    reaches the same decision.
-    """
-
-    def __init__(self, promote_after: int = 2, window: int = 100) -> None:
-        if not isinstance(promote_after, int) or isinstance(promote_after, bool) or promote_after < 1:
-            raise ValueError(f"promote_after={promote_after!r} is invalid: must be an integer >= 1.")
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise ValueError(f"promote_window={window!r} is invalid: must be an integer >= 1.")
-        self.promote_after = promote_after
-        self.window = window
-        self._blames: dict[str, deque[int]] = {}
-
-    def blame(self, fqn: str, step: int) -> bool:
-        """Record one blame; True when the module should be promoted now."""
-        history = self._blames.setdefault(fqn, deque())
-        history.append(step)
-        while history and history[0] <= step - self.window:
-            history.popleft()
-        if len(history) >= self.promote_after:
-            del self._blames[fqn]
-            return True
-        return False
-
-
-class FallbackManager:
-    """Which modules run in fp32 and why: static selection, per-precision defaults, run-time promotions.
-
-    Args:
-        fp32_modules: classes, fqn glob patterns or filters (see ``fp32_filter``) that always run in fp32.
-        defaults: also run ``DEFAULT_FP32_MODULES[precision]`` in fp32.
-        promote_after: blames within ``promote_window`` optimizer steps that promote a module.
-        promote_window: see ``promote_after``.
-    """
-
-    def __init__(
-        self, fp32_modules: Any = (), defaults: bool = True, promote_after: int = 2, promote_window: int = 100
-    ):
-        self.spec = fp32_modules
-        self.filter = fp32_filter(fp32_modules) if fp32_modules else None
-        self.defaults = defaults
-        self.rule = PromotionRule(promote_after, promote_window)
-        self.promotions: dict[str, Promotion] = {}
-
-    def setup(self, model: nn.Module, precision: str, device_type: str) -> None:
-        """Apply the static selection and the defaults. Raises if a glob pattern matches nothing."""
-        if self.spec:
-            misses = pattern_misses(self.spec, model)
-            if misses:
-                names = [fqn for fqn, _ in model.named_modules() if fqn]
-                shown = ", ".join(names[:12]) + (" ..." if len(names) > 12 else "")
-                hints = [hint for miss in misses for hint in prefixed_suggestions(miss, model)]
-                hint = f" Did you mean {', '.join(hints)}? " if hints else " "
-                raise ConfigError(
-                    f"AdaptiveMP(fp32_modules=...) pattern(s) {misses} match no module of"
-                    f" {type(model).__name__}.{hint}Names are relative to the model given to the plugin (the"
-                    f" LightningModule); its modules are: {shown}."
-                )
-            for fqn in apply_fp32(model, self.filter, device_type):
-                self.promotions[fqn] = Promotion(fqn, "static")
-        default_types = DEFAULT_FP32_MODULES.get(precision, ()) if self.defaults else ()
-        if default_types:
-            for fqn in apply_fp32(model, by_type(*default_types), device_type):
-                self.promotions[fqn] = Promotion(fqn, "default")
-
-    def promote(
-        self,
-        model: nn.Module,
-        fqn: str,
-        reason: str,
-        device_type: str,
-        step: int | None = None,
-        detail: str = "",
-        scope: Scope = "module",
-    ) -> bool:
-        """Make ``fqn`` an fp32 island of ``scope`` now; False if it already was one."""
-        if fqn in self.promotions or not apply_fp32(model, [fqn], device_type, scope):
-            return False
-        self.promotions[fqn] = Promotion(fqn, reason, step, detail, scope)
-        return True
-
-    def state_dict(self) -> list[dict[str, Any]]:
-        return [vars(p).copy() for p in self.promotions.values() if p.reason not in ("static", "default")]
-
-    def load_state_dict(self, model: nn.Module, promotions: list[dict[str, Any]], device_type: str) -> None:
-        """Re-apply run-time promotions from a checkpoint, so a resumed run does not repeat their overflows."""
-        names = {fqn for fqn, _ in model.named_modules()}
-        for entry in promotions:
-            if entry["module"] in names:
-                fqn, reason, step, detail = entry["module"], entry["reason"], entry.get("step"), entry.get("detail", "")
-                self.promote(model, fqn, reason, device_type, step, detail, entry.get("scope", "module"))

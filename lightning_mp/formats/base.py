@@ -1,0 +1,48 @@
+"""``Format``: what one precision means to a training step, as data the core reads."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["Format"]
+
+
+@dataclass(frozen=True)
+class Format:
+    """One precision.
+
+    Attributes:
+        name: Lightning's name (``"16-mixed"``): what ``AdaptiveMP(precision=...)`` takes and checkpoints keep.
+        short: the name in messages (``"fp16"``).
+        autocast_dtype: the dtype autocast computes in, or ``None`` (no autocast).
+        scaled: the loss is scaled and a step is guarded by the loss scaler (fp16's narrow range); otherwise a
+            step is guarded by the non-finite check (``scaling.stepper``).
+        fp32_defaults: module types that run in fp32 by default (``fp32_defaults=True``), with the measured
+            reason next to their definition.
+        stats_every: the default statistics cadence, one optimizer step in this many (and the first step).
+    """
+
+    name: str
+    short: str
+    autocast_dtype: torch.dtype | None
+    scaled: bool
+    fp32_defaults: tuple[type[nn.Module], ...]
+    stats_every: int
+
+    @property
+    def stats_dtype(self) -> torch.dtype:
+        """The format headroom and underflow are judged against: the autocast dtype, fp32 without one."""
+        return self.autocast_dtype or torch.float32
+
+    def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
+        """The autocast context on ``device_type`` (none without an autocast dtype).
+
+        ``cache_enabled=False`` as in Lightning's ``MixedPrecision``: same kernels, same numbers.
+        """
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype, cache_enabled=False)
