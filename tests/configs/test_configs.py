@@ -90,6 +90,8 @@ def test_scaler_knobs_reach_the_scaler():
         (["model.warmup_steps=-1"], "model.warmup_steps=-1 is invalid: must be an integer >= 0."),
         (["model.lr_schedule=linear"], "model.lr_schedule='linear' is invalid: must be one of cosine, constant."),
         (["model.net.width=0"], "model.net.width=0 is invalid: must be an integer >= 1."),
+        (["recipe=nlp", "model.net.dim=30"], "model.net.dim=30 is invalid: must be a multiple of model.net.heads=4"),
+        (["data.root=5"], "data.root=5 is invalid: must be a directory path, or null for the built-in data."),
         (["precision.stats=most"], "AdaptiveMP(stats='most') is invalid"),
         (["precision.fp32_modules=[encoderr.*]", "experiment=quick"], "match no module"),
         (["data.root=/does/not/exist", "experiment=quick"], "data.root='/does/not/exist' does not exist"),

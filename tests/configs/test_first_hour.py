@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_mp import cli
 from lightning_mp.cli import TrainingFailed, compose, main
+from lightning_mp.cli import run as cli  # _warn_about_devices and the os it reads
 
 COMMAND = Path(sys.executable).parent / "lightning-mp"
 QUICK = ["recipe=nlp", "experiment=quick", "logger=csv", "callbacks.progress_bar=null"]

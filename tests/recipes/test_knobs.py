@@ -9,9 +9,10 @@ from hydra.utils import get_object
 from omegaconf import OmegaConf
 from torch import nn
 
+from lightning_mp.cli import main
 from lightning_mp.errors import ConfigError
 from lightning_mp.recipes.common import Classifier
-from lightning_mp.recipes.knobs import knobs_of
+from lightning_mp.recipes.knobs import Integer, knobs_of
 from lightning_mp.recipes.nlp import TransformerClassifier
 from lightning_mp.recipes.speech import SpeechData
 from lightning_mp.recipes.vision import VisionData
@@ -62,3 +63,16 @@ def test_a_recipe_class_refuses_a_bad_knob_at_construction(build, message):
     with pytest.raises(ConfigError) as raised:
         build()
     assert str(raised.value).startswith(message)
+
+
+def test_a_knob_a_recipe_declares_is_a_key_the_command_line_accepts_and_checks(monkeypatch, capsys, tmp_path):
+    """What adding a knob takes: the argument in the class and one line in its recipe's ``KNOBS``. The command
+    line reads the declaration: the new key is accepted (``+``, as the YAML does not write it) and checked."""
+    from lightning_mp.recipes.vision import knobs
+
+    monkeypatch.setitem(knobs.NET.rules, "depth", Integer(minimum=1))
+    assert main(["train", "+model.net.depth=0"]) == 2
+    assert (
+        capsys.readouterr().err.strip() == "lightning-mp: error: model.net.depth=0 is invalid: must be an integer >= 1."
+    )
+    assert list(tmp_path.iterdir()) == [], "refused before anything was written"

@@ -1,0 +1,61 @@
+"""How the command reports an exception: the user's mistake as one line (status 2), anything else with its
+traceback (status 1)."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning_mp.errors import ConfigError
+
+__all__ = ["TrainingFailed", "is_user_error", "one_line"]
+
+
+class TrainingFailed(RuntimeError):
+    """An exception inside ``trainer.fit`` that is not about the user's input: printed with its traceback."""
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether ``error`` is the user's mistake (see the module docstring), to print as one line."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    known: tuple[type[BaseException], ...] = (
+        ConfigError,
+        HydraException,
+        OmegaConfBaseException,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+    )
+    exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")  # only if Lightning was imported
+    if exceptions is not None:
+        known = (*known, exceptions.MisconfigurationException)
+    return isinstance(error, known) and not isinstance(error, TrainingFailed)
+
+
+def one_line(error: BaseException) -> str:
+    """The line that matters of a user's mistake: Hydra's and OmegaConf's messages are often several lines,
+    wrapped, and end with a config search path; an object's error is prefixed with the config key that built it
+    (``trainer: ...``)."""
+    from hydra.errors import InstantiationException
+
+    key = ""
+    if isinstance(error, InstantiationException):
+        for line in str(error).splitlines():
+            if line.startswith("full_key:"):
+                key = line.split(":", 1)[1].strip() + ": "
+        cause = error.__cause__ or error.__context__
+        if cause is not None:
+            return key + one_line(cause)
+    lines: list[str] = []
+    for raw in str(error).splitlines():
+        if raw.strip() == "Config search path:":
+            break
+        if raw.startswith("\t") and lines:  # an item of the list the line above opens ("Available options:")
+            lines[-1] += (" " if lines[-1].endswith(":") else ", ") + raw.strip()
+        elif raw.strip():
+            lines.append(raw.strip())
+    # Sentences run on ("Could not override 'x'. To append ..."); other lines are separated by semicolons.
+    text = "".join(line + (" " if line.endswith(".") else "; ") for line in lines[:-1]) + "".join(lines[-1:])
+    text = text or type(error).__name__
+    return key + text.replace("\t", "")
