@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_mp.cli.compose import PRECISION_ALIASES, PRECISIONS, compose
+from lightning_mp.cli.errors import TrainingFailed
 from lightning_mp.errors import ConfigError, invalid
 
 __all__ = ["COLUMNS", "VERDICT_RULE", "compare", "comparison_markdown", "comparison_table", "verdict"]
@@ -42,8 +43,10 @@ def compare(overrides: list[str]) -> list[dict[str, Any]]:
         command = [sys.executable, "-m", "lightning_mp.cli", "train", *rest]
         command += [f"precision={name}", f"seed={seed}", f"output_dir='{run_dir}'"]  # quoted: the path has '='
         proc = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if proc.returncode == 2:  # the run printed the user's mistake as its one line
+            raise ConfigError(f"the {name} run (seed {seed}) was refused: its error is the line above.")
         if proc.returncode != 0:
-            raise ConfigError(f"the {name} run (seed {seed}) failed with exit status {proc.returncode}; see above.")
+            raise TrainingFailed(f"the {name} run (seed {seed}) failed with exit status {proc.returncode}; see above.")
         rows.append({**json.loads((run_dir / "result.json").read_text()), "seed": seed})
     table = comparison_table(rows)
     out.mkdir(parents=True, exist_ok=True)

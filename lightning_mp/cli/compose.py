@@ -8,7 +8,7 @@ In order, each step refusing with one line before the next runs (none imports Li
 3. every nested key must exist in the config the groups compose, or be an argument of its object
    (``keys.check_keys``);
 4. the composed values are checked (``check``): the run's own keys here (output_dir, seed, trainer), each
-   recipe class's knobs by its own declaration (``lightning_mp.recipes.knobs``).
+   recipe class's knobs by its own declaration (``lightning_mp.recipes.knobs``), AdaptiveMP's by its own options.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_mp.cli.help import CONFIG_MODULE, list_configs
 from lightning_mp.cli.keys import GROUPS, TOP_LEVEL_KEYS, check_keys, plugin_knob_overrides, unknown_key
-from lightning_mp.errors import invalid
+from lightning_mp.errors import ConfigError, invalid
 
 __all__ = ["PRECISIONS", "PRECISION_ALIASES", "check", "compose", "normalize_overrides"]
 
@@ -117,7 +117,8 @@ _TRAINER_INTEGERS = ("max_epochs", "max_steps", "log_every_n_steps", "accumulate
 
 def check(cfg: DictConfig) -> None:
     """Refuse a composed config whose values nothing can run with, before anything is built: the run's own keys
-    (this command's: train.yaml and the trainer group), then every recipe class's knobs by its own declaration."""
+    (this command's: train.yaml and the trainer group), then every recipe class's knobs by its own declaration,
+    then AdaptiveMP's knobs by its own validation."""
     output_dir = str(cfg.get("output_dir") or "").strip()
     if not output_dir:
         allowed = (
@@ -142,3 +143,25 @@ def check(cfg: DictConfig) -> None:
     from lightning_mp.recipes.knobs import check_config  # torch- and Lightning-free
 
     check_config({key: cfg[key] for key in cfg if key != "hydra"})
+    _check_plugin_knobs(cfg.get("precision"))
+
+
+def _check_plugin_knobs(node: DictConfig | None) -> None:
+    """AdaptiveMP's own validation of the precision knobs, run now instead of inside ``instantiate``.
+
+    ``PluginOptions`` is every argument of ``AdaptiveMP`` validated at its construction, and nothing else: what it
+    raises is about a value the precision config or the command line gave (``precision.stats=most``,
+    ``precision.scaler.growth_factor=0.5``), so it is the user's mistake, printed as one line. It raises
+    ``ValueError`` / ``TypeError`` today; once it raises ``ConfigError`` this conversion does nothing.
+    """
+    if node is None or node.get("_target_") != "lightning_mp.AdaptiveMP":
+        return  # no plugin, or another one: its own constructor checks its arguments
+    from lightning_mp.options import PluginOptions  # imports torch, not Lightning
+
+    knobs = {key: value for key, value in OmegaConf.to_container(node, resolve=True).items() if key[0] != "_"}
+    try:
+        PluginOptions(**knobs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from error

@@ -1,5 +1,12 @@
 """How the command reports an exception: the user's mistake as one line (status 2), anything else with its
-traceback (status 1)."""
+traceback (status 1).
+
+A mistake is a ``ConfigError`` (``lightning_mp.errors``: raised by the command's checks, the recipes and the
+plugin), an error of Hydra or OmegaConf (they read the command line and the configs), or Lightning's
+``MisconfigurationException`` (its word for a setting it refuses). Nothing else is: a ``ValueError`` or a
+``TypeError`` raised while training is a failure to see whole, not a line to read. Hydra wraps whatever an
+object's constructor raises in an ``InstantiationException``; what was wrapped decides.
+"""
 
 from __future__ import annotations
 
@@ -19,24 +26,31 @@ def is_user_error(error: BaseException) -> bool:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    known: tuple[type[BaseException], ...] = (
-        ConfigError,
-        HydraException,
-        OmegaConfBaseException,
-        ValueError,
-        TypeError,
-        FileNotFoundError,
-    )
+    if _raised_by_a_target(error):
+        return is_user_error(error.__cause__)
+    known: tuple[type[BaseException], ...] = (ConfigError, HydraException, OmegaConfBaseException)
     exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")  # only if Lightning was imported
     if exceptions is not None:
         known = (*known, exceptions.MisconfigurationException)
-    return isinstance(error, known) and not isinstance(error, TrainingFailed)
+    return isinstance(error, known)
+
+
+def _raised_by_a_target(error: BaseException) -> bool:
+    """Hydra's ``InstantiationException`` around what the object's own code raised ("Error in call to target"),
+    as opposed to one about the config itself (a ``_target_`` that does not import)."""
+    from hydra.errors import InstantiationException
+
+    return (
+        isinstance(error, InstantiationException)
+        and error.__cause__ is not None
+        and str(error).startswith("Error in call to target")
+    )
 
 
 def one_line(error: BaseException) -> str:
     """The line that matters of a user's mistake: Hydra's and OmegaConf's messages are often several lines,
     wrapped, and end with a config search path; an object's error is prefixed with the config key that built it
-    (``trainer: ...``)."""
+    (``trainer: ...``), unless it is a ``ConfigError``, which names its field already."""
     from hydra.errors import InstantiationException
 
     key = ""
@@ -46,7 +60,7 @@ def one_line(error: BaseException) -> str:
                 key = line.split(":", 1)[1].strip() + ": "
         cause = error.__cause__ or error.__context__
         if cause is not None:
-            return key + one_line(cause)
+            return ("" if isinstance(cause, ConfigError) else key) + one_line(cause)
     lines: list[str] = []
     for raw in str(error).splitlines():
         if raw.strip() == "Config search path:":

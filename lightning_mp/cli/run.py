@@ -20,7 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from lightning_mp.cli.errors import TrainingFailed
+from lightning_mp.cli.errors import TrainingFailed, one_line
 from lightning_mp.errors import ConfigError, invalid
 
 __all__ = ["prepare_output_dir", "quiet_known_noise", "train"]
@@ -63,7 +63,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     _warn_about_devices(cfg)
     data = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    plugin = instantiate(cfg.precision)
+    plugin = instantiate(cfg.precision)  # its knobs were checked with the config (compose.check)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
     throughput = Throughput()
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -76,7 +76,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [LossScaleMonitor(), OverflowDiagnostics(), PrecisionReport(), *callbacks]
     # Atomic checkpoint writes: a run killed during a save keeps its previous last.ckpt intact.
     plugins = [plugin, AtomicCheckpointIO()]
-    trainer = instantiate(cfg.trainer, plugins=plugins, logger=logger, callbacks=callbacks)
+    trainer = _trainer(cfg, plugins=plugins, logger=logger, callbacks=callbacks)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     except (ConfigError, MisconfigurationException, KeyboardInterrupt):
@@ -138,7 +138,10 @@ _STARTUP_LOG_FILES = ("events.out.tfevents.*", "hparams.yaml", "metrics.csv")
 def _remove_unused_log_dir(trainer: Any, logger: Any, output_dir: Path) -> None:
     """A run that failed before its first optimizer step leaves no ``version_N`` folder behind: only the files
     a logger writes at start-up are removed, and then the folders left empty inside ``output_dir``."""
-    log_dir = getattr(logger, "log_dir", None) if logger else None
+    try:
+        log_dir = getattr(logger, "log_dir", None) if logger else None
+    except Exception:  # noqa: BLE001 - the logger is what failed (logger.name=5): keep the error that says so
+        return
     if log_dir is None or trainer.global_step > 0:
         return
     path, root = Path(log_dir).resolve(), output_dir.resolve()
@@ -183,6 +186,26 @@ def prepare_output_dir(cfg: DictConfig) -> Path:
         problem = f"already holds a run ({earlier[0].relative_to(output_dir)})"
         raise invalid("output_dir", str(cfg.output_dir), allowed, problem=problem)
     return output_dir
+
+
+def _trainer(cfg: DictConfig, **objects: Any) -> Any:
+    """Lightning's ``Trainer`` from ``cfg.trainer`` and the objects built here.
+
+    The Trainer checks its arguments in its constructor with ``ValueError`` / ``TypeError`` (``strategy='foo'``,
+    ``gradient_clip_val='abc'``) as well as ``MisconfigurationException``. Every value in ``cfg.trainer`` is the
+    user's (the trainer preset or ``trainer.<argument>=...``), so what the constructor refuses is the user's
+    mistake: one line naming the node, with Lightning's message (which names the argument).
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.trainer, **objects)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, (ValueError, TypeError)) and not isinstance(cause, ConfigError):
+            raise ConfigError(f"trainer: {one_line(cause)}") from error
+        raise
 
 
 class _DropLitLoggerTip(logging.Filter):

@@ -93,6 +93,10 @@ def test_scaler_knobs_reach_the_scaler():
         (["recipe=nlp", "model.net.dim=30"], "model.net.dim=30 is invalid: must be a multiple of model.net.heads=4"),
         (["data.root=5"], "data.root=5 is invalid: must be a directory path, or null for the built-in data."),
         (["precision.stats=most"], "AdaptiveMP(stats='most') is invalid"),
+        (
+            ["trainer.strategy=foo", "experiment=quick"],
+            "trainer: You selected an invalid strategy name: `strategy='foo'`",
+        ),
         (["precision.fp32_modules=[encoderr.*]", "experiment=quick"], "match no module"),
         (["data.root=/does/not/exist", "experiment=quick"], "data.root='/does/not/exist' does not exist"),
         (["ckpt_path=/nope.ckpt", "experiment=quick"], "ckpt_path='/nope.ckpt' does not exist"),
