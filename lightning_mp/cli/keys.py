@@ -39,11 +39,12 @@ def unknown_key(key: str, value: str | None) -> ConfigError:
 # A key below the top level (data.batch_size, precision.scaler.growth_interval) must exist in the config the
 # groups compose, or be an argument of the object its node builds. That is, in order:
 #   1. a key of the composed config: any override of it is fine;
-#   2. an argument of the node's object that the YAML leaves at its default: the node's ``_target_`` signature
-#      (trainer -> lightning.pytorch.Trainer, callbacks.<name> -> the callback), and for
-#      precision / precision.scaler the fields of PluginOptions / ScalerConfig (AdaptiveMP / AdaptiveLossScaler,
-#      read without importing Lightning), for a recipe class its declared knobs. trainer.* and precision.* are
-#      added for the user (plugin_knob_overrides, below); any other such argument needs Hydra's +, as Hydra says;
+#   2. an argument of the node's object that the YAML leaves at its default: for a recipe class (data, model,
+#      model.net) its declared knobs; for precision / precision.scaler the fields of PluginOptions / ScalerConfig
+#      (AdaptiveMP / AdaptiveLossScaler); both read without importing Lightning; for any other node its
+#      ``_target_``'s signature (trainer -> lightning.pytorch.Trainer, callbacks.<name> -> the callback).
+#      trainer.* and precision.* are added for the user (plugin_knob_overrides, below); any other such argument
+#      needs Hydra's +, as Hydra says;
 #   3. anything else is a typo and is refused with the nearest real key, whether or not it is written with +
 #      or ++: a + that adds a key nothing reads would train with the typo silently ignored. A node of a closed
 #      object (every one we ship but the TensorBoard logger) can take no new key at all. Two exceptions:
@@ -56,8 +57,9 @@ def unknown_key(key: str, value: str | None) -> ConfigError:
 
 
 def check_keys(overrides: list[Any], config: dict[str, Any]) -> None:
-    """Refuse every override whose key nothing would read (see the rules above), naming the nearest real key. ``config``
-    is a plain copy of the composed config: each override is checked against it as the ones before it left it."""
+    """Refuse every override whose key nothing would read (the rules above), naming the nearest real key.
+    ``config`` is a plain copy of the composed config: each override is checked against it as the ones before it
+    left it."""
     for override in overrides:
         parts = override.key_or_group.split(".")
         if len(parts) < 2 or parts[0] == "hydra" or override.package is not None or override.is_sweep_override():
