@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_mp.cli.errors import TrainingFailed, one_line
 from lightning_mp.errors import ConfigError, invalid
@@ -63,10 +63,10 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     _warn_about_devices(cfg)
     data = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    plugin = instantiate(cfg.precision)  # its knobs were checked with the config (compose.check)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    plugin = _build(cfg, "precision")
+    logger = _build(cfg, "logger") if cfg.get("logger") else False
     throughput = Throughput()
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [_build(cfg, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
     callbacks += [throughput, SaveConfig(cfg, output_dir / "config.yaml")]
     if plugin.options.attach_callbacks:
         # The plugin would add these at setup; given to the Trainer here, a resumed run finds them when
@@ -76,7 +76,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         callbacks = [LossScaleMonitor(), OverflowDiagnostics(), PrecisionReport(), *callbacks]
     # Atomic checkpoint writes: a run killed during a save keeps its previous last.ckpt intact.
     plugins = [plugin, AtomicCheckpointIO()]
-    trainer = _trainer(cfg, plugins=plugins, logger=logger, callbacks=callbacks)
+    trainer = _build(cfg, "trainer", plugins=plugins, logger=logger, callbacks=callbacks)
     try:
         trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     except (ConfigError, MisconfigurationException, KeyboardInterrupt):
@@ -188,23 +188,25 @@ def prepare_output_dir(cfg: DictConfig) -> Path:
     return output_dir
 
 
-def _trainer(cfg: DictConfig, **objects: Any) -> Any:
-    """Lightning's ``Trainer`` from ``cfg.trainer`` and the objects built here.
+def _build(cfg: DictConfig, key: str, **objects: Any) -> Any:
+    """The object the config node ``key`` describes: the plugin, the logger, a callback, the Trainer.
 
-    The Trainer checks its arguments in its constructor with ``ValueError`` / ``TypeError`` (``strategy='foo'``,
-    ``gradient_clip_val='abc'``) as well as ``MisconfigurationException``. Every value in ``cfg.trainer`` is the
-    user's (the trainer preset or ``trainer.<argument>=...``), so what the constructor refuses is the user's
-    mistake: one line naming the node, with Lightning's message (which names the argument).
+    Their constructors check their arguments with ``ValueError`` / ``TypeError`` too: AdaptiveMP
+    (``fp32_modules=[5]``; most of its knobs were checked with the config already, see ``compose.check``), the
+    Trainer (``strategy='foo'``, ``gradient_clip_val='abc'``). Every value of these nodes is the user's (the
+    group's preset or ``key=value`` on the command line), so what such a constructor refuses is the user's
+    mistake: one line naming the node, with the object's own message, which names the argument. The recipes'
+    classes are not built here: they raise ``ConfigError`` for their knobs, and anything else is a bug.
     """
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     try:
-        return instantiate(cfg.trainer, **objects)
+        return instantiate(OmegaConf.select(cfg, key), **objects)
     except InstantiationException as error:
         cause = error.__cause__
         if isinstance(cause, (ValueError, TypeError)) and not isinstance(cause, ConfigError):
-            raise ConfigError(f"trainer: {one_line(cause)}") from error
+            raise ConfigError(f"{key}: {one_line(cause)}") from error
         raise
 
 

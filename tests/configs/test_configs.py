@@ -93,6 +93,7 @@ def test_scaler_knobs_reach_the_scaler():
         (["recipe=nlp", "model.net.dim=30"], "model.net.dim=30 is invalid: must be a multiple of model.net.heads=4"),
         (["data.root=5"], "data.root=5 is invalid: must be a directory path, or null for the built-in data."),
         (["precision.stats=most"], "AdaptiveMP(stats='most') is invalid"),
+        (["precision.fp32_modules=[5]", "experiment=quick"], "precision: fp32_modules entry 5 is invalid"),
         (
             ["trainer.strategy=foo", "experiment=quick"],
             "trainer: You selected an invalid strategy name: `strategy='foo'`",
