@@ -14,7 +14,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import RandomSampler
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_mp.errors import ConfigError
+from lightning_mp.errors import invalid
+from lightning_mp.recipes.knobs import CLASSIFIER
 
 
 class Classifier(L.LightningModule):
@@ -41,9 +42,7 @@ class Classifier(L.LightningModule):
         warmup_steps: int = 50,
         lr_schedule: str = "cosine",
     ):
-        if lr_schedule not in LR_SCHEDULES:
-            allowed = ", ".join(LR_SCHEDULES)
-            raise ConfigError(f"model.lr_schedule={lr_schedule!r} is invalid: must be one of {allowed}.")
+        CLASSIFIER.check(locals())  # what each argument accepts: recipes/knobs.py
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
@@ -80,9 +79,6 @@ class Classifier(L.LightningModule):
         factor = lr_factor(warmup_steps=self.hparams.warmup_steps, total_steps=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
-LR_SCHEDULES = ("cosine", "constant")
 
 
 def lr_factor(warmup_steps: int, total_steps: float | Callable[[], float]) -> Callable[[int], float]:
@@ -122,9 +118,8 @@ class TensorDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         train, val, found = self.load()
         if found != self.num_classes:
-            raise ConfigError(
-                f"data.num_classes={self.num_classes} but the data has {found} classes; set data.num_classes={found}."
-            )
+            fix, problem = f"set data.num_classes={found}", f"but the data has {found} classes"
+            raise invalid("data.num_classes", self.num_classes, fix, problem=problem)
         self.train_set, self.val_set = TensorDataset(*train), TensorDataset(*val)
 
     def train_dataloader(self) -> StatefulDataLoader:
@@ -148,7 +143,6 @@ def check_root(root, field: str = "data.root"):
 
     path = Path(root).expanduser()
     if not path.exists():
-        raise ConfigError(
-            f"{field}={str(root)!r} does not exist; give an existing directory or null for the built-in data."
-        )
+        allowed = "give an existing directory, or null for the built-in data"
+        raise invalid(field, str(root), allowed, problem="does not exist")
     return path

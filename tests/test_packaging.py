@@ -64,6 +64,8 @@ def test_public_names_load_on_first_use_and_checking_a_command_line_does_not_imp
         "import sys; from lightning_mp.cli import main; "
         "assert main(['train', 'seed=abc']) == 2; "
         "assert main(['train', 'reciep=nlp']) == 2; "
+        "assert main(['train', 'data.batch_size=0']) == 2; "  # a recipe's knobs, by the recipe's declaration
+        "assert main(['train', 'recipe=nlp', 'model.net.dim=30']) == 2; "
         "print('lightning' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

@@ -12,8 +12,9 @@ import random
 
 import torch
 
-from lightning_mp.errors import ConfigError
+from lightning_mp.errors import ConfigError, invalid
 from lightning_mp.recipes.common import TensorDataModule, check_root
+from lightning_mp.recipes.nlp.knobs import DATA
 
 SUBJECTS = [
     "the movie",
@@ -139,6 +140,7 @@ class TextData(TensorDataModule):
         val_size: int = 800,
         seed: int = 0,
     ):
+        DATA.check(locals())  # what each argument accepts: knobs.py
         super().__init__()
         self.root, self.num_classes, self.vocab_size, self.max_length = root, num_classes, vocab_size, max_length
         self.batch_size, self.train_size, self.val_size, self.seed = batch_size, train_size, val_size, seed
@@ -149,9 +151,8 @@ class TextData(TensorDataModule):
             train, test = path / f"train{suffix}", path / f"test{suffix}"
             if train.exists() and test.exists():
                 return train, test
-        raise ConfigError(
-            f"data.root={str(self.root)!r} needs train.csv and test.csv (or .tsv) with rows 'label, text'."
-        )
+        expected = "expected train.csv and test.csv (or .tsv) with rows 'label, text'"
+        raise invalid("data.root", str(self.root), expected, problem="has no train.csv and test.csv")
 
     def load(self):
         if self.root is None:

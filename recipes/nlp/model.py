@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_mp.recipes.nlp.knobs import NET
+
 
 class TransformerClassifier(nn.Module):
     """Token and position embeddings -> pre-norm Transformer encoder -> masked mean pooling -> linear.
@@ -15,6 +17,7 @@ class TransformerClassifier(nn.Module):
     def __init__(
         self, vocab_size: int, num_classes: int, dim: int = 64, heads: int = 4, layers: int = 2, max_length: int = 24
     ):
+        NET.check(locals())  # what each argument accepts: knobs.py
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.position = nn.Parameter(torch.zeros(1, max_length, dim))

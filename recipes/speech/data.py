@@ -13,8 +13,9 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-from lightning_mp.errors import ConfigError
+from lightning_mp.errors import ConfigError, invalid
 from lightning_mp.recipes.common import TensorDataModule, check_root
+from lightning_mp.recipes.speech.knobs import DATA
 
 KEYWORDS = 6
 
@@ -63,7 +64,7 @@ def load_wav_folder(root, sample_rate: int = 8000, seconds: float = 1.0):
     path = check_root(root)
     labels = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith(("_", ".")))
     if not labels:
-        raise ConfigError(f"data.root={str(root)!r} has no label folders (expected root/<label>/*.wav).")
+        raise invalid("data.root", str(root), "expected root/<label>/*.wav", problem="has no label folders")
     listed = path / "validation_list.txt"
     validation = set(listed.read_text().split()) if listed.exists() else None
     length = int(sample_rate * seconds)
@@ -83,7 +84,8 @@ def load_wav_folder(root, sample_rate: int = 8000, seconds: float = 1.0):
             waves.append(_fit_length(wave, length))
             targets.append(index)
     if not splits["train"][0]:
-        raise ConfigError(f"data.root={str(root)!r} has no .wav files under its label folders.")
+        problem = "has no .wav files in its label folders"
+        raise invalid("data.root", str(root), "expected root/<label>/*.wav", problem=problem)
 
     def stack(split):
         waves, targets = splits[split]
@@ -117,6 +119,7 @@ class SpeechData(TensorDataModule):
         val_size: int = 300,
         seed: int = 0,
     ):
+        DATA.check(locals())  # what each argument accepts: knobs.py
         super().__init__()
         self.root, self.num_classes, self.sample_rate, self.batch_size = root, num_classes, sample_rate, batch_size
         self.train_size, self.val_size, self.seed = train_size, val_size, seed

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from lightning_mp.recipes.speech.knobs import NET
+
 
 def mel_filterbank(
     n_freqs: int, n_mels: int, sample_rate: int, f_min: float = 0.0, f_max: float | None = None
@@ -51,6 +53,7 @@ class KeywordCNN(nn.Module):
     """LogMel -> instance-normalised features -> three conv blocks -> pooling -> linear."""
 
     def __init__(self, num_classes: int, sample_rate: int = 8000, n_mels: int = 40, width: int = 32):
+        NET.check(locals())  # what each argument accepts: knobs.py
         super().__init__()
         self.frontend = LogMel(sample_rate, n_mels=n_mels)
         self.norm = nn.BatchNorm2d(1)

@@ -6,8 +6,9 @@ import pickle
 
 import torch
 
-from lightning_mp.errors import ConfigError
+from lightning_mp.errors import ConfigError, invalid
 from lightning_mp.recipes.common import TensorDataModule, check_root
+from lightning_mp.recipes.vision.knobs import DATA
 
 SHAPES = ("circle", "square", "triangle", "cross", "ring", "diamond")
 
@@ -79,9 +80,8 @@ def load_cifar10(root) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.T
         for name in names:
             file = path / name
             if not file.exists():
-                raise ConfigError(
-                    f"data.root={str(root)!r} has no CIFAR-10 batch {name!r} (expected data_batch_1..5 and test_batch)."
-                )
+                expected = "expected data_batch_1..5 and test_batch"
+                raise invalid("data.root", str(root), expected, problem=f"has no CIFAR-10 batch {name!r}")
             try:
                 with open(file, "rb") as f:
                     batch = _CifarUnpickler(f, encoding="bytes").load()
@@ -120,6 +120,7 @@ class VisionData(TensorDataModule):
         val_size: int = 600,
         seed: int = 0,
     ):
+        DATA.check(locals())  # what each argument accepts: knobs.py
         super().__init__()
         self.root, self.num_classes, self.batch_size = root, num_classes, batch_size
         self.train_size, self.val_size, self.seed = train_size, val_size, seed

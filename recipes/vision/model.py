@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from lightning_mp.recipes.vision.knobs import NET
+
 
 class Block(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1):
@@ -27,6 +29,7 @@ class SmallResNet(nn.Module):
     """stem -> ``width`` blocks at full and half resolution -> global pooling -> linear."""
 
     def __init__(self, num_classes: int, width: int = 32, in_channels: int = 3):
+        NET.check(locals())  # what each argument accepts: knobs.py
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         self.layers = nn.Sequential(

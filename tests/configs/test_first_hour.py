@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_mp import cli
 from lightning_mp.cli import TrainingFailed, compose, main
+from lightning_mp.cli import run as cli  # _warn_about_devices and the os it reads
 
 COMMAND = Path(sys.executable).parent / "lightning-mp"
 QUICK = ["recipe=nlp", "experiment=quick", "logger=csv", "callbacks.progress_bar=null"]
@@ -113,6 +113,21 @@ def test_a_failure_inside_training_keeps_its_traceback(tmp_path, monkeypatch):
         main(["train", *QUICK, "precision=fp32", f"output_dir={tmp_path}/run"])
     assert isinstance(raised.value.__cause__, ValueError) and "a bug in training_step" in str(raised.value)
     assert not list((tmp_path / "run").glob("csv/version_*")), "no log folder of a run that trained nothing"
+
+
+def test_a_bug_while_building_the_run_keeps_its_traceback(tmp_path, monkeypatch):
+    """A ValueError that is not a ConfigError is a failure, wherever it is raised: Hydra wrapping it (the error
+    came from an object's constructor) does not make it the user's input."""
+    from lightning_mp.recipes.vision.model import SmallResNet
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("a bug in a constructor")
+
+    monkeypatch.setattr(SmallResNet, "__init__", broken)
+    with pytest.raises(Exception) as raised:
+        main(["train", "recipe=vision", "experiment=quick", "logger=csv", f"output_dir={tmp_path}/run"])
+    assert isinstance(raised.value.__cause__, ValueError) and "a bug in a constructor" in str(raised.value.__cause__)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_refused_run_leaves_no_empty_folder(tmp_path):

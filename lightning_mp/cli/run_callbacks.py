@@ -1,4 +1,4 @@
-"""Callbacks the ``lightning-mp`` command adds to every run (kept out of ``cli.py`` so that checking a command
+"""Callbacks the ``lightning-mp`` command adds to every run (kept out of ``run.py`` so that checking a command
 line does not import Lightning)."""
 
 from __future__ import annotations
