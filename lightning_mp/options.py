@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from lightning_mp.diagnosis.statistics import LEVELS
+from lightning_mp.errors import ConfigError
 from lightning_mp.formats import PRECISIONS
 from lightning_mp.scaling import AdaptiveLossScaler
 
@@ -31,8 +32,8 @@ def _knob(default: Any, doc: str) -> Any:
     return field(default=default, metadata={"doc": " ".join(doc.split())})
 
 
-def _invalid(field_name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"AdaptiveMP({field_name}={value!r}) is invalid: {allowed}")
+def _invalid(field_name: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"AdaptiveMP({field_name}={value!r}) is invalid: {allowed}")
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,10 +147,10 @@ class PluginOptions:
             )
         if isinstance(scaler, Mapping):
             if "device" in scaler:
-                raise ValueError("AdaptiveMP(scaler={'device': ...}) is invalid: the device is taken from AdaptiveMP.")
+                raise ConfigError("AdaptiveMP(scaler={'device': ...}) is invalid: the device is taken from AdaptiveMP.")
             AdaptiveLossScaler("cpu", **scaler)  # validate every knob now, naming the bad one
         if scaler is not None and precision in ("bf16-mixed", "32-true"):
-            raise ValueError(
+            raise ConfigError(
                 f"AdaptiveMP(precision={precision!r}, scaler=...) is invalid: a loss scaler is only used with"
                 " precision='16-mixed' (or 'auto'); pass scaler=None."
             )

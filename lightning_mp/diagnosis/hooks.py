@@ -39,6 +39,11 @@ _watching: Any = None
 
 def _module_registered(module: nn.Module, name: str, submodule: nn.Module | None) -> None:
     global _registrations
+    if torch.compiler.is_compiling():
+        # Code being compiled that builds a module (Llama's ``self.layers[: n]`` makes a ModuleList on every
+        # call): counting here would be traced as a condition and recompile the graph on every call. A module
+        # built inside compiled code is transient; arming reads the model's own submodules, not those.
+        return
     _registrations += 1
 
 

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any, Literal
 
+from lightning_mp.errors import ConfigError
+
 __all__ = ["FP16_MAX", "LossScaleFloorError", "ScaleAction", "ScalePolicy", "ScalerConfig"]
 
 FP16_MAX = 65504.0  # largest finite float16
@@ -74,8 +76,8 @@ def _f32(value: float) -> float:
         return math.copysign(math.inf, value)
 
 
-def _invalid(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"AdaptiveLossScaler({field}={value!r}) is invalid: {field} must be {allowed}.")
+def _invalid(field: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"AdaptiveLossScaler({field}={value!r}) is invalid: {field} must be {allowed}.")
 
 
 def _is_number(value: Any) -> bool:
@@ -140,7 +142,7 @@ class ScalerConfig:
             if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
                 raise _invalid(name, value, "None or a finite number > 0")
         if self.min_scale is not None and self.max_scale is not None and self.min_scale > self.max_scale:
-            raise ValueError(
+            raise ConfigError(
                 f"AdaptiveLossScaler(min_scale={self.min_scale!r}, max_scale={self.max_scale!r}) is invalid:"
                 " min_scale must be <= max_scale."
             )
@@ -155,7 +157,7 @@ class ScalerConfig:
         if self.calibrate is not None and not isinstance(self.calibrate, bool):
             raise _invalid("calibrate", self.calibrate, "None, True or False")
         if self.shrink_headroom_bits >= min(self.growth_headroom(False), self.growth_headroom(True)):
-            raise ValueError(
+            raise ConfigError(
                 f"AdaptiveLossScaler(shrink_headroom_bits={self.shrink_headroom_bits!r},"
                 f" headroom_bits={self.headroom_bits!r}) is invalid: shrink_headroom_bits must be"
                 f" < headroom_bits (None: {RESCUED_HEADROOM_BITS} when rescuing), or the scale would shrink right"

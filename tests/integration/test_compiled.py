@@ -109,3 +109,26 @@ def test_fabric_with_a_compiled_model_keeps_its_graphs_numerics_and_statistics()
     assert same_weights(ours, theirs)
     summary = plugin.statistics.summary(plugin.stats_dtype)
     assert summary["0"]["activation_amax"] > 0 and plugin.statistics.samples_taken == 3
+
+
+class Sliced(Wide):
+    """Modern Hugging Face decoders (Llama, Mistral, Qwen) run ``self.layers[: n]``: a new ModuleList per call."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(4, 4) for _ in range(3)])
+        self.n = 2
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for layer in self.layers[: self.n]:
+            x = layer(x)
+        return F.mse_loss(self.net(x).float(), y)
+
+
+def test_a_model_that_builds_a_module_list_in_forward_compiles_once():
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    fit(AdaptiveMP("bf16-mixed"), model=torch.compile(Sliced(), backend=BACKEND), data=loader(samples=32), max_steps=8)
+    assert counters["stats"]["unique_graphs"] == 1, "the registration counter must not be traced as a guard"
