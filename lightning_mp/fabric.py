@@ -251,6 +251,7 @@ class AdaptiveMP(CoreView, Precision):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._ensure_set_up()  # promotions apply to the model: it must be the core's first
         self.core.load_state_dict(state_dict)
+        self._warnings.told_up_to(self.core.ledger)  # a resumed run does not repeat its earlier warnings
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(precision={self.precision!r}, device={self.device!r}, scaler={self.scaler!r})"

@@ -266,6 +266,7 @@ class AdaptiveMP(CoreView, Precision):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Lightning calls this after setup and before the first new step: promotions apply to its forward.
         self.core.load_state_dict(state_dict)
+        self._warnings.told_up_to(self.core.ledger)  # a resumed run does not repeat its earlier warnings
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

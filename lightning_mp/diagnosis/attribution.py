@@ -254,6 +254,8 @@ def nearest_nonfinite_grad(model: nn.Module, order: Iterable[str]) -> Finding | 
 _KERNEL_ERRORS = re.compile(
     r"could not create a primitive|not implemented for '(Half|BFloat16)'|CUBLAS_STATUS_NOT_SUPPORTED"
     r"|no kernel image is available|does not support (Half|BFloat16|float16|bfloat16)"
+    # masked_fill(mask, -1e10) on an fp16 tensor (minGPT's attention mask): the constant does not fit fp16.
+    r"|cannot be converted to type (c10::|at::)?(Half|BFloat16) without overflow"
 )
 
 

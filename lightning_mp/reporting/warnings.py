@@ -17,6 +17,11 @@ class EventWarnings:
         self._told: set[tuple] = set()
         self._last_seq = 0  # the newest event looked at (the ledger's buffer is bounded: ask by number)
 
+    def told_up_to(self, ledger: RunLedger) -> None:
+        """Consider every event the ledger holds told (a resumed run: they were warned about before)."""
+        self._last_seq = ledger.last_seq
+        self._told |= {(e.phase, e.module, e.op, e.source) for e in ledger.events}
+
     def new(self, ledger: RunLedger) -> list[str]:
         """Messages for the ledger's events not looked at yet whose place was not told before."""
         if ledger.last_seq == self._last_seq:

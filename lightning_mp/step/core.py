@@ -316,10 +316,15 @@ class PrecisionCore:
         if not (self.options.auto_fallback and self.autocast_dtype is not None and is_kernel_error(error)):
             return False
         fqn = module_from_traceback(error, self.model) if self.model is not None else None
-        detail, step = first_line(error), self.ledger.optimizer_steps
-        if fqn is None or not self.fallback.promote(self.model, fqn, Reason.KERNEL_ERROR, self.device, step, detail):
+        if fqn is None:
             return False
-        self.warn(f"AdaptiveMP: {fqn} runs in fp32 from now on: its {self.precision} kernel failed ({detail}).")
+        # The error was raised in the innermost running module's own code: a leaf whole, a container's own code.
+        scope = "own_code" if next(self.model.get_submodule(fqn).children(), None) is not None else "module"
+        detail, step = first_line(error), self.ledger.optimizer_steps
+        if not self.fallback.promote(self.model, fqn, Reason.KERNEL_ERROR, self.device, step, detail, scope):
+            return False
+        what = f"{fqn}'s own code" if scope == "own_code" else fqn
+        self.warn(f"AdaptiveMP: {what} runs in fp32 from now on: its {self.precision} kernel failed ({detail}).")
         return True
 
     # ------------------------------------------------------------------------------------------ the step
@@ -419,16 +424,18 @@ class PrecisionCore:
         repeat = self.tracker.note_optimizer(id(optimizer))  # another optimizer already skipped on this batch
         spike = self._spike(optimizer)
         if spike is not None:
+            scale = self.stepper.scale
             self.stepper.skip()
-            self._decide(optimizer, Finding.spike(), repeat, spike)
+            self._decide(optimizer, Finding.spike(), repeat, spike, scale=scale)
             return None
+        scale = self.stepper.scale  # what this step's gradients carried; the settle below may move it
         skipped, output = self.stepper.step(optimizer, **kwargs)
         finding = self._diagnose() if skipped else None
         # Lowering the scale cannot fix a bad batch, a forward overflow, or a gradient non-finite without
         # scaling (a rescue's last re-run showed it).
         scale_related = finding is None or (finding.phase == "backward" and not self.rescue.nonfinite_unscaled)
         skipped |= self.stepper.settle(scale_related)  # a fused optimizer's own skip is known only now
-        self._decide(optimizer, finding, repeat and finding is not None, skipped=skipped)
+        self._decide(optimizer, finding, repeat and finding is not None, skipped=skipped, scale=scale)
         return output
 
     def _spike(self, optimizer: Optimizer) -> float | None:
@@ -466,6 +473,7 @@ class PrecisionCore:
         repeat: bool,
         spike: float | None = None,
         skipped: bool | None = None,
+        scale: float | None = None,
     ) -> None:
         """After a step: count it, promote a repeatedly blamed module, climb the ladder if due, record the event.
 
@@ -492,7 +500,8 @@ class PrecisionCore:
         if finding is None:
             return
         promotion = self._promote_blamed(finding)
-        scale, action = self.stepper.scale, self.stepper.last_action  # before a switch to bf16 drops them
+        action = self.stepper.last_action  # before a switch to bf16 drops it
+        scale = scale if scale is not None else self.stepper.scale
         escalation = self._escalate(why, finding.module or self.ledger.last_blamed_module()) if why else None
         if promotion is not None or (escalation is not None and escalation.rung is Rung.PROMOTE):
             self.spikes.open(self.ledger.optimizer_steps)

@@ -162,3 +162,16 @@ def test_resuming_a_run_whose_plugin_added_the_callbacks_raises_no_warning_and_k
         )
     assert not [w for w in caught if "Please add the following callbacks" in str(w.message)]
     assert resumed.scale_history[:8] == plugin.scale_history and len(resumed.scale_history) == 10
+
+
+def test_a_resumed_run_does_not_repeat_the_warnings_of_its_earlier_events(tmp_path):
+    plugin, trainer = overflowing_fit(tmp_path)
+    assert plugin.overflow_events, "the first run had events to warn about"
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    resumed = AdaptiveMP("16-mixed", scaler=AdaptiveLossScaler("cpu", init_scale=16.0), stats_every=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(resumed, model_cls=lambda: TroubleNet(NaiveLogSumExp(), lr=1e-4), data=scaled_loader(1.5), max_steps=9,
+            ckpt_path=tmp_path / "last.ckpt")  # fmt: skip
+    told = [str(w.message) for w in caught if str(w.message).startswith("lightning-mp: step")]
+    assert not [m for m in told if int(m.split()[2].rstrip(":")) <= 8], told

@@ -432,3 +432,39 @@ def test_manual_optimization_replays_the_step_and_gives_one_exact_event(precisio
     assert plugin.skipped_steps == 2, "both optimizers skip the bad batch"
     assert model.trainer.global_step == 6, "the replay's opt.step() calls counted nothing (3 batches x 2)"
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class MaskedAttention(nn.Module):
+    """minGPT's attention mask, as its model.py once wrote it: ``masked_fill(mask == 0, -1e10)``, which raises in
+    fp16 ("value cannot be converted to type c10::Half without overflow")."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Linear(8, 8)
+        self.register_buffer("mask", torch.ones(4, 4).tril())
+
+    def forward(self, x):
+        q = self.query(x)
+        att = (q @ q.transpose(-2, -1)).masked_fill(self.mask == 0, -1e10)
+        return att.softmax(dim=-1) @ q
+
+
+class MaskedNet(TinyRegressor):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential()
+        self.inp = nn.Linear(4, 8)
+        self.attn = MaskedAttention()
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.inp(x).unsqueeze(1).expand(-1, 4, -1)
+        return self.head(self.attn(h)).mean(dim=1)
+
+
+def test_a_constant_that_does_not_fit_fp16_promotes_the_module_that_writes_it_and_the_step_is_retried():
+    plugin = fp16(init_scale=256.0)
+    with pytest.warns(UserWarning, match=r"attn's own code runs in fp32 from now on: its 16-mixed kernel failed"):
+        model, _ = fit(plugin, model_cls=MaskedNet, max_steps=3)
+    assert [(p.module, p.reason, p.scope) for p in plugin.promotions] == [("attn", "kernel error", "own_code")]
+    assert plugin.optimizer_steps == 3 and all(torch.isfinite(p).all() for p in model.parameters())

@@ -383,3 +383,11 @@ def test_a_plain_gradscaler_carries_its_settings_and_state_and_trains_as_mixed_p
     assert plugin.scaler.config.policy == "dynamic" and plugin.scaler.config.hysteresis == 1
     assert same_weights(ours, theirs)
     assert plugin.scaler.get_scale() == reference.scaler.get_scale() == 2.0**14  # 2^11, grown on steps 1, 3, 5
+
+
+def test_an_event_records_the_scale_its_step_ran_at_not_the_one_after_the_back_off():
+    plugin = AdaptiveMP("16-mixed", scaler={"init_scale": 2.0**20, "policy": "dynamic"}, attach_callbacks=False)
+    fit(plugin, max_steps=2)
+    first = plugin.overflow_events[0]
+    assert first.scale == 2.0**20 and first.scaler_action.value == "backed_off"
+    assert plugin.scale_history[0] == (1, 2.0**19)
