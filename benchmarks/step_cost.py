@@ -261,15 +261,15 @@ class HostClock(RegionClock):
 
 
 # The core's steps in the order a step calls them, and the collaborators' pieces worth a line of their own.
-CORE_PIECES = ("keep_micro_batch", "observe_input", "start_micro_step", "training_context", "autocast", "scale_loss",
-               "start_step", "run_closure", "unscale", "collect_statistics", "step", "_loss_spike", "_decide",
-               "end_step")  # fmt: skip
+CORE_PIECES = ("keep_micro_batch", "observe_input", "begin_micro_batch", "training_context", "scale_loss",
+               "run_closure", "_unscale", "collect_statistics", "_step_or_skip", "_end_step")  # fmt: skip
 COLLABORATOR_PIECES = (("replay", "begin_batch", "RNG snapshot (replay.begin_batch)"),
                        ("buffers", "take", "buffer snapshot (buffers.take)"),
                        ("tracker", "new_batch", "tracker.new_batch"), ("tracker", "end_step", "tracker.end_step"),
                        ("statistics", "start", "statistics: arm (start)"),
                        ("statistics", "collect", "statistics: collect"),
-                       ("ledger", "start_step", "ledger.start_step"))  # fmt: skip
+                       ("ledger", "start_step", "ledger.start_step"),
+                       ("decisions", "after_step", "decisions (after the step)"))  # fmt: skip
 
 
 class PieceClock(RegionClock):
@@ -314,7 +314,8 @@ class PieceClock(RegionClock):
             return
         for name in CORE_PIECES:
             self._patch(core, name, f"core.{name}")
-        self._patch(core, "guard", "guard")
+        if hasattr(core.stepper, "guard"):  # bf16 / fp32: the non-finite check
+            self._patch(core.stepper, "guard", "guard")
         for owner, name, label in COLLABORATOR_PIECES:
             self._patch(getattr(core, owner), name, label)
         self._patch_class(hooks.HookSet, "register", self.hook_register(hooks.HookSet.register, "statistics: hooks"))
@@ -396,13 +397,13 @@ class AlternateGuard(L.Callback):
         if self._start is not None:
             self.times.append(now - self._start)
         self._start = now
-        core = trainer.precision_plugin.core
-        core.__dict__.setdefault("_real_guard", core.guard)
-        core.guard = core._real_guard if batch_idx % 2 == 0 else self.odd_guard(core._real_guard)
+        stepper = trainer.precision_plugin.core.stepper
+        stepper.__dict__.setdefault("_real_guard", stepper.guard)
+        stepper.guard = stepper._real_guard if batch_idx % 2 == 0 else self.odd_guard(stepper._real_guard)
 
     def teardown(self, trainer, pl_module, stage):
-        core = trainer.precision_plugin.core
-        core.guard = core.__dict__.pop("_real_guard", core.guard)
+        stepper = trainer.precision_plugin.core.stepper
+        stepper.guard = stepper.__dict__.pop("_real_guard", stepper.guard)
 
 
 PLUGIN_STEP_HOOKS = ("convert_input", "train_step_context", "forward_context", "pre_backward", "optimizer_step",

@@ -150,7 +150,7 @@ class AdaptiveMP(CoreView, Precision):
     def forward_context(self) -> Generator[None, None, None]:
         self._ensure_set_up()
         if not self._training():
-            with self.core.autocast():
+            with self.core.setting.autocast():
                 yield
             return
         self._begin_micro_batch()
@@ -162,7 +162,7 @@ class AdaptiveMP(CoreView, Precision):
         """Floating-point inputs in the autocast dtype, as Fabric's ``MixedPrecision`` does; observed in training
         (a value the cast turned into inf is an ``input`` event)."""
         self._ensure_set_up()
-        dtype = self.core.autocast_dtype
+        dtype = self.core.setting.autocast_dtype
         if dtype is not None:
             data = apply_to_collection(data, function=convert_fp_tensor, dtype=Tensor, dst_type=dtype)
         if self._training():
@@ -171,7 +171,7 @@ class AdaptiveMP(CoreView, Precision):
 
     @override
     def convert_output(self, data: Any) -> Any:
-        if self.core.autocast_dtype is None:
+        if self.core.setting.autocast_dtype is None:
             return data
         return apply_to_collection(data, function=convert_fp_tensor, dtype=Tensor, dst_type=torch.get_default_dtype())
 
@@ -193,7 +193,7 @@ class AdaptiveMP(CoreView, Precision):
         clip sees none (and returns a norm of 0), and ``optimizer.step()`` puts them back, skips the step and
         attributes it as usual. The same in every precision.
         """
-        if self.core.format.scaled and optimizer_handles_unscaling(optimizer):
+        if self.core.setting.format.scaled and optimizer_handles_unscaling(optimizer):
             raise NotImplementedError("Gradient clipping is not implemented for optimizers handling the unscaling.")
         if self.core.prepare_clipping(optimizer):
             held = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -206,7 +206,7 @@ class AdaptiveMP(CoreView, Precision):
         self._ensure_set_up()
         try:
             if isinstance(optimizer, LBFGS):
-                if self.core.format.scaled:
+                if self.core.setting.format.scaled:
                     raise TypeError("AMP and the LBFGS optimizer are not compatible.")
                 # It re-evaluates its closure inside step(): nothing to guard.
                 return self.core.unguarded_step(functools.partial(super().optimizer_step, optimizer, **kwargs))

@@ -41,7 +41,8 @@ from lightning_mp.reporting.warnings import EventWarnings
 from lightning_mp.scaling import AdaptiveLossScaler
 from lightning_mp.schedulers import skip_aware
 from lightning_mp.shell import CoreView
-from lightning_mp.step.core import PrecisionCore, first_line
+from lightning_mp.step.core import PrecisionCore
+from lightning_mp.step.decisions import first_line
 
 __all__ = ["AdaptiveMP", "adaptive_plugin", "cpu_has_native_bf16", "resolve_auto_precision"]
 
@@ -171,13 +172,13 @@ class AdaptiveMP(CoreView, Precision):
 
     # -------------------------------------------------------------------------------------- autocast
     def autocast_context_manager(self) -> contextlib.AbstractContextManager:
-        return self.core.autocast()
+        return self.core.setting.autocast()
 
     @override
     @contextlib.contextmanager
     def forward_context(self) -> Generator[None, None, None]:
         """Autocast for training, validation, test and predict steps."""
-        with self.core.autocast():
+        with self.core.setting.autocast():
             yield
 
     @override
@@ -190,7 +191,7 @@ class AdaptiveMP(CoreView, Precision):
     @contextlib.contextmanager
     def val_step_context(self) -> Generator[None, None, None]:
         try:
-            with self.core.autocast():
+            with self.core.setting.autocast():
                 yield
         except (RuntimeError, NotImplementedError) as error:
             # A validation step cannot be retried from here: promote the module and skip this one batch.
@@ -218,7 +219,7 @@ class AdaptiveMP(CoreView, Precision):
             # that went bad (a GAN's discriminator steps after its generator) and ends there.
             closure()
             return None
-        scaled = core.format.scaled
+        scaled = core.setting.format.scaled
         lbfgs = isinstance(optimizer, LBFGS)
         if lbfgs and scaled:
             raise MisconfigurationException("AMP and the LBFGS optimizer are not compatible.")

@@ -30,11 +30,11 @@ class CoreView:
     @property
     def precision(self) -> str:  # type: ignore[override]
         """The precision in force: ``"auto"`` until setup resolves it; ``"bf16-mixed"`` after a switch."""
-        return self.core.precision
+        return self.core.setting.name
 
     @property
     def device(self) -> str | None:
-        return self.core.device
+        return self.core.setting.device
 
     @property
     def scaler(self) -> AdaptiveLossScaler | None:
@@ -62,7 +62,7 @@ class CoreView:
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped for non-finite gradients, whatever the precision."""
-        return self.core.skipped_steps
+        return self.core.ledger.skipped_steps
 
     def step_was_skipped(self, optimizer: Any = None) -> bool:
         """Whether the last ``optimizer.step()`` was skipped for non-finite gradients (``optimizer``: a torch
@@ -92,12 +92,12 @@ class CoreView:
     @property
     def fp32_modules(self) -> list[str]:
         """Fully qualified names of the modules running in fp32 now (static, default and promoted)."""
-        return list(self.core.fallback.promotions)
+        return list(self.core.decisions.fallback.promotions)
 
     @property
     def promotions(self) -> list[Promotion]:
         """Why each module in ``fp32_modules`` runs in fp32."""
-        return list(self.core.fallback.promotions.values())
+        return list(self.core.decisions.fallback.promotions.values())
 
     @property
     def scale_history(self) -> list[tuple[int, float]]:
@@ -113,9 +113,9 @@ class CoreView:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         """``torch.float16`` / ``torch.bfloat16`` under mixed precision, ``None`` for fp32."""
-        return self.core.autocast_dtype
+        return self.core.setting.autocast_dtype
 
     @property
     def stats_dtype(self) -> torch.dtype:
         """The format headroom and underflow are judged against: the autocast dtype, fp32 without one."""
-        return self.core.stats_dtype
+        return self.core.setting.stats_dtype

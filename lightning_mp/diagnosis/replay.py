@@ -253,12 +253,12 @@ class StepReplay:
     ``manual_backward``).
     """
 
-    def __init__(self) -> None:
-        self.enabled = True
+    def __init__(self, enabled: bool = True, save_rng: bool = False) -> None:
+        self.enabled = enabled
         self._runs: list[Callable[[Callable[[Tensor], None]], None]] = []
         self._rng: tuple[Tensor, Tensor | None] | None = None
         self.active = False  # a replay is running: the shell must not step optimizers or count anything
-        self.save_rng = False  # keep the batch's RNG state even with replays off (a rescue re-run needs it)
+        self.save_rng = save_rng  # keep the batch's RNG state even with replays off (a rescue re-run needs it)
         self.written: list[str] = []  # parameters the last replay's user code wrote in place (then put back)
         # Manual optimization toggles requires_grad between its optimizers' turns (toggle_optimizer): a replay
         # must start from the flags the step began with, or it replays the generator with the discriminator's
@@ -307,6 +307,36 @@ class StepReplay:
     @property
     def ready(self) -> bool:
         return self.enabled and bool(self._runs) and self._rng is not None
+
+    def replayer(
+        self,
+        model: nn.Module,
+        restore_buffers: Callable[[], None],
+        autocast: Callable[[], contextlib.AbstractContextManager],
+        scale: float | None,
+        backward_passes: int,
+        warn: Callable[[str], None],
+    ) -> Callable[[Phase], tuple[bool, Finding | None]] | None:
+        """How attribution replays this bad step (``OverflowTracker.attribute``), or ``None`` when it cannot be:
+        no micro-batch kept, no backward yet, or sharded parameters (FSDP2 / tensor parallel: a replayed
+        forward/backward would run the strategy's collectives again). A replay that raises is reported and
+        attribution falls back to the cheap flags: a replay must never break training."""
+        if (
+            not self.ready
+            or backward_passes == 0
+            or any(callable(getattr(p, "to_local", None)) for p in model.parameters())
+        ):
+            return None
+
+        def replay(expected: Phase) -> tuple[bool, Finding | None]:
+            try:
+                return True, self.replay(model, restore_buffers, autocast(), scale, backward_passes)
+            except Exception as error:
+                text = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                warn(f"AdaptiveMP: could not replay the bad step to locate it ({text}).")
+                return True, None
+
+        return replay
 
     def replay(
         self,

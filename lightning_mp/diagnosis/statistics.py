@@ -18,11 +18,11 @@ import torch
 from torch import nn
 
 from lightning_mp._compat import tensor_version
-from lightning_mp._grads import local
+from lightning_mp._grads import all_reduce, local
 from lightning_mp.diagnosis.attribution import floating
 from lightning_mp.diagnosis.hooks import HookSet
 
-__all__ = ["LEVELS", "Cadence", "ModuleStat", "ModuleStatistics", "headroom_bits", "underflow_fraction"]
+__all__ = ["LEVELS", "Cadence", "ModuleStat", "ModuleStatistics", "Sampler", "headroom_bits", "underflow_fraction"]
 
 
 def headroom_bits(amax: float, dtype: torch.dtype) -> float:
@@ -123,6 +123,38 @@ class Cadence:
     def due(self, step: int, default: int, samples_taken: int, calibrating: bool = False) -> bool:
         first = step == 1 and self.stats_every is None and not samples_taken
         return step % self.every(default) == 0 or calibrating or first
+
+
+class Sampler:
+    """The statistics of a run on its cadence: armed when a sampled step's first micro-batch begins, folded in
+    after its backward (and unscaling). What the loss scaler reads of a sample (the largest gradient inside the
+    backward) is agreed across ranks: activation gradients are each rank's own, and ranks must pick one scale.
+
+    Args:
+        level: ``"off"``, ``"cheap"`` or ``"full"`` (see ``ModuleStatistics``).
+        stats_every: the user's cadence, or ``None`` for the format's default.
+    """
+
+    def __init__(self, level: str = "cheap", stats_every: int | None = None) -> None:
+        self.statistics = ModuleStatistics(level)
+        self.cadence = Cadence(stats_every)
+
+    def arm(self, model: nn.Module, step: int, default_every: int, calibrating: bool, output_grads: bool) -> None:
+        """At a micro-batch's start: arm the hooks if this step is sampled."""
+        if self.cadence.due(step, default_every, self.statistics.samples_taken, calibrating):
+            self.statistics.start(model, output_grads=output_grads)
+
+    def collect(self, model: nn.Module, scale: float, dtype: torch.dtype) -> float | None:
+        """Fold a sampled step in; the largest gradient measured inside its backward (agreed across ranks), or
+        ``None`` on a step that was not sampled or did not measure it."""
+        if not self.statistics.active:
+            return None
+        self.statistics.collect(model, scale, dtype)
+        value = self.statistics.backward_amax
+        if value is None:
+            return None
+        (value,) = all_reduce([math.inf if math.isnan(value) else value], "MAX")
+        return value
 
 
 # What one measured value is: a module output's amax (ACTIVATION); the amax of the gradient flowing into a module

@@ -485,3 +485,15 @@ class ScalePolicy:
         # A resumed run is never calibrated again: its scale was earned. (Only a checkpoint taken before the
         # first clean step still calibrates.)
         self.calibrating = bool(state.get("calibrating", False)) and self.config.calibrates
+
+
+def floor_error(policy: ScalePolicy) -> LossScaleFloorError:
+    """The error when the scale sits at its floor, keeps overflowing, and nobody handles it (no ``on_floor``)."""
+    return LossScaleFloorError(
+        f"The loss scale is at its floor ({policy.scale:g}) and the gradients still overflowed on"
+        f" {policy.floor_hits} back-off(s) in a row (step {policy.steps}). Gradients that are"
+        " not finite at any scale point at the forward pass or the loss, not at loss scaling. Try"
+        " precision='bf16-mixed', running the overflowing modules in fp32"
+        " (AdaptiveMP(fp32_modules=[...])), a lower learning rate or gradient clipping; or lower"
+        " min_scale if the gradients are genuinely huge."
+    )

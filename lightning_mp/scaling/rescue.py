@@ -24,6 +24,7 @@ from typing import Any
 
 from torch.optim import Optimizer
 
+from lightning_mp._grads import distributed
 from lightning_mp.scaling.scaler import AdaptiveLossScaler
 
 __all__ = ["RESCUE_ATTEMPTS", "Rescue"]
@@ -59,6 +60,33 @@ class Rescue:
         """Whether the current step was run again."""
         return self.passes > 0
 
+    def applies(self, scaler: AdaptiveLossScaler | None, micro_batches: int, kept_runs: int, replaying: bool) -> bool:
+        """Whether an overflow of this step can be rescued: rescues are on, and the shell can run the step again
+        (one micro-batch, or every micro-batch kept and the run on one process: across ranks each micro-batch
+        but the last would need the strategy's no-sync context again), outside a replay."""
+        one_process = not distributed()
+        runnable = micro_batches == 1 or (kept_runs == micro_batches and one_process)
+        return self.enabled(scaler) and runnable and not replaying
+
+    def unscale(
+        self,
+        stepper: Any,
+        optimizer: Optimizer,
+        can_rescue: bool,
+        forward_finite: Callable[[], bool],
+        run_again: Callable[[], Any],
+    ) -> Any:
+        """Unscale this step's gradients and, when ``can_rescue``, run it again while they overflowed; returns
+        the last re-run's result, if any (the closure's result of a rescued step)."""
+        if stepper.scaler is not None:  # growth may go closer to the edge where an overflow costs a re-run
+            stepper.scaler.policy.rescuing = can_rescue
+        stepper.unscale(optimizer, rescuing=can_rescue)
+        if not can_rescue:
+            return None
+        results: list[Any] = []
+        self.run(stepper.scaler, optimizer, forward_finite, lambda: results.append(run_again()))
+        return results[-1] if results else None
+
     def run(
         self,
         scaler: AdaptiveLossScaler,
@@ -68,15 +96,19 @@ class Rescue:
     ) -> None:
         """After ``unscale_``: while the gradients overflowed and a rescue applies, lower the scale and
         ``run_again()`` (the step's forward and backward, from where the batch began), then unscale again."""
-        before: dict[str, Any] | None = None
+        policy, before = scaler.policy, None
         while scaler.overflowed(optimizer):
             if self.passes == RESCUE_ATTEMPTS:
+                # Non-finite without scaling: the step's back-offs could not have helped. Put the policy back as
+                # it was before its rescues, keeping the count of rescues made.
                 self.nonfinite_unscaled = True
-                scaler.undo_rescue(before)
+                rescues = policy.rescues
+                policy.load_state_dict(before)
+                policy.rescues = rescues
                 return
             if scaler.get_scale() <= scaler.config.floor or not forward_finite():
                 return  # the floor rule, or a bad batch / forward overflow: skip, attribute and record as usual
-            before = before or scaler.rescue_checkpoint()
+            before = before or policy.state_dict()
             self.passes += 1
             scaler.rescue(last=self.passes == RESCUE_ATTEMPTS)
             run_again()

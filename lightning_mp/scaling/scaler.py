@@ -1,9 +1,17 @@
 """``AdaptiveLossScaler``: a ``torch.amp.GradScaler`` whose update rule is :class:`~.policy.ScalePolicy`.
 
-This is the only file of the package that touches GradScaler's internals. It overrides five of GradScaler's
-private hooks (listed in ``lightning_mp/_compat.py``, each pinned by ``tests/unit/test_compat.py``) for one
-reason: to read the gradient amax on the one host synchronisation ``GradScaler.step`` already does, instead
-of adding a second one per step.
+It is a drop-in GradScaler: ``scale``, ``unscale_``, ``step``, ``update``, ``get_scale``, ``state_dict`` and
+``load_state_dict`` behave as documented there, it works in a hand-written loop and inside Lightning's own
+``MixedPrecision(scaler=...)``. Only the update rule differs (see the package docstring), and it adds no
+host-device synchronisation: found-inf flags and the gradient amax are read together on the one ``.item()``
+GradScaler.step already does, and the scale lives on the host, so ``get_scale()`` and ``state_dict()`` need no
+sync at all. (Optimizers that unscale inside a fused kernel never sync in ``step``; for them ``update`` reads
+the flags once.)
+
+This file and ``flags.py`` are the only ones of the package that touch GradScaler's internals. They override
+five of GradScaler's private hooks (listed in ``lightning_mp/_compat.py``, each pinned by
+``tests/unit/test_compat.py``) for one reason: to read the gradient amax on the one host synchronisation
+``GradScaler.step`` already does, instead of adding a second one per step.
 """
 
 from __future__ import annotations
@@ -16,22 +24,16 @@ from typing import Any, Literal
 import torch
 
 from lightning_mp._compat import OptState, foreach_non_finite_check_and_unscale_, refresh_per_optimizer_state
-from lightning_mp._grads import all_reduce, amax, group_by_device_and_dtype, is_sharded, local
-from lightning_mp.scaling.policy import LossScaleFloorError, ScaleAction, ScalePolicy, ScalerConfig, _f32, _invalid
+from lightning_mp._grads import amax, group_by_device_and_dtype, is_sharded
+from lightning_mp.scaling.flags import gradients_to_unscale, read_flags
+from lightning_mp.scaling.policy import ScaleAction, ScalePolicy, ScalerConfig, _f32, _invalid, floor_error
 
 __all__ = ["AdaptiveLossScaler"]
 
 
 class AdaptiveLossScaler(torch.amp.GradScaler):
-    """A :class:`torch.amp.GradScaler` with a better update rule, counters, and a defined floor.
-
-    It is a drop-in GradScaler: ``scale``, ``unscale_``, ``step``, ``update``, ``get_scale``, ``state_dict``
-    and ``load_state_dict`` behave as documented there, it works in a hand-written loop and inside Lightning's
-    own ``MixedPrecision(scaler=...)``. Only the update rule differs (see the module docstring), and it adds
-    no host-device synchronisation: found-inf flags and the gradient amax are read together on the one
-    ``.item()`` GradScaler.step already does, and the scale lives on the host, so ``get_scale()`` and
-    ``state_dict()`` need no sync at all. (Optimizers that unscale inside a fused kernel never sync in
-    ``step``; for them ``update`` reads the flags once.)
+    """A :class:`torch.amp.GradScaler` with a better update rule, counters, and a defined floor (a drop-in: see
+    the module docstring).
 
     Args:
         device: device type the gradients live on (``"cuda"``, ``"cpu"``, ...), as for GradScaler.
@@ -69,14 +71,8 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         if not isinstance(device, str):
             raise _invalid("device", device, 'a device type string such as "cuda" or "cpu"')
         # Validate everything before GradScaler sees it (it only asserts two of these, and only when enabled).
-        config = ScalerConfig(
-            init_scale=init_scale,
-            growth_factor=growth_factor,
-            backoff_factor=backoff_factor,
-            growth_interval=growth_interval,
-            policy=policy,
-            **knobs,
-        )
+        factors = {"growth_factor": growth_factor, "backoff_factor": backoff_factor}
+        config = ScalerConfig(init_scale=init_scale, growth_interval=growth_interval, policy=policy, **factors, **knobs)
         super().__init__(device, config.init_scale, growth_factor, backoff_factor, growth_interval, enabled)
         self._policy = ScalePolicy(config)
         self._policy.calibrating &= enabled  # a disabled scaler never updates: nothing to calibrate
@@ -154,27 +150,6 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         self._per_optimizer_states = defaultdict(refresh_per_optimizer_state)
         return scale
 
-    @property
-    def rescuing(self) -> bool:
-        """Whether overflows are rescued (re-run at a lower scale) rather than skipped: growth may then go
-        closer to the edge (see ``ScalePolicy.rescuing``)."""
-        return self._policy.rescuing
-
-    @rescuing.setter
-    def rescuing(self, value: bool) -> None:
-        self._policy.rescuing = value
-
-    def rescue_checkpoint(self) -> dict[str, Any]:
-        """The policy's state before a step's first rescue, for ``undo_rescue``."""
-        return self._policy.state_dict()
-
-    def undo_rescue(self, checkpoint: dict[str, Any]) -> None:
-        """The step's gradients stayed non-finite without scaling: its back-offs could not have helped. Put the
-        policy back as it was before the step's rescues, keeping the count of rescues made."""
-        rescues = self._policy.rescues
-        self._policy.load_state_dict(checkpoint)
-        self._policy.rescues = rescues
-
     def observe_backward_amax(self, scaled_amax: float) -> None:
         """The largest gradient seen inside this iteration's backward, as measured (still scaled)."""
         self._policy.observe_backward_amax(scaled_amax / self.get_scale())
@@ -208,21 +183,8 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
     ) -> dict[torch.device, torch.Tensor]:
         # Same work as GradScaler._unscale_grads_, plus (when tracked) the amax of the still-scaled gradients,
         # read before the unscale kernel runs so it is correct for both callers (unscale_ and the fused path).
-        grads = []
         with torch.no_grad():
-            for group in optimizer.param_groups:
-                for param in group["params"]:
-                    if param.grad is None:
-                        continue
-                    if not allow_fp16 and param.grad.dtype == torch.float16:
-                        raise ValueError("Attempting to unscale FP16 gradients.")
-                    if param.grad.is_sparse:
-                        # Duplicate indices are summed by coalesce(); in fp16 that sum may overflow, so check it.
-                        if param.grad.dtype is torch.float16:
-                            param.grad = param.grad.coalesce()
-                        grads.append(param.grad._values())
-                    else:
-                        grads.append(param.grad)
+            grads = gradients_to_unscale(optimizer, allow_fp16)
             if self.track_amax:
                 scaled_amax = amax(grads, inv_scale.device)
                 self._per_optimizer_states[id(optimizer)]["scaled_amax"] = scaled_amax
@@ -235,21 +197,8 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         return found_per_device
 
     def _read_flags(self, optimizer_state: dict[str, Any]) -> tuple[bool, float | None]:
-        """Read this optimizer's found-inf flags and scaled amax with a single host synchronisation."""
         assert self._scale is not None
-        device = self._scale.device
-        values = [flag.to(device) for flag in optimizer_state["found_inf_per_device"].values()]
-        scaled_amax = optimizer_state.get("scaled_amax")
-        if scaled_amax is not None:
-            values.append(scaled_amax.to(device))
-        stacked = torch.stack([local(v) for v in values])
-        if self._sharded:
-            all_reduce(stacked)  # each rank checked only its shard: agree before deciding anything
-        host = stacked.tolist()
-        found = any(v != 0 for v in (host[:-1] if scaled_amax is not None else host))
-        amax_value = host[-1] / self.get_scale() if scaled_amax is not None else None
-        optimizer_state["host"] = (found, amax_value)
-        return found, amax_value
+        return read_flags(optimizer_state, self._scale.device, self._sharded, self.get_scale())
 
     def _maybe_opt_step(
         self, optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any], *args: Any, **kwargs: Any
@@ -321,14 +270,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         if self.on_floor is not None:
             self.on_floor(self)
             return
-        raise LossScaleFloorError(
-            f"The loss scale is at its floor ({self._policy.scale:g}) and the gradients still overflowed on"
-            f" {self._policy.floor_hits} back-off(s) in a row (step {self._policy.steps}). Gradients that are"
-            " not finite at any scale point at the forward pass or the loss, not at loss scaling. Try"
-            " precision='bf16-mixed', running the overflowing modules in fp32"
-            " (AdaptiveMP(fp32_modules=[...])), a lower learning rate or gradient clipping; or lower"
-            " min_scale if the gradients are genuinely huge."
-        )
+        raise floor_error(self._policy)
 
     # ------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

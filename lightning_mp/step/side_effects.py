@@ -30,7 +30,7 @@ step (see :class:`InPlaceParams`), since its value from before the step is gone 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -232,6 +232,16 @@ class RerunState:
         self.watch_next = True  # the next first attempt of a step runs under a WriteWatch (learning)
         self._bindings: ModuleState | None = None
         self._uncopied: set[str] = set()  # learned during this step: no copy from its start exists
+
+    def first_run(self, model: nn.Module | None, closure: Callable[[], Any]) -> Any:
+        """Run the first step's closure under a write watch (once per fit): what ``training_step`` writes in
+        place (an EMA teacher) is then copied at the start of every later step."""
+        self.watch_next = False
+        watch = WriteWatch(model.named_parameters() if model is not None else ())
+        with watch:
+            result = closure()
+        self.learn(watch.written)
+        return result
 
     def take(self, model: nn.Module) -> None:
         """The step begins: copy what a re-run must start from."""

@@ -67,7 +67,7 @@ def test_step_cost_pieces_time_each_piece_and_put_every_patch_back():
                  global_hooks.register_module_forward_hook)  # fmt: skip
     (row,) = step_cost.main(["--quick", "--pieces", "--models", "GPT-2"])
     reference, ours = row["pieces"]["reference"], row["pieces"]["AdaptiveMP"]
-    assert ours["guard"] > 0 and ours["core.step"] > 0 and ours["model"] > 0
+    assert ours["guard"] > 0 and ours["core._step_or_skip"] > 0 and ours["model"] > 0
     assert "guard" not in reference and reference["plugin.optimizer_step"] > 0 and reference["model"] > 0
     now = (Precision.__dict__["_after_closure"], HookSet.__dict__["register"],
            global_hooks.register_module_forward_hook)  # fmt: skip
@@ -99,16 +99,16 @@ def test_the_paired_run_alternates_the_guard_and_puts_the_real_one_back():
     def real(optimizer, sharded=False):
         return True
 
-    core = SimpleNamespace(guard=real)
-    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(core=core))
+    stepper = SimpleNamespace(guard=real)
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(core=SimpleNamespace(stepper=stepper)))
     clock = step_cost.AlternateGuard(lambda real_guard: lambda *args: False)
     seen = []
     for batch_idx in range(4):
         clock.on_train_batch_start(trainer, None, None, batch_idx)
-        seen.append(core.guard(None))
+        seen.append(stepper.guard(None))
     assert seen == [True, False, True, False] and len(clock.times) == 3
     clock.teardown(trainer, None, "fit")
-    assert core.guard is real and not hasattr(core, "_real_guard")
+    assert stepper.guard is real and not hasattr(stepper, "_real_guard")
 
 
 @pytest.mark.slow

@@ -125,5 +125,5 @@ def test_statistics_sample_every_25_steps_in_fp16_and_every_100_with_fp32s_range
     assert AdaptiveMP("bf16-mixed").core.stats_every == AdaptiveMP("32-true").core.stats_every == 100
     assert AdaptiveMP("bf16-mixed", stats_every=7).core.stats_every == 7
     escalated = AdaptiveMP("16-mixed")
-    escalated.core.switch_to_bf16()
+    escalated.core.setting.switch_to_bf16()
     assert escalated.core.stats_every == 100 and AdaptiveMP("16-mixed", stats_every=5).core.stats_every == 5
