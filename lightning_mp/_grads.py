@@ -127,12 +127,27 @@ class NonfiniteGuard:
         self._dirty: set[torch.device] = set()  # devices whose flag may be set
 
     def __call__(self, optimizer: Optimizer, sharded: bool = False) -> bool:
+        flag = self.check(optimizer, sharded)
+        if flag is None:
+            return False
+        found = bool(flag.item())
+        if not found:
+            self.mark_clean(flag.device)
+        return found
+
+    def mark_clean(self, device: torch.device) -> None:
+        """A read of ``device``'s flag found it unset: the next check needs not zero it."""
+        self._dirty.discard(device)
+
+    def check(self, optimizer: Optimizer, sharded: bool = False) -> torch.Tensor | None:
+        """The non-finite flag of ``optimizer``'s gradients as a 1-element tensor on their device, not read
+        (``None`` without gradients): what an optimizer that skips on the device takes as ``found_inf``."""
         grads = [grad for group in optimizer.param_groups for p in group["params"] if (grad := p.grad) is not None]
         if not grads:
-            return False
+            return None
         device = grads[0].device
         if sharded or any(type(g) is not torch.Tensor or g.is_sparse or g.device != device for g in grads):
-            return _gradients_nonfinite_general(optimizer, sharded)
+            return _nonfinite_flag_general(optimizer, sharded)
         tensors = self._tensors.get(device)
         if tensors is None:
             one = torch.ones(1, dtype=torch.float32, device=device)
@@ -141,12 +156,9 @@ class NonfiniteGuard:
         if device in self._dirty:
             flag.zero_()  # the last check found something or raised; the flag's last writer has finished
             self._dirty.discard(device)
-        self._dirty.add(device)  # until the read below says otherwise
+        self._dirty.add(device)  # until a read says otherwise
         foreach_non_finite_check_and_unscale_(grads, flag, one)
-        found = bool(flag.item())
-        if not found:
-            self._dirty.discard(device)
-        return found
+        return flag
 
 
 def gradients_nonfinite(optimizer: Optimizer, sharded: bool = False) -> bool:
@@ -154,12 +166,12 @@ def gradients_nonfinite(optimizer: Optimizer, sharded: bool = False) -> bool:
     return NonfiniteGuard()(optimizer, sharded)
 
 
-def _gradients_nonfinite_general(optimizer: Optimizer, sharded: bool) -> bool:
-    """``gradients_nonfinite`` for sparse gradients, several devices and sharded gradients."""
+def _nonfinite_flag_general(optimizer: Optimizer, sharded: bool) -> torch.Tensor | None:
+    """``NonfiniteGuard.check`` for sparse gradients, several devices and sharded gradients (a new flag)."""
     applied = optimizer_grads(optimizer)
     grads = [g for g in map(local, applied) if g.numel()]
     if not grads:
-        return False
+        return None
     device = grads[0].device
     flag = torch.zeros(1, dtype=torch.float32, device=device)
     for group_device, by_dtype in group_by_device_and_dtype(grads).items():
@@ -171,4 +183,4 @@ def _gradients_nonfinite_general(optimizer: Optimizer, sharded: bool) -> bool:
             flag += found.to(device)
     if sharded or is_sharded(applied):
         all_reduce(flag)
-    return bool(flag.item())
+    return flag

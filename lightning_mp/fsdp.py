@@ -91,7 +91,7 @@ class AdaptiveFSDPMP(FSDPPrecision):
         super().__init__("32-true")  # FSDP's side: no casting, fp32 inputs, no ShardedGradScaler
         knobs = {**knobs, "sharded_gradients": True}  # FSDP1's flat-parameter shards: flags agreed across ranks
         adaptive = AdaptiveMP(precision, device, scaler, fp32_modules, auto_fallback, **knobs)
-        adaptive.core.resolve(adaptive.device)  # "auto" means what it means on CUDA, now
+        adaptive.core.setting.resolve(adaptive.device)  # "auto" means what it means on CUDA, now
         self.adaptive = adaptive
 
     precision = _InnerAttribute()

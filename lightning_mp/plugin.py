@@ -123,7 +123,7 @@ class AdaptiveMP(CoreView, Precision):
             from lightning_mp.reporting.callbacks import attach_default_callbacks  # they import this module
 
             self._attached = attach_default_callbacks(self._trainer)
-        lr_schedulers = [skip_aware(config, self.core.step_was_skipped) for config in lr_schedulers]
+        lr_schedulers = [skip_aware(config, self.core) for config in lr_schedulers]
         if self._trainer is not None:  # EMAWeightAveraging & co. average real steps only
             self._averaging = skip_weight_averaging_on_skipped_steps(
                 self._trainer.callbacks, self.core.step_was_skipped

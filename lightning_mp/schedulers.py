@@ -7,11 +7,9 @@ ends early by as many steps as were skipped. Wrapping the scheduler (instead of 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch.core.optimizer import LRSchedulerConfig
-from torch.optim import Optimizer
 
 __all__ = ["SkipAwareScheduler", "skip_aware"]
 
@@ -21,12 +19,13 @@ class SkipAwareScheduler:
 
     Args:
         scheduler: the wrapped scheduler.
-        step_was_skipped: tells whether the last step of an optimizer was skipped.
+        core: tells when an optimizer's last step is known and whether it was skipped (``when_settled``).
     """
 
-    def __init__(self, scheduler: Any, step_was_skipped: Callable[[Optimizer], bool]) -> None:
+    def __init__(self, scheduler: Any, core: Any) -> None:
         object.__setattr__(self, "_scheduler", scheduler)
-        object.__setattr__(self, "_step_was_skipped", step_was_skipped)
+        object.__setattr__(self, "_when_settled", core.when_settled)
+        object.__setattr__(self, "_settle", core.settle_pending)
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:  # noqa: D105 - makes isinstance(proxy, StepLR) true, as unittest.mock does
@@ -39,12 +38,16 @@ class SkipAwareScheduler:
         setattr(self._scheduler, name, value)
 
     def step(self, *args: Any, **kwargs: Any) -> None:
-        if self._step_was_skipped(self._scheduler.optimizer):
-            return None
-        return self._scheduler.step(*args, **kwargs)
+        # The verdict may still be on the device (an optimizer that skips there): then the scheduler steps when
+        # it is read, before the next update, which so uses the learning rate it would have.
+        self._when_settled(self._scheduler.optimizer, lambda skipped: skipped or self._scheduler.step(*args, **kwargs))
+
+    def state_dict(self) -> dict[str, Any]:
+        self._settle()  # a checkpoint holds the schedule as of the last step, its deferred step included
+        return self._scheduler.state_dict()
 
 
-def skip_aware(config: Any, step_was_skipped: Callable[[Optimizer], bool]) -> Any:
+def skip_aware(config: Any, core: Any) -> Any:
     """Wrap the scheduler of a Lightning ``LRSchedulerConfig`` stepped every optimizer step; others unchanged.
 
     Epoch-interval and ``ReduceLROnPlateau`` schedulers are left alone: a skipped step is not an epoch, and a
@@ -53,5 +56,5 @@ def skip_aware(config: Any, step_was_skipped: Callable[[Optimizer], bool]) -> An
     if not isinstance(config, LRSchedulerConfig) or config.interval != "step" or config.reduce_on_plateau:
         return config
     if not isinstance(config.scheduler, SkipAwareScheduler):
-        config.scheduler = SkipAwareScheduler(config.scheduler, step_was_skipped)
+        config.scheduler = SkipAwareScheduler(config.scheduler, core)
     return config

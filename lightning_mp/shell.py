@@ -62,6 +62,7 @@ class CoreView:
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped for non-finite gradients, whatever the precision."""
+        self.core.settle_pending()
         return self.core.ledger.skipped_steps
 
     def step_was_skipped(self, optimizer: Any = None) -> bool:

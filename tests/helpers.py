@@ -10,7 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_mp import AdaptiveLossScaler
+from lightning_mp.options import GRADSCALER_RULE
+
 DEVICE = "cpu"
+
+
+def gradscaler_reproduction(**knobs) -> AdaptiveLossScaler:
+    """An ``AdaptiveLossScaler`` on torch.amp.GradScaler's own rule (the same scale trajectory, step for step):
+    the one place the tests write those settings."""
+    return AdaptiveLossScaler(DEVICE, **GRADSCALER_RULE, **knobs)
 
 
 def loader(samples: int = 12, batch_size: int = 4, seed: int = 0) -> DataLoader:

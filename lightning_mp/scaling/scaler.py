@@ -25,7 +25,7 @@ import torch
 
 from lightning_mp._compat import OptState, foreach_non_finite_check_and_unscale_, refresh_per_optimizer_state
 from lightning_mp._grads import amax, group_by_device_and_dtype, is_sharded
-from lightning_mp.scaling.flags import gradients_to_unscale, read_flags
+from lightning_mp.scaling.flags import DeferredFlags, gradients_to_unscale, read_flags
 from lightning_mp.scaling.policy import ScaleAction, ScalePolicy, ScalerConfig, _f32, _invalid, floor_error
 
 __all__ = ["AdaptiveLossScaler"]
@@ -83,6 +83,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         self.last_amax: float | None = None  # unscaled gradient amax of the last step, when tracked
         self.last_action: ScaleAction | None = None  # what the last update() did
         self._excused = False
+        self.deferred: DeferredFlags | None = None  # a fused iteration's flags, until finish_update() reads them
         self._rerun_scale: float | None = None  # the scale of this step's re-run (rescue), until update()
         self._sharded = False  # this step's gradients are shards: flags must be combined across ranks
         # Set by whoever knows that each rank holds only a shard of plain-tensor gradients (FSDP1's flat
@@ -101,6 +102,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped because their gradients were not finite (each optimizer counts)."""
+        self.finish_update()
         return self._policy.skipped_steps
 
     @property
@@ -114,11 +116,16 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         """Overflowing steps re-run at a lower scale on the same batch (see :meth:`rescue`)."""
         return self._policy.rescues
 
+    def scale(self, outputs: Any) -> Any:
+        self.finish_update()  # the last iteration's deferred flags (a fused step), read now that they are needed
+        return super().scale(outputs)
+
     def get_scale(self) -> float:
         # The scale lives on the host: no sync, unlike GradScaler.get_scale(). Between rescue() and update()
         # it is the scale the re-run's gradients carry.
         if not self._enabled:
             return 1.0
+        self.finish_update()
         return self._rerun_scale if self._rerun_scale is not None else self._policy.scale
 
     def overflowed(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -228,6 +235,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         """
         if not self._enabled:
             return
+        self.finish_update()
         self._check_scale_growth_tracker("update")
         assert self._scale is not None and self._growth_tracker is not None
         if new_scale is not None:
@@ -237,31 +245,38 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
                 new_scale = float(new_scale.item())
             self._policy.set_scale(new_scale)
             action = ScaleAction.SET
+            self._per_optimizer_states = defaultdict(refresh_per_optimizer_state)
         else:
             states = [s for s in self._per_optimizer_states.values() if s["found_inf_per_device"]]
             if not states:
                 raise AssertionError("No inf checks were recorded prior to update.")
-            found_any, amaxes = False, []
             for state in states:
-                if "host" in state:
-                    found, amax_value = state["host"]
-                else:
-                    # Fused optimizers unscale inside their kernel and never synced in step(): read once here.
-                    found, amax_value = self._read_flags(state)
-                # A fused optimizer's step() skips itself on found_inf, without _maybe_opt_step counting it.
-                if found and state["stage"] is OptState.STEPPED and not state.get("skip_counted"):
-                    self._policy.skipped_steps += 1
-                found_any = found_any or found
-                if amax_value is not None:
-                    amaxes.append(amax_value)
-            self.last_amax = max(amaxes) if amaxes and not found_any else None
-            action = self._policy.update(found_any, self.last_amax, scale_related=not self._excused)
+                state["stepped"] = state["stage"] is OptState.STEPPED
+            self.deferred = DeferredFlags(states, self._scale.device, self._sharded, self.get_scale())
+            self._per_optimizer_states = defaultdict(refresh_per_optimizer_state)
+            if all("host" in state for state in states):  # read on step()'s sync already: update now
+                self.finish_update()
+            return  # a fused step's flags: read when the next iteration needs the scale (finish_update)
+        self._settle(action)
+
+    def finish_update(self, scale_related: bool | None = None) -> None:
+        """Apply a deferred update: read the flags now, move the scale (``scale_related=False`` excuses an
+        overflow that lowering the scale cannot fix; by default, ``excuse_overflow`` decides)."""
+        deferred, self.deferred = self.deferred, None
+        if deferred is None:
+            return
+        found_any, amaxes, skips = deferred.read()
+        self._policy.skipped_steps += skips
+        self.last_amax = max(amaxes) if amaxes and not found_any else None
+        related = not self._excused if scale_related is None else scale_related
+        self._settle(self._policy.update(found_any, self.last_amax, scale_related=related))
+
+    def _settle(self, action: ScaleAction) -> None:
         self._excused = False
         self._rerun_scale = None
         # fill_ with a Python number is an asynchronous host-to-device write: no sync.
         self._scale.fill_(self._policy.scale)
         self._growth_tracker.fill_(self._policy.growth_tracker)
-        self._per_optimizer_states = defaultdict(refresh_per_optimizer_state)
         self.last_action = action
         if action is ScaleAction.FLOOR:
             self._at_floor()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -18,7 +19,51 @@ from lightning_mp._grads import NonfiniteGuard
 from lightning_mp.scaling.policy import ScaleAction
 from lightning_mp.scaling.scaler import AdaptiveLossScaler
 
-__all__ = ["GuardedStep", "ScaledStep"]
+__all__ = ["GuardedStep", "ScaledStep", "Verdict"]
+
+
+class Verdict:
+    """Whether a step's gradients were non-finite, decided on the device and read later on the host.
+
+    The flag is copied as soon as the check has run (to pinned memory on a GPU, with an event), so reading it
+    at the next step waits, if at all, for work that step needs finished anyway.
+    """
+
+    def __init__(self, flag: Tensor, guard: NonfiniteGuard) -> None:
+        self._guard = guard
+        self._device = flag.device
+        if flag.device.type == "cuda":
+            self._host = torch.empty(1, dtype=flag.dtype, pin_memory=True)
+            self._host.copy_(flag, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = flag.clone(), None
+
+    def read(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        found = bool(self._host.item())
+        if not found:
+            self._guard.mark_clean(self._device)
+        return found
+
+    def finish(self, scale_related: bool) -> None:
+        """Nothing to update without a scale."""
+
+
+class ScaledVerdict:
+    """An fp16 step a fused optimizer skipped or took on the device: the scaler's update waits for its flags."""
+
+    def __init__(self, scaler: AdaptiveLossScaler) -> None:
+        self._scaler, self._deferred = scaler, scaler.deferred
+
+    def read(self) -> bool:
+        return self._deferred.read()[0]
+
+    def finish(self, scale_related: bool) -> None:
+        if self._scaler.deferred is self._deferred:  # not applied yet by a read of the scale in between
+            self._scaler.finish_update(scale_related)
 
 
 class GuardedStep:
@@ -71,9 +116,23 @@ class GuardedStep:
         found = self._verdicts[id(optimizer)] = self.guard(optimizer, self.sharded)
         return found
 
-    def step(self, optimizer: Optimizer, **kwargs: Any) -> tuple[bool, Any]:
-        """``(skipped, what optimizer.step returned)``: the step is taken only with finite gradients."""
+    def step(self, optimizer: Optimizer, **kwargs: Any) -> tuple[bool | Verdict, Any]:
+        """``(skipped, what optimizer.step returned)``: the step is taken only with finite gradients.
+
+        An optimizer that can skip on the device (``fused=True`` Adam, AdamW, SGD take ``found_inf``, as
+        GradScaler's fused path hands it) gets the flag and decides there: nothing is read on the host in this
+        step, and ``skipped`` is a ``Verdict`` to read later (the next step reads it before its update).
+        """
         verdict = self._verdicts.pop(id(optimizer), None)
+        if verdict is None and self.enabled and optimizer_handles_unscaling(optimizer):
+            flag = self.guard.check(optimizer, self.sharded)
+            if flag is not None:
+                optimizer.grad_scale, optimizer.found_inf = None, flag.reshape(())  # what fused kernels take
+                try:
+                    output = optimizer.step(**kwargs)
+                finally:
+                    del optimizer.grad_scale, optimizer.found_inf
+                return Verdict(flag, self.guard), output
         bad = verdict if verdict is not None else (self.enabled and self.guard(optimizer, self.sharded))
         if bad:
             return True, None
@@ -169,16 +228,18 @@ class ScaledStep:
         iteration."""
         self.scaler.update()
 
-    def settle(self, scale_related: bool) -> bool:
+    def settle(self, scale_related: bool) -> bool | ScaledVerdict:
         """After the step: update the scale; an overflow that lowering the scale cannot fix (a bad batch, a
         forward overflow, a gradient non-finite without scaling) is skipped without a back-off. Returns whether
         the update found a skip ``step`` could not see: a fused optimizer skips itself on the device, and its
         flags are read here, once."""
         if not scale_related:
             self.scaler.excuse_overflow()
-        skipped_before = self.scaler.skipped_steps
+        skipped_before = self.scaler.policy.skipped_steps
         self.scaler.update()
-        return self.scaler.skipped_steps > skipped_before
+        if self.scaler.deferred is not None:  # a fused step with no rescue: its flags are read later
+            return ScaledVerdict(self.scaler)
+        return self.scaler.policy.skipped_steps > skipped_before
 
     def end_step(self) -> None:
         """Nothing kept between steps."""

@@ -40,7 +40,7 @@ from lightning_mp.reporting.history import ScaleHistory
 from lightning_mp.reporting.ledger import RunLedger
 from lightning_mp.scaling import AdaptiveLossScaler
 from lightning_mp.scaling.rescue import Rescue
-from lightning_mp.scaling.stepper import GuardedStep, ScaledStep
+from lightning_mp.scaling.stepper import GuardedStep, ScaledStep, ScaledVerdict, Verdict
 from lightning_mp.step.batch import Batch
 from lightning_mp.step.buffers import BufferSnapshot
 from lightning_mp.step.decisions import Decisions
@@ -87,6 +87,8 @@ class PrecisionCore:
         self.model: nn.Module | None = None
         self._step_open = False  # an optimizer step has begun (counted) and not ended
         self._unscaled: set[int] = set()  # id(optimizer): unscaled in this step
+        self._pending: tuple | None = None  # the last step's device verdict, not read yet (settle_pending)
+        self._waiting: list[Callable[[bool], None]] = []  # what waits for it (when_settled)
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, model: nn.Module, record_order: bool = True) -> None:
@@ -111,6 +113,7 @@ class PrecisionCore:
 
     def teardown(self) -> None:
         """Remove every hook we may still hold (an interrupted run, or a run with no optimizer step)."""
+        self.settle_pending()
         self.batch.forget()  # the last batch is the user's, not ours to keep alive
         self.decisions.spikes.clear()
         self.tracker.stop()
@@ -148,17 +151,21 @@ class PrecisionCore:
         return self._step_open
 
     def step_was_skipped(self, optimizer: Optimizer | None = None) -> bool:
+        self.settle_pending()
         return self.decisions.step_was_skipped(optimizer)
 
     # ---------------------------------------------------------------------------------- micro-batches
     def _open_step(self) -> None:
         """An optimizer step begins (at its first micro-batch, or at the step itself): count it once."""
+        self.settle_pending()  # the last step's, if it was decided on the device
         if not self._step_open:
             self._step_open = True
             self.ledger.start_step()
 
     def _begin(self) -> None:
         """A micro-batch is about to run: the first of a batch begins it, and the step opens."""
+        if self.batch.due:
+            self.settle_pending()
         self.batch.begin_if_due(self.model, self.setting.device, self.rescue_enabled)
         self._open_step()
 
@@ -308,13 +315,47 @@ class PrecisionCore:
             self.decisions.after_step(optimizer, Finding.spike(), repeat, skipped=True, scale=scale, spike=spike)
             return None
         skipped, output = self.stepper.step(optimizer, **kwargs)
-        finding = self._diagnose() if skipped else None
-        # Lowering the scale cannot fix a bad batch, a forward overflow, or a gradient non-finite without
-        # scaling (a rescue's last re-run showed it).
-        scale_related = finding is None or (finding.phase == "backward" and not self.rescue.nonfinite_unscaled)
-        skipped |= self.stepper.settle(scale_related)  # a fused optimizer's own skip is known only now
-        self.decisions.after_step(optimizer, finding, repeat and finding is not None, skipped=skipped, scale=scale)
+        if not isinstance(skipped, Verdict):
+            finding = self._diagnose() if skipped else None
+            late = self.stepper.settle(self._scale_related(finding))
+            if not isinstance(late, ScaledVerdict):
+                repeat = repeat and finding is not None
+                self.decisions.after_step(optimizer, finding, repeat, skipped=skipped or late, scale=scale)
+                return output
+            skipped = late
+        # Decided on the device (an optimizer that skips there): read and acted on before the next update.
+        self._pending = (optimizer, skipped, repeat, scale)
         return output
+
+    def _scale_related(self, finding: Finding | None) -> bool:
+        """Lowering the scale cannot fix a bad batch, a forward overflow, or a gradient non-finite without scaling
+        (a rescue's last re-run showed it)."""
+        return finding is None or (finding.phase == "backward" and not self.rescue.nonfinite_unscaled)
+
+    def settle_pending(self) -> None:
+        """Read the verdict of a step an optimizer skipped or took on the device (no host read in that step) and
+        decide on it as ``_step_or_skip`` would have: before the next micro-batch, step or checkpoint, while the
+        step's batch, gradients and buffers are still as it left them."""
+        if self._pending is None:
+            return
+        optimizer, verdict, repeat, scale = self._pending
+        self._pending = None
+        skipped = verdict.read()
+        finding = self._diagnose() if skipped else None
+        verdict.finish(self._scale_related(finding))
+        self._record_scale()
+        self.decisions.after_step(optimizer, finding, repeat and skipped, skipped=skipped, scale=scale)
+        waiting, self._waiting = self._waiting, []
+        for then in waiting:
+            then(skipped)
+
+    def when_settled(self, optimizer: Optimizer, then: Callable[[bool], None]) -> None:
+        """Call ``then(skipped)`` once ``optimizer``'s last step is known: now, or when its device verdict is
+        read (what a skip-aware LR scheduler does, so that the update after it uses the same learning rate)."""
+        if self._pending is not None and self._pending[0] is optimizer:
+            self._waiting.append(then)
+        else:
+            then(self.decisions.step_was_skipped(optimizer))
 
     def _diagnose(self) -> Finding:
         """Where a skipped step went non-finite: the cheap flags, then a replay under the tracer."""
@@ -340,11 +381,15 @@ class PrecisionCore:
             if amax is not None and self.stepper.wants_backward_amax():
                 self.stepper.observe_backward_amax(amax)
 
+    def _record_scale(self) -> None:
+        if self.scaler is not None:
+            self.scales.record(self.ledger.optimizer_steps, self.scaler.get_scale())  # a host float: no sync
+
     def _end_step(self) -> None:
         self.stepper.end_step()
         self.tracker.end_step()
-        if self.scaler is not None:
-            self.scales.record(self.ledger.optimizer_steps, self.scaler.get_scale())  # a host float: no sync
+        if self._pending is None:  # else when the device verdict is read
+            self._record_scale()
         self.rescue.begin_batch()
         self.batch.end()
         self._step_open = False
@@ -353,6 +398,7 @@ class PrecisionCore:
     # ------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         """The run's state, in one place: the precision and its scaler, decisions and counts, the scale history."""
+        self.settle_pending()
         return {**self.setting.state_dict(), **self.decisions.state_dict(), "scale_history": self.scales.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

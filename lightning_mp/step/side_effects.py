@@ -64,7 +64,7 @@ class ModuleState:
 
     def __init__(self, modules: Iterable[nn.Module], public: bool = False) -> None:
         self._public = public
-        self._modules: list[tuple[nn.Module, dict[str, Any], list[tuple[Any, Any]]]] = []
+        self._captured: list[tuple[nn.Module, dict[str, Any], list[tuple[Any, Any]]]] = []
         flags: dict[int, tuple[Tensor, bool]] = {}
         for module in modules:
             bindings = {k: v for k, v in module.__dict__.items() if not (public and k.startswith("_"))}
@@ -77,7 +77,7 @@ class ModuleState:
                     contents.append((value, list(value.items())))
                 elif type(value) in _CONTAINERS:
                     contents.append((value, list(value)))
-            self._modules.append((module, bindings, contents))
+            self._captured.append((module, bindings, contents))
             if not public:
                 for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
                     flags[id(tensor)] = (tensor, tensor.requires_grad)
@@ -85,7 +85,7 @@ class ModuleState:
 
     def restore(self) -> None:
         """Put every captured binding, container content and flag back (only what changed is written)."""
-        for module, bindings, contents in self._modules:
+        for module, bindings, contents in self._captured:
             current = module.__dict__
             added = [k for k in current if k not in bindings and not (self._public and k.startswith("_"))]
             for name in added:

@@ -5,8 +5,9 @@ import pytest
 
 from benchmarks.scaler_streams import fp16_stream, run_stream
 from lightning_mp import AdaptiveLossScaler
+from lightning_mp.options import GRADSCALER_RULE
 
-GRADSCALER_SETTINGS = {"policy": "dynamic", "hysteresis": 1, "min_scale": None, "max_scale": None}
+GRADSCALER_SETTINGS = GRADSCALER_RULE  # the one declaration (lightning_mp.options)
 
 
 def classic(**kwargs):

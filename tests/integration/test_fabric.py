@@ -14,7 +14,7 @@ from torch import nn
 from lightning_mp import AdaptiveLossScaler
 from lightning_mp import AdaptiveMP as TrainerAdaptiveMP
 from lightning_mp.fabric import AdaptiveMP
-from tests.helpers import NaiveLogSumExp
+from tests.helpers import NaiveLogSumExp, gradscaler_reproduction
 
 
 def batches(steps: int, scale: float = 1.0, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -102,7 +102,7 @@ def test_bf16_matches_fabric_mixed_precision_bit_for_bit():
 def test_fp16_with_gradscaler_settings_matches_fabric_mixed_precision_and_its_scale():
     data = batches(6)
     knobs = dict(init_scale=2.0**10, growth_interval=2)
-    scaler = AdaptiveLossScaler("cpu", policy="dynamic", hysteresis=1, min_scale=None, max_scale=None, **knobs)
+    scaler = gradscaler_reproduction(**knobs)
     amp = AdaptiveMP("16-mixed", scaler=scaler, fp32_defaults=False)
     ours, _, _ = run(amp, data, clip=1.0)
     reference = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", **knobs))

@@ -8,15 +8,23 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
 from lightning_mp.formats import cpu_has_native_bf16
-from tests.helpers import ManualRegressor, TinyRegressor, fit, loader, loader_with, same_weights, trainer
+from tests.helpers import (
+    ManualRegressor,
+    TinyRegressor,
+    fit,
+    gradscaler_reproduction,
+    loader,
+    loader_with,
+    same_weights,
+    trainer,
+)
 
-GRADSCALER = {"policy": "dynamic", "hysteresis": 1, "min_scale": None, "max_scale": None}
 # 2**24 makes the first fp16 backward passes overflow, so both runs also skip steps and back off.
 SCALER_SETTINGS = {"init_scale": 2.0**24, "growth_interval": 3}
 
 
 def classic_fp16():
-    return AdaptiveMP("16-mixed", scaler=AdaptiveLossScaler("cpu", **GRADSCALER, **SCALER_SETTINGS))
+    return AdaptiveMP("16-mixed", scaler=gradscaler_reproduction(**SCALER_SETTINGS))
 
 
 def plugin_without_natural_overflows(precision):
@@ -281,7 +289,7 @@ def test_precision_and_plugin_together_are_refused_by_lightning():
 
 
 def test_adaptive_scaler_drops_into_lightnings_own_mixed_precision():
-    ours, _ = fit(MixedPrecision("16-mixed", "cpu", scaler=AdaptiveLossScaler("cpu", **GRADSCALER, **SCALER_SETTINGS)))
+    ours, _ = fit(MixedPrecision("16-mixed", "cpu", scaler=gradscaler_reproduction(**SCALER_SETTINGS)))
     ref, _ = fit(lightning_fp16())
     assert same_weights(ours, ref)
 

@@ -16,7 +16,7 @@ from torch import nn
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
 from lightning_mp.reporting.report import build_report, render_markdown, run_metrics
 from lightning_mp.scaling import ScaleAction, ScalePolicy, ScalerConfig
-from tests.helpers import ExplodingBackward, TroubleNet, fit, loader
+from tests.helpers import ExplodingBackward, TroubleNet, fit, gradscaler_reproduction, loader
 
 
 class GainedRegressor(L.LightningModule):
@@ -51,7 +51,7 @@ class ScalePerStep(L.Callback):
 
 
 def _gradscaler_reproduction(**knobs) -> AdaptiveLossScaler:
-    return AdaptiveLossScaler("cpu", policy="dynamic", hysteresis=1, min_scale=None, max_scale=None, **knobs)
+    return gradscaler_reproduction(**knobs)
 
 
 def _fit(plugin, model, steps, data=None, callbacks=(), accumulate=1):
@@ -230,7 +230,7 @@ def test_where_overflows_are_rescued_growth_goes_closer_to_the_edge():
 
 
 def test_an_optimizer_without_gradients_is_not_an_overflow():
-    scaler = AdaptiveLossScaler("cpu", policy="dynamic", hysteresis=1, min_scale=None, max_scale=None)
+    scaler = gradscaler_reproduction()
     frozen = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1)  # its parameter never gets a gradient
     scaler.scale(torch.ones(()))
     scaler.unscale_(frozen)

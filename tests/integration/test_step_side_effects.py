@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
-from tests.helpers import trainer
+from tests.helpers import gradscaler_reproduction, trainer
 
 LATENT, IMAGE = 4, 8
 
@@ -246,9 +246,7 @@ def test_a_replayed_step_updates_an_ema_teacher_once(style):
 
 
 def _scaler(init_scale: float) -> AdaptiveLossScaler:
-    return AdaptiveLossScaler(
-        "cpu", init_scale=init_scale, policy="dynamic", hysteresis=1, min_scale=None, max_scale=None
-    )
+    return gradscaler_reproduction(init_scale=init_scale)
 
 
 @pytest.mark.parametrize("style", STYLES)

@@ -22,10 +22,14 @@ def test_restore_puts_back_every_buffer_in_place():
 
 
 def test_a_model_without_buffers_is_a_no_op():
+    model = nn.Linear(2, 2)
+    weights = [p.clone() for p in model.parameters()]
     snapshot = BufferSnapshot()
-    snapshot.watch(nn.Linear(2, 2))
+    snapshot.watch(model)
     snapshot.take()
     snapshot.restore()
+    assert snapshot._saved == {} and list(model.buffers()) == []
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters())), "parameters are never touched"
 
 
 def test_a_restore_before_any_take_puts_back_the_values_at_watch():

@@ -99,14 +99,23 @@ def test_fsdp_shell_overrides_every_fsdp_precision_method_that_reads_precision_o
 
 
 PRIVATE_IMPORT = re.compile(r"^\s*from (torch|lightning)(\.[\w.]+)? import .*\b_[a-z]\w*", re.MULTILINE)
-PRIVATE_ACCESS = re.compile(r"\b(torch\._(?!_)\w+|lightning\.\w+\._\w+|_checkpoint_connector|(?<!self)\._trainer\b)")
+PRIVATE_ACCESS = re.compile(
+    r"\b(torch\._(?!_)\w+|lightning\.\w+\._\w+|_checkpoint_connector|(?<!self)\._trainer\b)"
+    # private names of torch's objects read outside the fence: a view's base, the interpreter's frames, a module's
+    # submodule table, version counters, autograd's sequence numbers, an operation's schema, Lightning's
+    # optimizer counters
+    r"|\._base\b|sys\._getframe|\._modules\b|\._version\b|\._sequence_nr|\._schema\b|\._on_(before|after)_step"
+    # live Lightning objects changed per instance outside the fence
+    r"|\.(training_step|log|log_dict|manual_backward)\s*=[^=]"
+)
 
 
 def test_private_names_are_used_only_behind_the_fence():
-    """Outside _compat.py, only scaling/scaler.py (GradScaler's own internals) may touch private names."""
+    """Outside _compat.py, only scaling/scaler.py and flags.py (GradScaler's own internals) may touch private
+    names, and no live Lightning object is changed per instance."""
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "_compat.py":
+        if path.name == "_compat.py" or path.parent.name == "cli":
             continue
         text = path.read_text()
         offenders += [f"{path.name}: {m.group(0).strip()}" for m in PRIVATE_IMPORT.finditer(text)]
@@ -196,3 +205,81 @@ def test_weight_averaging_asks_should_update_with_a_step_index():
 
     assert parameters(WeightAveraging.should_update) == ["self", "step_idx", "epoch_idx"]
     assert "self.should_update(step_idx=step_idx)" in inspect.getsource(WeightAveraging.on_train_batch_end)
+
+
+def test_autograd_sequence_numbers_connect_a_backward_node_to_its_forward_operation():
+    seen = {}
+
+    class Watch(_compat.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            node = _compat.current_autograd_node()  # None in the forward
+            if node is None and func is torch.ops.aten.mul.Tensor:
+                seen["forward"] = _compat.autograd_sequence_nr() - 1  # in the mode its node exists already
+            if node is not None and node.name().startswith("MulBackward"):
+                seen["backward"] = _compat.node_sequence_nr(node)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.ones(2, requires_grad=True)
+    with Watch():
+        (x * 3).sum().backward()
+    assert seen["forward"] == seen["backward"]
+
+
+def test_weak_identity_keys_and_version_counters_behave_as_the_replay_and_statistics_assume():
+    table = _compat.WeakIdKeyDictionary()
+    t = torch.zeros(2)
+    table[t] = 1
+    assert table[t] == 1
+    before = _compat.tensor_version(t)
+    t.add_(1)
+    assert _compat.tensor_version(t) == before + 1
+    with torch.inference_mode():
+        assert _compat.tensor_version(torch.zeros(1)) is None
+    view = t[:1]
+    assert _compat.tensor_base(view) is t and _compat.tensor_base(t) is None
+    del t, view
+    assert len(table) == 0, "the key is held weakly"
+
+
+def test_the_caller_frame_and_the_compiled_wrapper_check_read_what_they_say():
+    import sys
+
+    def inner():
+        return _compat.caller_frame(1)
+
+    assert inner() is sys._getframe()
+    compiled = torch.compile(torch.nn.Linear(2, 2), backend="eager")
+    assert _compat.is_compiled_wrapper(compiled) and not _compat.is_compiled_wrapper(torch.nn.Linear(2, 2))
+
+
+def test_lightning_optimizer_counts_steps_through_the_methods_the_replay_mutes():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    for name in _compat.LIGHTNING_OPTIMIZER_COUNTERS:
+        assert callable(getattr(LightningOptimizer(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1)), name))
+    assert "self._on_before_step()" in inspect.getsource(LightningOptimizer.step)
+
+
+def test_per_instance_changes_of_lightning_objects_are_undone():
+    class Module:
+        def log(self, *args):
+            return "logged"
+
+        def manual_backward(self, loss):
+            return "real"
+
+    module = Module()
+    with _compat.muted_logging(module), _compat.redirected_manual_backward(module, lambda loss: "ours"):
+        assert module.log("x", 1) is None and module.manual_backward(1) == "ours"
+    assert module.log("x", 1) == "logged" and module.manual_backward(1) == "real"
+    assert "log" not in vars(module) and "manual_backward" not in vars(module)
+
+    class Strategy:
+        def training_step(self, batch):
+            return batch * 2
+
+    strategy, calls = Strategy(), []
+    _compat.wrap_training_step(strategy, lambda batch: calls.append(batch))
+    assert strategy.training_step(3) == 6 and calls == [3]
+    _compat.unwrap_training_step(strategy)
+    assert "training_step" not in vars(strategy)

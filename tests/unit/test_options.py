@@ -1,7 +1,12 @@
 """PluginOptions: every AdaptiveMP knob validated at construction, naming the field, the value and what is allowed."""
 
+import dataclasses
+import inspect
+from pathlib import Path
+
 import pytest
 
+import lightning_mp
 from lightning_mp.options import PluginOptions
 from lightning_mp.scaling import AdaptiveLossScaler
 
@@ -56,3 +61,32 @@ def test_the_fabric_plugin_takes_the_trainer_plugins_arguments_but_the_trainer_o
     trainer_only = {"attach_callbacks", "sharded_gradients", "replay", "rescue"}
     trainer = [p for p in inspect.signature(AdaptiveMP).parameters.values() if p.name not in trainer_only]
     assert list(inspect.signature(FabricAdaptiveMP).parameters.values()) == trainer
+
+
+# ---------------------------------------------------------------------------------- one declaration of every knob
+def _signature(cls) -> dict[str, object]:
+    return {n: p.default for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self"}
+
+
+def test_every_shell_takes_exactly_the_declared_knobs_with_the_declared_defaults():
+    from lightning_mp import AdaptiveMP
+    from lightning_mp.fabric import AdaptiveMP as FabricAdaptiveMP
+    from lightning_mp.options import FABRIC_KNOBS, KNOBS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(PluginOptions)}
+    assert _signature(AdaptiveMP) == {name: defaults[name] for name in KNOBS}
+    assert _signature(FabricAdaptiveMP) == {name: defaults[name] for name in FABRIC_KNOBS}
+    for cls, knobs in ((AdaptiveMP, KNOBS), (FabricAdaptiveMP, FABRIC_KNOBS)):
+        documented = {line.strip().split(":")[0] for line in cls.__doc__.splitlines() if line.startswith(" " * 8)}
+        assert set(knobs) <= documented, set(knobs) - documented  # the Args section, built from the declaration
+
+
+def test_the_shipped_precision_configs_set_only_declared_knobs():
+    from omegaconf import OmegaConf
+
+    from lightning_mp.options import KNOBS
+
+    for path in sorted(Path(lightning_mp.__file__).parent.parent.joinpath("conf", "precision").glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path))["precision"]
+        assert node["_target_"] == "lightning_mp.AdaptiveMP", path.name
+        assert set(node) - {"_target_", "_convert_"} <= set(KNOBS), path.name

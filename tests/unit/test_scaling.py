@@ -8,9 +8,10 @@ import torch
 from torch import nn
 
 from lightning_mp import AdaptiveLossScaler, LossScaleFloorError, ScalePolicy, ScalerConfig
+from lightning_mp.options import GRADSCALER_RULE
 
 INF, NAN = float("inf"), float("nan")
-GRADSCALER_SETTINGS = {"policy": "dynamic", "hysteresis": 1, "min_scale": None, "max_scale": None}
+GRADSCALER_SETTINGS = GRADSCALER_RULE  # the one declaration (lightning_mp.options)
 
 
 def classic(**kwargs):
