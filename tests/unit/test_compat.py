@@ -283,3 +283,29 @@ def test_per_instance_changes_of_lightning_objects_are_undone():
     assert strategy.training_step(3) == 6 and calls == [3]
     _compat.unwrap_training_step(strategy)
     assert "training_step" not in vars(strategy)
+
+
+# The Trainer's own modules: the only ones that import lightning.pytorch (the command line imports it lazily).
+TRAINER_SIDE = {"plugin.py", "fsdp.py", "schedulers.py", "callbacks.py", "checkpoint.py", "_compat.py"}
+
+
+def test_only_the_trainer_shell_imports_lightning_pytorch_and_the_core_imports_no_lightning():
+    """``import lightning.fabric`` itself runs ``lightning/__init__.py``, which imports ``lightning.pytorch``; so
+    what the package can promise is that none of its own Fabric-side or core modules import it."""
+    for path in PACKAGE.rglob("*.py"):
+        imported = _module_level_imports_of_anything(path)
+        if path.name not in TRAINER_SIDE and path.parent.name != "cli":
+            assert not any(name.startswith("lightning.pytorch") for name in imported), path
+        if path.parent.name in ("step", "scaling", "formats", "diagnosis", "fallback"):
+            assert not any(name.split(".")[0] == "lightning" for name in imported), path
+
+
+def _module_level_imports_of_anything(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+    return found
