@@ -184,7 +184,8 @@ class AdaptiveMP(CoreView, Precision):
     @override
     @contextlib.contextmanager
     def train_step_context(self) -> Generator[None, None, None]:
-        with self.core.micro_batch():
+        self.core.begin_micro_batch()
+        with self.core.training_context():
             yield
 
     @override

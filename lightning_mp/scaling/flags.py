@@ -69,15 +69,16 @@ class DeferredFlags:
     """
 
     def __init__(self, states: list[dict[str, Any]], device: torch.device, sharded: bool, scale: float) -> None:
-        self.states = [dict(state) for state in states]
+        self.states = states  # refreshed, not reused, by the scaler's update
         self.scale = scale
+        self.ready = all("host" in state for state in states)  # read already (an unfused step's sync)
         self._copies: dict[int, torch.Tensor] = {}
         for index, state in enumerate(self.states):
             if "host" not in state:
                 stacked = _stacked(state, device, sharded)
                 host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=stacked.is_cuda)
                 self._copies[index] = host.copy_(stacked, non_blocking=True)
-        self._event = torch.cuda.Event() if device.type == "cuda" else None
+        self._event = torch.cuda.Event() if device.type == "cuda" and not self.ready else None
         if self._event is not None:
             self._event.record()
         self._read: tuple[bool, list[float], int] | None = None

@@ -102,7 +102,8 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
     @property
     def skipped_steps(self) -> int:
         """Optimizer steps skipped because their gradients were not finite (each optimizer counts)."""
-        self.finish_update()
+        if self.deferred is not None:
+            self.finish_update()
         return self._policy.skipped_steps
 
     @property
@@ -117,7 +118,8 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         return self._policy.rescues
 
     def scale(self, outputs: Any) -> Any:
-        self.finish_update()  # the last iteration's deferred flags (a fused step), read now that they are needed
+        if self.deferred is not None:  # the last iteration's flags (a fused step), read now that they are needed
+            self.finish_update()
         return super().scale(outputs)
 
     def get_scale(self) -> float:
@@ -125,7 +127,8 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         # it is the scale the re-run's gradients carry.
         if not self._enabled:
             return 1.0
-        self.finish_update()
+        if self.deferred is not None:
+            self.finish_update()
         return self._rerun_scale if self._rerun_scale is not None else self._policy.scale
 
     def overflowed(self, optimizer: torch.optim.Optimizer) -> bool:
@@ -254,7 +257,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
                 state["stepped"] = state["stage"] is OptState.STEPPED
             self.deferred = DeferredFlags(states, self._scale.device, self._sharded, self.get_scale())
             self._per_optimizer_states = defaultdict(refresh_per_optimizer_state)
-            if all("host" in state for state in states):  # read on step()'s sync already: update now
+            if self.deferred.ready:  # every flag was read on step()'s sync already: update now
                 self.finish_update()
             return  # a fused step's flags: read when the next iteration needs the scale (finish_update)
         self._settle(action)

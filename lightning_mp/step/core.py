@@ -189,9 +189,10 @@ class PrecisionCore:
     def training_context(self) -> contextlib.AbstractContextManager:
         """Autocast, and eager execution of compiled code while statistics or attribution hooks are armed
         (compiled code would not run them; see ``hooks.eager``)."""
+        if not (self.statistics.active or self.tracker.hooked):
+            return self.setting.autocast()  # the common step: nothing else to enter
         stack = contextlib.ExitStack()
-        if self.statistics.active or self.tracker.hooked:
-            stack.enter_context(eager())
+        stack.enter_context(eager())
         stack.enter_context(self.setting.autocast())
         return stack
 

@@ -67,13 +67,14 @@ class ModuleState:
         self._captured: list[tuple[nn.Module, dict[str, Any], list[tuple[Any, Any]]]] = []
         flags: dict[int, tuple[Tensor, bool]] = {}
         for module in modules:
-            bindings = {k: v for k, v in module.__dict__.items() if not (public and k.startswith("_"))}
+            bindings = module.__dict__.copy()  # private names are left alone at restore in the public form
+            if public:  # every step of a rescuing run: the cheapest capture that still restores appends
+                contents = [(v, len(v)) for k, v in bindings.items() if type(v) is list and k[0] != "_"]
+                self._captured.append((module, bindings, contents))
+                continue
             contents = []
             for value in bindings.values():
-                if public:
-                    if type(value) is list:
-                        contents.append((value, len(value)))
-                elif isinstance(value, dict):  # OrderedDicts of hooks, registered parameters and submodules too
+                if isinstance(value, dict):  # OrderedDicts of hooks, registered parameters and submodules too
                     contents.append((value, list(value.items())))
                 elif type(value) in _CONTAINERS:
                     contents.append((value, list(value)))
@@ -91,7 +92,7 @@ class ModuleState:
             for name in added:
                 del current[name]
             for name, value in bindings.items():
-                if current.get(name, _MISSING) is not value:
+                if current.get(name, _MISSING) is not value and not (self._public and name.startswith("_")):
                     current[name] = value  # the raw binding, as it was: no Module.__setattr__ side effects
             for container, items in contents:
                 _refill(container, items)
