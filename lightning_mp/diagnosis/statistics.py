@@ -13,6 +13,7 @@ import math
 import weakref
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -120,9 +121,10 @@ class Cadence:
         """The cadence in force, given the format's default."""
         return self.stats_every or default
 
-    def due(self, step: int, default: int, samples_taken: int, calibrating: bool = False) -> bool:
+    def due(self, step: int, default: int, samples_taken: int) -> bool:
+        """Whether ``step`` is sampled by the cadence (a calibrating scaler asks for more: see ``Sampler.arm``)."""
         first = step == 1 and self.stats_every is None and not samples_taken
-        return step % self.every(default) == 0 or calibrating or first
+        return step % (self.stats_every or default) == 0 or first
 
 
 class Sampler:
@@ -139,10 +141,12 @@ class Sampler:
         self.statistics = ModuleStatistics(level)
         self.cadence = Cadence(stats_every)
 
-    def arm(self, model: nn.Module, step: int, default_every: int, calibrating: bool, output_grads: bool) -> None:
-        """At a micro-batch's start: arm the hooks if this step is sampled."""
-        if self.cadence.due(step, default_every, self.statistics.samples_taken, calibrating):
-            self.statistics.start(model, output_grads=output_grads)
+    def arm(self, model: nn.Module, step: int, default_every: int, stepper: Any) -> None:
+        """At a micro-batch's start: arm the hooks if this step is sampled (``stepper.calibrating``: every step
+        until the scaler has its first scale; ``stepper.wants_backward_amax()``: record output gradients too).
+        The stepper is asked only when the cadence does not decide: this runs on every micro-batch."""
+        if self.cadence.due(step, default_every, self.statistics.samples_taken) or stepper.calibrating:
+            self.statistics.start(model, output_grads=stepper.wants_backward_amax())
 
     def collect(self, model: nn.Module, scale: float, dtype: torch.dtype) -> float | None:
         """Fold a sampled step in; the largest gradient measured inside its backward (agreed across ranks), or

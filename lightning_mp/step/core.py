@@ -157,7 +157,8 @@ class PrecisionCore:
     # ---------------------------------------------------------------------------------- micro-batches
     def _open_step(self) -> None:
         """An optimizer step begins (at its first micro-batch, or at the step itself): count it once."""
-        self.settle_pending()  # the last step's, if it was decided on the device
+        if self._pending is not None:
+            self.settle_pending()  # the last step's, if it was decided on the device
         if not self._step_open:
             self._step_open = True
             self.ledger.start_step()
@@ -165,19 +166,17 @@ class PrecisionCore:
     def _begin(self) -> None:
         """A micro-batch is about to run: the first of a batch begins it, and the step opens."""
         if self.batch.due:
-            self.settle_pending()
-        self.batch.begin_if_due(self.model, self.setting.device, self.rescue_enabled)
-        self._open_step()
+            if self._pending is not None:
+                self.settle_pending()
+            self.batch.begin_if_due(self.model, self.setting.device, self.rescue_enabled)
+        if not self._step_open:
+            self._open_step()
 
     def begin_micro_batch(self) -> None:
         """A training micro-batch's forward begins: the step opens and a sampled step's hooks are armed."""
         self._begin()
         if self.batch.start_micro_batch() and self.model is not None:
-            stepper = self.stepper
-            self.sampler.arm(
-                self.model, self.ledger.optimizer_steps, self.setting.stats_every, stepper.calibrating,
-                output_grads=stepper.wants_backward_amax(),
-            )  # fmt: skip
+            self.sampler.arm(self.model, self.decisions.ledger.optimizer_steps, self.setting.stats_every, self.stepper)
 
     @contextlib.contextmanager
     def micro_batch(self) -> Generator[None, None, None]:
@@ -308,17 +307,18 @@ class PrecisionCore:
 
     def _step_or_skip(self, optimizer: Optimizer, kwargs: dict[str, Any]) -> Any:
         """Step, or skip a step whose gradients are not finite (or whose loss is a spike); then decide."""
+        stepper = self.stepper
         repeat = self.tracker.note_optimizer(id(optimizer))  # another optimizer already skipped on this batch
-        scale = self.stepper.scale  # what this step's gradients carried; the settle below may move it
+        scale = stepper.scale  # what this step's gradients carried; the settle below may move it
         spike = self.decisions.spike(optimizer)
         if spike is not None:
-            self.stepper.skip()
+            stepper.skip()
             self.decisions.after_step(optimizer, Finding.spike(), repeat, skipped=True, scale=scale, spike=spike)
             return None
-        skipped, output = self.stepper.step(optimizer, **kwargs)
+        skipped, output = stepper.step(optimizer, **kwargs)
         if not isinstance(skipped, Verdict):
             finding = self._diagnose() if skipped else None
-            late = self.stepper.settle(self._scale_related(finding))
+            late = stepper.settle(self._scale_related(finding))
             if not isinstance(late, ScaledVerdict):
                 repeat = repeat and finding is not None
                 self.decisions.after_step(optimizer, finding, repeat, skipped=skipped or late, scale=scale)
@@ -378,13 +378,17 @@ class PrecisionCore:
     def collect_statistics(self) -> None:
         """Fold a sampled step's statistics in (after unscaling); nothing on other steps."""
         if self.model is not None:
-            amax = self.sampler.collect(self.model, self.stepper.scale or 1.0, self.setting.stats_dtype)
-            if amax is not None and self.stepper.wants_backward_amax():
-                self.stepper.observe_backward_amax(amax)
+            if not self.statistics.active:
+                return  # not a sampled step
+            stepper = self.stepper
+            amax = self.sampler.collect(self.model, stepper.scale or 1.0, self.setting.stats_dtype)
+            if amax is not None and stepper.wants_backward_amax():
+                stepper.observe_backward_amax(amax)
 
     def _record_scale(self) -> None:
-        if self.scaler is not None:
-            self.scales.record(self.ledger.optimizer_steps, self.scaler.get_scale())  # a host float: no sync
+        scaler = self.scaler
+        if scaler is not None:
+            self.scales.record(self.decisions.ledger.optimizer_steps, scaler.get_scale())  # a host float: no sync
 
     def _end_step(self) -> None:
         self.stepper.end_step()
