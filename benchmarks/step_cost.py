@@ -262,8 +262,9 @@ class HostClock(RegionClock):
 
 # The core's steps in the order a step calls them, and the collaborators' pieces worth a line of their own.
 CORE_PIECES = ("keep_micro_batch", "observe_input", "begin_micro_batch", "training_context", "scale_loss",
-               "run_closure", "_unscale", "collect_statistics", "_step_or_skip", "_end_step")  # fmt: skip
-COLLABORATOR_PIECES = (("replay", "begin_batch", "RNG snapshot (replay.begin_batch)"),
+               "run_closure", "_unscale", "collect_statistics", "_end_step")  # fmt: skip
+COLLABORATOR_PIECES = (("guard", "step_or_skip", "step or skip (guard.step_or_skip)"),
+                       ("replay", "begin_batch", "RNG snapshot (replay.begin_batch)"),
                        ("buffers", "take", "buffer snapshot (buffers.take)"),
                        ("tracker", "new_batch", "tracker.new_batch"), ("tracker", "end_step", "tracker.end_step"),
                        ("statistics", "start", "statistics: arm (start)"),

@@ -11,7 +11,7 @@ step runs, in this order::
     closure   Lightning's closure, if any: a low-precision kernel that raises promotes its module and retries
     unscale   true gradients for statistics, ``on_before_optimizer_step`` and clipping (``Stepper.unscale``)
     rescue    an fp16 overflow born in the backward runs the batch again at a lower scale (``scaling.rescue``)
-    guard     step, or skip a step whose gradients are not finite (``Stepper.step``)
+    guard     step, or skip a step whose gradients are not finite (``StepGuard``, through ``Stepper.step``)
     attribute where a skipped step went non-finite: cheap flags, then a replay (``diagnosis``)
     promote   the module the evidence names, on repeated blame (``fallback.promotion``)
     escalate  climb the ladder when skipping gets nowhere (``fallback.escalation``)
@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_mp.diagnosis.attribution import Finding, OverflowTracker
+from lightning_mp.diagnosis.attribution import OverflowTracker
 from lightning_mp.diagnosis.hooks import eager
 from lightning_mp.diagnosis.replay import StepReplay
 from lightning_mp.diagnosis.statistics import Sampler
@@ -40,10 +40,11 @@ from lightning_mp.reporting.history import ScaleHistory
 from lightning_mp.reporting.ledger import RunLedger
 from lightning_mp.scaling import AdaptiveLossScaler
 from lightning_mp.scaling.rescue import Rescue
-from lightning_mp.scaling.stepper import GuardedStep, ScaledStep, ScaledVerdict, Verdict
+from lightning_mp.scaling.stepper import GuardedStep, ScaledStep
 from lightning_mp.step.batch import Batch
 from lightning_mp.step.buffers import BufferSnapshot
 from lightning_mp.step.decisions import Decisions
+from lightning_mp.step.guard import StepGuard
 from lightning_mp.step.precision import RunPrecision
 from lightning_mp.step.side_effects import RerunState
 
@@ -87,8 +88,9 @@ class PrecisionCore:
         self.model: nn.Module | None = None
         self._step_open = False  # an optimizer step has begun (counted) and not ended
         self._unscaled: set[int] = set()  # id(optimizer): unscaled in this step
-        self._pending: tuple | None = None  # the last step's device verdict, not read yet (settle_pending)
-        self._waiting: list[Callable[[bool], None]] = []  # what waits for it (when_settled)
+        self.guard = StepGuard(
+            self.setting, self.batch, self.tracker, self.replay, self.rescue, self.decisions, self.scales, self.warn
+        )
 
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, model: nn.Module, record_order: bool = True) -> None:
@@ -157,7 +159,7 @@ class PrecisionCore:
     # ---------------------------------------------------------------------------------- micro-batches
     def _open_step(self) -> None:
         """An optimizer step begins (at its first micro-batch, or at the step itself): count it once."""
-        if self._pending is not None:
+        if self.guard.pending is not None:
             self.settle_pending()  # the last step's, if it was decided on the device
         if not self._step_open:
             self._step_open = True
@@ -166,7 +168,7 @@ class PrecisionCore:
     def _begin(self) -> None:
         """A micro-batch is about to run: the first of a batch begins it, and the step opens."""
         if self.batch.due:
-            if self._pending is not None:
+            if self.guard.pending is not None:
                 self.settle_pending()
             self.batch.begin_if_due(self.model, self.setting.device, self.rescue_enabled)
         if not self._step_open:
@@ -265,7 +267,7 @@ class PrecisionCore:
                 before_update()
             if skip_backward:
                 return StepOutcome(result, None, stepped=False)
-            return StepOutcome(result, self._step_or_skip(optimizer, kwargs), stepped=True)
+            return StepOutcome(result, self.guard.step_or_skip(optimizer, kwargs), stepped=True)
         finally:
             self._end_step()
 
@@ -305,75 +307,13 @@ class PrecisionCore:
 
         return self.rescue.unscale(self.stepper, optimizer, can, self.tracker.forward_finite, run_again)
 
-    def _step_or_skip(self, optimizer: Optimizer, kwargs: dict[str, Any]) -> Any:
-        """Step, or skip a step whose gradients are not finite (or whose loss is a spike); then decide."""
-        stepper = self.stepper
-        repeat = self.tracker.note_optimizer(id(optimizer))  # another optimizer already skipped on this batch
-        scale = stepper.scale  # what this step's gradients carried; the settle below may move it
-        spike = self.decisions.spike(optimizer)
-        if spike is not None:
-            stepper.skip()
-            self.decisions.after_step(optimizer, Finding.spike(), repeat, skipped=True, scale=scale, spike=spike)
-            return None
-        skipped, output = stepper.step(optimizer, **kwargs)
-        if not isinstance(skipped, Verdict):
-            finding = self._diagnose() if skipped else None
-            late = stepper.settle(self._scale_related(finding))
-            if not isinstance(late, ScaledVerdict):
-                repeat = repeat and finding is not None
-                self.decisions.after_step(optimizer, finding, repeat, skipped=skipped or late, scale=scale)
-                return output
-            skipped = late
-        # Decided on the device (an optimizer that skips there): read and acted on before the next update.
-        self._pending = (optimizer, skipped, repeat, scale)
-        return output
-
-    def _scale_related(self, finding: Finding | None) -> bool:
-        """Lowering the scale cannot fix a bad batch, a forward overflow, or a gradient non-finite without scaling
-        (a rescue's last re-run showed it)."""
-        return finding is None or (finding.phase == "backward" and not self.rescue.nonfinite_unscaled)
-
     def settle_pending(self) -> None:
-        """Read the verdict of a step an optimizer skipped or took on the device (no host read in that step) and
-        decide on it as ``_step_or_skip`` would have: before the next micro-batch, step or checkpoint, while the
-        step's batch, gradients and buffers are still as it left them."""
-        if self._pending is None:
-            return
-        optimizer, verdict, repeat, scale = self._pending
-        self._pending = None
-        skipped = verdict.read()
-        finding = self._diagnose() if skipped else None
-        verdict.finish(self._scale_related(finding))
-        self._record_scale()
-        self.decisions.after_step(optimizer, finding, repeat and skipped, skipped=skipped, scale=scale)
-        waiting, self._waiting = self._waiting, []
-        for then in waiting:
-            then(skipped)
+        """Judge the last step if an optimizer decided it on the device (see ``StepGuard``)."""
+        self.guard.settle_pending()
 
     def when_settled(self, optimizer: Optimizer, then: Callable[[bool], None]) -> None:
-        """Call ``then(skipped)`` once ``optimizer``'s last step is known: now, or when its device verdict is
-        read (what a skip-aware LR scheduler does, so that the update after it uses the same learning rate)."""
-        if self._pending is not None and self._pending[0] is optimizer:
-            self._waiting.append(then)
-        else:
-            then(self.decisions.step_was_skipped(optimizer))
-
-    def _diagnose(self) -> Finding:
-        """Where a skipped step went non-finite: the cheap flags, then a replay under the tracer."""
-        if self.model is None:
-            return Finding("backward", None, "nan", "unknown")
-        replay = self.replay.replayer(
-            self.model,
-            self.buffers.restore,
-            self.setting.autocast,
-            self.stepper.scale,
-            self.batch.backward_passes,
-            self.warn,
-        )
-        finding = self.tracker.attribute(self.model, replay)
-        if replay is not None and self.rescue_enabled:
-            self.rerun_state.learn(self.replay.written)  # what the replayed step wrote in place, for a rescue
-        return finding
+        """Call ``then(skipped)`` once ``optimizer``'s last step is known (see ``StepGuard.when_settled``)."""
+        self.guard.when_settled(optimizer, then)
 
     def collect_statistics(self) -> None:
         """Fold a sampled step's statistics in (after unscaling); nothing on other steps."""
@@ -385,16 +325,11 @@ class PrecisionCore:
             if amax is not None and stepper.wants_backward_amax():
                 stepper.observe_backward_amax(amax)
 
-    def _record_scale(self) -> None:
-        scaler = self.scaler
-        if scaler is not None:
-            self.scales.record(self.decisions.ledger.optimizer_steps, scaler.get_scale())  # a host float: no sync
-
     def _end_step(self) -> None:
         self.stepper.end_step()
         self.tracker.end_step()
-        if self._pending is None:  # else when the device verdict is read
-            self._record_scale()
+        if self.guard.pending is None:  # else when the device verdict is read
+            self.guard.record_scale()
         self.rescue.begin_batch()
         self.batch.end()
         self._step_open = False
