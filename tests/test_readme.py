@@ -1,0 +1,46 @@
+"""The README's Python examples run as written on this CPU (the quick start is checked by ``test_packaging``)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_mp
+from tests.helpers import fit
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _first_block_after(heading: str) -> str:
+    text = README.read_text()
+    return re.findall(r"```python\n(.*?)```", text[text.index(heading) :], flags=re.DOTALL)[0]
+
+
+def test_every_plugin_the_options_examples_build_trains_on_a_cpu(monkeypatch):
+    built: list[lightning_mp.AdaptiveMP] = []
+
+    class Recorded(lightning_mp.AdaptiveMP):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(lightning_mp, "AdaptiveMP", Recorded)
+    with pytest.warns(UserWarning, match="GradScaler"):  # the migrating example says what it carries over
+        exec(_first_block_after("## Options"), {})
+    assert len(built) >= 4
+    for plugin in built:  # a scaler built for another device is refused at setup
+        _, trainer = fit(plugin, max_steps=2)
+        assert trainer.precision_plugin.optimizer_steps == 2
+
+
+def test_the_fabric_example_trains_reports_and_saves(tmp_path):
+    namespace: dict = {}
+    exec(_first_block_after("### Lightning Fabric"), namespace)
+    amp = namespace["amp"]
+    assert amp.optimizer_steps == 16
+    assert (tmp_path / "reports" / "precision_report.json").is_file() and (tmp_path / "ckpt.pt").is_file()
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=False)["amp"]
+    assert saved["steps"] == 16 and saved["scaler"]["scale"] == amp.scaler.get_scale()
