@@ -1,8 +1,9 @@
 """Text for the NLP recipe: generated sentences (default) or a CSV/TSV of label and text (AG News layout).
 
 Generated sentences carry a sentiment that single words do not decide: "not" flips an adjective, and in
-"A but B" only the clause after "but" counts. Tokens come from a word-level tokenizer trained on the
-training texts with Hugging Face ``tokenizers`` (no download).
+"A but B" only the clause after "but" counts; half the adjectives are made up, learned only from examples.
+Tokens come from a word-level tokenizer trained on the training texts with Hugging Face ``tokenizers`` (no
+download).
 """
 
 from __future__ import annotations
@@ -35,28 +36,53 @@ POSITIVE = ["good", "great", "excellent", "wonderful", "fun", "brilliant", "love
 NEGATIVE = ["bad", "awful", "boring", "terrible", "dull", "poor", "painful", "disappointing"]
 INTENSIFIERS = ["", "", "really", "very", "quite", "rather"]
 NEGATIONS = ["not", "never", "hardly"]
+LEXICON = 145  # made-up adjectives per polarity: fp32 ends at 0.90 +- 0.01 in five epochs (seeds 0-2)
 
 
-def _clause(rng: random.Random) -> tuple[str, int]:
-    positive = rng.random() < 0.5
-    negated = rng.random() < 0.5
-    words = [rng.choice(SUBJECTS), rng.choice(VERBS)]
+def made_up_adjectives(size: int = LEXICON) -> tuple[list[str], list[str]]:
+    """``size`` made-up positive and ``size`` made-up negative adjectives ("stostor", "plekral"), the same for
+    every seed: a vocabulary a model can only learn from the examples it sees."""
+    rng = random.Random(1234)
+    onsets = "b d f g k l m n p r s t v z br dr gl kr pl st tr".split()
+    words: set[str] = set()
+    while len(words) < 2 * size:
+        words.add("".join(rng.choice(onsets) + rng.choice("aeiou") for _ in range(2)) + rng.choice("nrlsxk"))
+    ordered = sorted(words)
+    rng.shuffle(ordered)
+    return ordered[:size], ordered[size:]
+
+
+def _clause(rng: random.Random, subject: str, made_up: tuple[list[str], list[str]]) -> tuple[str, int]:
+    """``<subject> <verb> [negation] [intensifier] <adjective>``: half the adjectives are common words, half
+    made up. The sentiment is the adjective's, flipped by a negation."""
+    positive, negated = rng.random() < 0.5, rng.random() < 0.5
+    words = [subject, rng.choice(VERBS)]
     if negated:
         words.append(rng.choice(NEGATIONS))
-    words += [rng.choice(INTENSIFIERS), rng.choice(POSITIVE if positive else NEGATIVE)]
+    pool = (POSITIVE, NEGATIVE) if rng.random() < 0.5 else made_up
+    words += [rng.choice(INTENSIFIERS), rng.choice(pool[0] if positive else pool[1])]
     return " ".join(w for w in words if w), int(positive != negated)
 
 
-def generate_sentences(count: int, seed: int) -> tuple[list[str], list[int]]:
-    """Deterministic sentences and binary sentiment labels (1 = positive)."""
+def generate_sentences(count: int, seed: int, lexicon: int = LEXICON) -> tuple[list[str], list[int]]:
+    """Deterministic sentences and binary sentiment labels (1 = positive).
+
+    No single word decides a label: "not" flips an adjective, and in "A but B" only the clause after "but"
+    counts. Half the adjectives are common words; the other half come from ``lexicon`` made-up words per
+    polarity, each seen a few dozen times in an epoch, so a model learns the structure early and the
+    vocabulary slowly: fp32 ends in the 0.80-0.95 band in five epochs and is still learning (half the steps or
+    half the width ends far lower). Every label is exact (the generator knows it): the ceiling is 1.
+    """
     rng = random.Random(seed)
+    made_up = made_up_adjectives(lexicon)
     texts, labels = [], []
     for _ in range(count):
-        first, label = _clause(rng)
+        first, second = rng.sample(SUBJECTS, 2)
+        text, label = _clause(rng, first, made_up)
         if rng.random() < 0.5:
-            second, label = _clause(rng)  # "A but B": the label is B's
-            first = f"{first} but {second}"
-        texts.append(first)
+            second_text, label = _clause(rng, second, made_up)  # "A but B": the label is B's
+            text = f"{text} but {second_text}"
+        texts.append(text)
         labels.append(label)
     return texts, labels
 

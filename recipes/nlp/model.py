@@ -20,7 +20,7 @@ class TransformerClassifier(nn.Module):
         NET.check(locals())  # what each argument accepts: knobs.py
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
-        self.position = nn.Parameter(torch.zeros(1, max_length, dim))
+        self.position = nn.Parameter(0.02 * torch.randn(1, max_length, dim))
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.1, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)

@@ -1,8 +1,9 @@
 """Audio for the speech recipe: synthesized keyword-like waveforms (default) or a folder of WAVs per label.
 
 A synthesized "keyword" is three voiced syllables whose pitch contour and vowel (formant-like harmonic
-weights) are fixed per class; every sample varies the speaker's pitch, the speed, the loudness, the onset and
-the noise level, so the class is in the pattern over time, not in any single frequency.
+weights) are fixed per class; twelve keywords come in six pairs that differ in one vowel. Every sample varies
+the speaker's pitch, the speed, the loudness and the onset, in loud white noise, so the class is in the pattern
+over time, not in any single frequency.
 """
 
 from __future__ import annotations
@@ -17,15 +18,26 @@ from lightning_mp.errors import ConfigError, invalid
 from lightning_mp.recipes.common import TensorDataModule, check_root
 from lightning_mp.recipes.speech.knobs import DATA
 
-KEYWORDS = 6
+KEYWORDS = 12  # six pairs: the two keywords of a pair differ in one syllable's vowel only
 
 
-def synthesize_keywords(count: int, seed: int, sample_rate: int = 8000, seconds: float = 1.0):
-    """``count`` waveforms of shape (samples,) and their class labels, deterministic for a seed."""
+def synthesize_keywords(
+    count: int, seed: int, sample_rate: int = 8000, seconds: float = 1.0, snr_db: tuple[float, float] = (0.0, 12.0)
+):
+    """``count`` waveforms of shape (samples,) and their class labels, deterministic for a seed.
+
+    Twelve keywords in six confusable pairs: the keywords of a pair share their pitch contour and two of their
+    three vowels. Every clip varies the speaker's pitch, the speed, the loudness and the onset, and is buried in
+    white noise at a signal-to-noise ratio drawn from ``snr_db`` (0 to 12 dB: the noise up to as loud as the
+    word). The label is exact (the generator knows it); the difficulty is hearing one vowel through the noise.
+    """
     gen = torch.Generator().manual_seed(seed)
     pattern_gen = torch.Generator().manual_seed(1234)  # the keywords themselves never change with the seed
-    contours = 0.75 + 0.6 * torch.rand(KEYWORDS, 3, generator=pattern_gen)  # pitch ratio per syllable
-    vowels = torch.softmax(2.5 * torch.randn(KEYWORDS, 3, 4, generator=pattern_gen), dim=-1)  # harmonic weights
+    pairs = KEYWORDS // 2
+    contours = (0.75 + 0.6 * torch.rand(pairs, 3, generator=pattern_gen)).repeat_interleave(2, dim=0)
+    vowels = torch.softmax(2.5 * torch.randn(pairs, 3, 4, generator=pattern_gen), dim=-1).repeat_interleave(2, dim=0)
+    for pair in range(pairs):  # the second keyword of each pair: another vowel in one syllable
+        vowels[2 * pair + 1, pair % 3] = torch.softmax(2.5 * torch.randn(4, generator=pattern_gen), dim=-1)
     length = int(sample_rate * seconds)
     t = torch.arange(length) / sample_rate
     labels = torch.randint(KEYWORDS, (count,), generator=gen)
@@ -42,9 +54,11 @@ def synthesize_keywords(count: int, seed: int, sample_rate: int = 8000, seconds:
             for h in range(4):
                 phase = 2 * math.pi * f0 * contours[c, s].item() * (h + 1) * t
                 waves[i] += vowels[c, s, h] * envelope * torch.sin(phase)
+        word = waves[i] / waves[i].abs().max().clamp_min(1e-6)
+        snr = snr_db[0] + (snr_db[1] - snr_db[0]) * torch.rand((), generator=gen).item()
+        noise = torch.randn(length, generator=gen) * word.pow(2).mean().sqrt() * 10 ** (-snr / 20)
         gain = 0.3 + 0.7 * torch.rand((), generator=gen).item()
-        noise = (0.01 + 0.05 * torch.rand((), generator=gen).item()) * torch.randn(length, generator=gen)
-        waves[i] = gain * waves[i] / waves[i].abs().max().clamp_min(1e-6) + noise
+        waves[i] = gain * (word + noise)
     return waves, labels
 
 
@@ -101,7 +115,7 @@ class SpeechData(TensorDataModule):
 
     Args:
         root: Speech Commands style folder, or ``None``.
-        num_classes: 6 for the synthesized keywords; the number of label folders otherwise (checked).
+        num_classes: 12 for the synthesized keywords; the number of label folders otherwise (checked).
         sample_rate: audio is resampled to this rate.
         batch_size: per step.
         train_size: synthesized training clips.
@@ -115,7 +129,7 @@ class SpeechData(TensorDataModule):
         num_classes: int = KEYWORDS,
         sample_rate: int = 8000,
         batch_size: int = 32,
-        train_size: int = 1200,
+        train_size: int = 1600,
         val_size: int = 300,
         seed: int = 0,
     ):

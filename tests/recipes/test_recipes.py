@@ -209,7 +209,7 @@ def test_corrupt_wav_and_empty_folder_are_clear_errors(tmp_path):
 
 def test_num_classes_must_match_the_data(tmp_path):
     write_wavs(tmp_path)
-    with pytest.raises(ValueError, match=r"data.num_classes=6 but the data has 2 classes"):
+    with pytest.raises(ValueError, match=r"data.num_classes=12 but the data has 2 classes"):
         SpeechData(root=str(tmp_path)).setup()
 
 
