@@ -1,24 +1,38 @@
-"""``lightning-mp compare``: one recipe under several precisions (and seeds), a table relative to fp32, a verdict.
+"""``lightning-mp compare``: one recipe under several precisions (and seeds), tables relative to fp32, a verdict
+per metric, a plot.
 
-Each run is its own ``lightning-mp train`` process (so peak memory is per run); the table reports means and
-spreads over the seeds, and ``verdict`` says whether a precision is within noise of fp32 (``VERDICT_RULE``).
+Each run is its own ``lightning-mp train`` process (so peak memory is per run). The accuracy table reports
+means and spreads over the seeds and, per metric, the difference from fp32 and the smallest difference the runs
+could have detected; ``verdict.py`` holds the rule (``VERDICT_RULE``). The cost table reports speed, memory
+and the bytes of training state; ``compare_plot.py`` draws the learning curves and the costs.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from lightning_mp.cli.compose import PRECISION_ALIASES, PRECISIONS, compose
+from lightning_mp.cli.compare_plot import plot_comparison
+from lightning_mp.cli.compose import PRECISION_ALIASES, compose
 from lightning_mp.cli.errors import TrainingFailed
+from lightning_mp.cli.help import list_configs
+from lightning_mp.cli.verdict import METRICS, VERDICT_RULE, judge, summary, verdict
 from lightning_mp.errors import ConfigError, invalid
 
-__all__ = ["COLUMNS", "VERDICT_RULE", "compare", "comparison_markdown", "comparison_table", "verdict"]
+__all__ = [
+    "COLUMNS",
+    "COST_COLUMNS",
+    "VERDICT_RULE",
+    "compare",
+    "comparison_markdown",
+    "comparison_table",
+    "verdict",
+]
 
 
 def compare(overrides: list[str]) -> list[dict[str, Any]]:
@@ -49,11 +63,17 @@ def compare(overrides: list[str]) -> list[dict[str, Any]]:
             raise TrainingFailed(f"the {name} run (seed {seed}) failed with exit status {proc.returncode}; see above.")
         rows.append({**json.loads((run_dir / "result.json").read_text()), "seed": seed})
     table = comparison_table(rows)
+    title = f"{cfg.recipe_name}: precision comparison, {seeds} seed(s) each"
+    notes = [VERDICT_RULE]
+    if any(r.get("speed_emulated") for r in rows):
+        notes.append(EMULATED_NOTE)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(rows, indent=2))
-    (out / "compare.md").write_text(comparison_markdown(table) + "\n" + VERDICT_RULE + "\n")
-    _print_table(table, title=f"{cfg.recipe_name}: precision comparison, {seeds} seed(s) each ({out})")
-    print(VERDICT_RULE)
+    (out / "compare.md").write_text(f"# {title}\n\n" + comparison_markdown(table) + "\n" + "\n\n".join(notes) + "\n")
+    plot_comparison(group_by_precision(rows), out / "compare.png", title)
+    _print_table(table, title=f"{title} ({out})")
+    print("\n".join(notes))
+    print(f"lightning-mp: comparison written to {out} (compare.md, compare.json, compare.png)")
     return rows
 
 
@@ -73,9 +93,10 @@ def _split_precisions(overrides: list[str]) -> tuple[list[str], int, list[str]]:
             raise invalid("precision", item.split("=", 1)[1], allowed, problem="is not taken by compare")
         else:
             rest.append(item)
-    unknown = [p for p in precisions if p not in PRECISIONS]
+    known = [name for name, _ in list_configs()["precision"]]  # the precision group's options, yours included
+    unknown = [p for p in precisions if p not in known]
     if unknown or not precisions:
-        raise invalid("precisions", ",".join(precisions), f"choose from {', '.join(PRECISIONS)}")
+        raise invalid("precisions", ",".join(precisions), f"choose from {', '.join(known)}")
     return precisions, seeds, rest
 
 
@@ -83,60 +104,61 @@ COLUMNS = (
     ("precision", "precision"),
     ("runs", "seeds"),
     ("val_acc", "final val acc"),
-    ("d_acc", "vs fp32"),
+    ("d_val_acc", "vs fp32 (detectable)"),
     ("best_val_acc", "best val acc"),
-    ("d_best", "vs fp32"),
-    ("val_loss", "val loss"),
+    ("d_best_val_acc", "vs fp32 (detectable)"),
+    ("val_loss", "final val loss"),
+    ("d_val_loss", "vs fp32 (detectable)"),
+    ("best_val_loss", "best val loss"),
+    ("d_best_val_loss", "vs fp32 (detectable)"),
+    ("verdict", "verdict"),
+    ("decided_by", "decided by"),
+)
+"""The accuracy table: each metric as mean +- sd over the seeds, its difference from fp32 and the smallest
+difference the runs could have detected, the verdict and the metric that decided it."""
+
+COST_COLUMNS = (
+    ("precision", "precision"),
     ("samples_per_s", "samples/s"),
     ("speedup", "speed vs fp32"),
+    ("ms_per_step", "ms/step"),
     ("peak_memory_mb", "peak MB"),
+    ("weights_mb", "weights MB"),
+    ("gradients_mb", "grads MB"),
+    ("optimizer_mb", "optimizer MB"),
     ("skipped_steps", "skipped"),
     ("fp32_promotions", "fp32 promotions"),
-    ("verdict", "verdict"),
 )
+"""The cost table: speed (marked when this device only emulates the format), peak memory of the run's process,
+the bytes of weights, gradients and optimizer state, skipped steps and promotions."""
 
-VERDICT_RULE = (
-    "verdict: a precision is within noise of fp32 when, for the final and for the best validation accuracy,"
-    " |mean - fp32 mean| <= max(2 x the standard error of the difference, 0.005), the standard error being"
-    " sqrt(s^2/n + s_fp32^2/n_fp32) over the seeds; with one seed there is no spread to judge by."
+
+EMULATED_NOTE = (
+    "speed: a format marked (emulated) has no arithmetic instructions on this device (a CPU without bf16 or fp16"
+    " instructions converts to fp32 and back around every operation); its speed says nothing about hardware"
+    " that has them."
 )
 
 
 def _stats(values: list[float]) -> tuple[float | None, float | None, int]:
-    import statistics
-
     values = [v for v in values if v is not None]
     if not values:
         return None, None, 0
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None), len(values)
 
 
-def verdict(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> str:
-    """Whether ``runs`` (one precision, several seeds) is within noise of ``reference`` (fp32): see
-    ``VERDICT_RULE``; judged on the final and on the best validation accuracy."""
-    if runs is reference:
-        return "reference"
-    parts = []
-    for key, label in (("val_acc", "final"), ("best_val_acc", "best")):
-        mean, sd, n = _stats([r.get(key) for r in runs])
-        ref_mean, ref_sd, ref_n = _stats([r.get(key) for r in reference])
-        if mean is None or ref_mean is None:
-            continue
-        if sd is None or ref_sd is None:
-            return "one seed: no verdict (use seeds=3)"
-        bound = max(2 * math.sqrt(sd**2 / n + ref_sd**2 / ref_n), 0.005)
-        diff = mean - ref_mean
-        if abs(diff) > bound:
-            parts.append(f"{label} {diff:+.3f} (beyond {bound:.3f})")
-    return "within noise of fp32" if not parts else "differs from fp32: " + ", ".join(parts)
+def group_by_precision(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r["precision"], []).append(r)
+    return groups
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
     """One row of display strings per precision (means and spreads over its seeds), relative to fp32 (or the
-    first precision when fp32 did not run), with a verdict."""
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(r["precision"], []).append(r)
+    first precision when fp32 did not run), with a verdict per metric; the keys of ``COLUMNS`` and
+    ``COST_COLUMNS``."""
+    groups = group_by_precision(rows)
     reference = groups.get("fp32", next(iter(groups.values())))
 
     def mean(runs, key):
@@ -148,53 +170,72 @@ def comparison_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
             return "-"
         return fmt.format(m) + (f" +- {fmt.format(sd)}" if sd is not None else "")
 
+    def megabytes(runs, part):
+        return _num(_stats([(r.get("state_bytes") or {}).get(part) for r in runs])[0], "{:.2f}", scale=2**-20)
+
     table = []
     for name, runs in groups.items():
-        acc, base_acc = mean(runs, "val_acc"), mean(reference, "val_acc")
-        best, base_best = mean(runs, "best_val_acc"), mean(reference, "best_val_acc")
+        is_reference = runs is reference
+        judgements = {j.metric.key: j for j in judge(runs, reference)}
+        text, decided_by = ("reference", "-") if is_reference else summary(list(judgements.values()))
         speed, base_speed = mean(runs, "samples_per_s"), mean(reference, "samples_per_s")
         resolved = runs[0].get("resolved_precision")
         promotions = sorted({m for r in runs for m in r.get("fp32_promotions") or []})
-        table.append(
-            {
-                "precision": name + (f" ({resolved})" if name == "auto" else ""),
-                "runs": str(len(runs)),
-                "val_acc": spread(runs, "val_acc", "{:.3f}"),
-                "d_acc": _num(acc - base_acc if acc is not None and base_acc is not None else None, "{:+.3f}"),
-                "best_val_acc": spread(runs, "best_val_acc", "{:.3f}"),
-                "d_best": _num(best - base_best if best is not None and base_best is not None else None, "{:+.3f}"),
-                "val_loss": spread(runs, "val_loss", "{:.3f}"),
-                "samples_per_s": spread(runs, "samples_per_s", "{:.0f}"),
-                "speedup": _num(speed / base_speed if speed and base_speed else None, "{:.2f}x"),
-                "peak_memory_mb": _num(mean(runs, "peak_memory_mb"), "{:.0f}"),
-                "skipped_steps": _num(mean(runs, "skipped_steps"), "{:g}"),
-                "fp32_promotions": ", ".join(promotions) or "-",
-                "verdict": verdict(runs, reference),
-            }
-        )
+        row = {
+            "precision": name + (f" ({resolved})" if name == "auto" else ""),
+            "runs": str(len(runs)),
+            "verdict": text,
+            "decided_by": decided_by,
+            "samples_per_s": spread(runs, "samples_per_s", "{:.0f}"),
+            "speedup": _num(speed / base_speed if speed and base_speed else None, "{:.2f}x")
+            + (" (emulated)" if any(r.get("speed_emulated") for r in runs) else ""),
+            "ms_per_step": spread(runs, "ms_per_step", "{:.1f}"),
+            "peak_memory_mb": _num(mean(runs, "peak_memory_mb"), "{:.0f}"),
+            "weights_mb": megabytes(runs, "weights"),
+            "gradients_mb": megabytes(runs, "gradients"),
+            "optimizer_mb": megabytes(runs, "optimizer_state"),
+            "skipped_steps": _num(mean(runs, "skipped_steps"), "{:g}"),
+            "fp32_promotions": ", ".join(promotions) or "-",
+        }
+        for metric in METRICS:
+            row[metric.key] = spread(runs, metric.key, "{:.3f}")
+            j = judgements[metric.key]
+            if is_reference or j.difference is None:
+                row[f"d_{metric.key}"] = "-" if not is_reference else "reference"
+            else:
+                detectable = f" ({j.detectable:.3f})" if j.detectable is not None else ""
+                row[f"d_{metric.key}"] = f"{j.difference:+.3f}{detectable}"
+        table.append(row)
     return table
 
 
-def _num(value: float | None, fmt: str) -> str:
-    return fmt.format(value) if value is not None else "-"
+def _num(value: float | None, fmt: str, scale: float = 1.0) -> str:
+    return fmt.format(value * scale) if value is not None else "-"
+
+
+def _markdown(table: list[dict[str, str]], columns) -> str:
+    header = "| " + " | ".join(title for _, title in columns) + " |"
+    rule = "|" + "---|" * len(columns)
+    lines = ["| " + " | ".join(row[key] for key, _ in columns) + " |" for row in table]
+    return "\n".join([header, rule, *lines]) + "\n"
 
 
 def comparison_markdown(table: list[dict[str, str]]) -> str:
-    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    rule = "|" + "---|" * len(COLUMNS)
-    lines = ["| " + " | ".join(row[key] for key, _ in COLUMNS) + " |" for row in table]
-    return "\n".join([header, rule, *lines]) + "\n"
+    """The accuracy table, then the cost table, as markdown."""
+    return _markdown(table, COLUMNS) + "\n" + _markdown(table, COST_COLUMNS)
 
 
 def _print_table(table: list[dict[str, str]], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    rich_table = Table(title=title)
-    for _, name in COLUMNS:
-        rich_table.add_column(name, overflow="fold")
-    for row in table:
-        rich_table.add_row(*(row[key] for key, _ in COLUMNS))
     # Piped or captured output has no terminal width (rich assumes 80 and cuts the headers): give it room.
     console = Console()
-    Console(width=None if console.is_terminal else 160).print(rich_table)
+    console = Console(width=None if console.is_terminal else 200)
+    for columns, heading in ((COLUMNS, title), (COST_COLUMNS, "cost")):
+        rich_table = Table(title=heading)
+        for _, name in columns:
+            rich_table.add_column(name, overflow="fold")
+        for row in table:
+            rich_table.add_row(*(row[key] for key, _ in columns))
+        console.print(rich_table)

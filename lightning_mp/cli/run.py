@@ -57,7 +57,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from lightning_mp import AtomicCheckpointIO
-    from lightning_mp.cli.run_callbacks import SaveConfig, Throughput
+    from lightning_mp.cli.run_callbacks import SaveConfig, StateBytes, Throughput, ValidationHistory
+    from lightning_mp.formats import emulated
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     _warn_about_devices(cfg)
@@ -65,9 +66,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model)
     plugin = _build(cfg, "precision")
     logger = _build(cfg, "logger") if cfg.get("logger") else False
-    throughput = Throughput()
+    throughput, history, state_bytes = Throughput(), ValidationHistory(), StateBytes()
     callbacks = [_build(cfg, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
-    callbacks += [throughput, SaveConfig(cfg, output_dir / "config.yaml")]
+    callbacks += [throughput, history, state_bytes, SaveConfig(cfg, output_dir / "config.yaml")]
     if plugin.options.attach_callbacks:
         # The plugin would add these at setup; given to the Trainer here, a resumed run finds them when
         # Lightning restores callback state (no "Please add the following callbacks" warning).
@@ -98,8 +99,15 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "val_acc": metrics.get("val/acc"),
         "val_loss": metrics.get("val/loss"),
         "best_val_acc": _best_val_acc(trainer),
+        "best_val_loss": min((p["val_loss"] for p in history.points if "val_loss" in p), default=None),
+        "history": history.points,  # every validation: epoch, optimizer step, val_loss, val_acc
         "samples_per_s": throughput.samples_per_second,
+        "ms_per_step": throughput.ms_per_batch,
+        # Speed of a format this device only emulates (no bf16 or fp16 instructions on this CPU) says nothing
+        # about hardware that has them.
+        "speed_emulated": emulated(plugin.precision, plugin.device or "cpu"),
         "peak_memory_mb": peak_mb,
+        "state_bytes": state_bytes.as_dict(),  # weights, gradients, optimizer state
         "skipped_steps": plugin.skipped_steps,
         "fp32_promotions": [p.module for p in plugin.promotions if p.reason not in ("static", "default")],
         # Every module that ran in fp32 at the end, and why: static (fp32_modules), default (fp16 norms and

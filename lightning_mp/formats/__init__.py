@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from lightning_mp.formats.auto import cpu_has_native_bf16, default_device, resolve_auto_precision
+from lightning_mp.formats.auto import (
+    cpu_has_native_bf16,
+    cpu_has_native_fp16,
+    default_device,
+    emulated,
+    resolve_auto_precision,
+)
 from lightning_mp.formats.base import Format
 from lightning_mp.formats.bf16 import BF16
 from lightning_mp.formats.fp16 import FP16
@@ -21,7 +27,9 @@ __all__ = [
     "Format",
     "PrecisionName",
     "cpu_has_native_bf16",
+    "cpu_has_native_fp16",
     "default_device",
+    "emulated",
     "format_of",
     "resolve_auto_precision",
 ]

@@ -10,7 +10,7 @@ import torch
 
 from lightning_mp._compat import cpu_capability
 
-__all__ = ["cpu_has_native_bf16", "default_device", "resolve_auto_precision"]
+__all__ = ["cpu_has_native_bf16", "cpu_has_native_fp16", "default_device", "emulated", "resolve_auto_precision"]
 
 
 def cpu_has_native_bf16() -> bool:
@@ -21,6 +21,30 @@ def cpu_has_native_bf16() -> bool:
     if platform.machine().lower() in ("aarch64", "arm64"):
         with contextlib.suppress(OSError):
             return " bf16" in Path("/proc/cpuinfo").read_text()
+    return False
+
+
+def cpu_has_native_fp16() -> bool:
+    """Whether this CPU has fp16 arithmetic instructions (x86 AVX512-FP16 / AMX-FP16, Arm FP16)."""
+    capability = cpu_capability()
+    if capability.get("avx512_fp16") or capability.get("amx_fp16"):
+        return True
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        with contextlib.suppress(OSError):
+            return " asimdhp" in Path("/proc/cpuinfo").read_text()
+    return False
+
+
+def emulated(precision: str, device_type: str) -> bool:
+    """Whether ``precision``'s low-precision arithmetic is emulated on ``device_type`` (a CPU without the
+    instructions converts to fp32 and back around every operation): its speed then says nothing about hardware
+    that has them."""
+    if device_type != "cpu":
+        return False
+    if precision == "bf16-mixed":
+        return not cpu_has_native_bf16()
+    if precision == "16-mixed":
+        return not cpu_has_native_fp16()
     return False
 
 

@@ -2,10 +2,12 @@
 
 import csv
 import json
+import math
 import os
 import pickle
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,11 +15,15 @@ import soundfile
 import torch
 
 from lightning_mp.cli import compare, compose, main, train, verdict
+from lightning_mp.cli.compare import comparison_markdown, comparison_table
+from lightning_mp.cli.verdict import judge, summary
 from lightning_mp.recipes.common import lr_factor
 from lightning_mp.recipes.nlp import TextData, generate_sentences, read_text_csv
 from lightning_mp.recipes.speech import SpeechData, load_wav_folder
 from lightning_mp.recipes.speech.model import LogMel
 from lightning_mp.recipes.vision import VisionData, load_cifar10
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = {
     # fp16 matmul on CPU is 10-300x slower than fp32: keep every network tiny here. Three batches per
@@ -230,19 +236,62 @@ def test_compare_produces_the_table(tmp_path, capsys):
     assert main(["compare", *args]) == 2, "an earlier comparison is not replaced without overwrite=true"
 
 
-def test_the_verdict_follows_its_stated_rule():
-    def runs(accs, bests=None):
-        return [{"val_acc": a, "best_val_acc": b} for a, b in zip(accs, bests or accs)]
+def _runs(accs, bests=None, losses=None, seeds=None):
+    """Runs of one precision: final and best accuracy, final (= best) loss, per seed."""
+    losses = losses or [None] * len(accs)
+    seeds = seeds if seeds is not None else range(len(accs))
+    return [
+        {"seed": s, "val_acc": a, "best_val_acc": b, "val_loss": loss, "best_val_loss": loss}
+        for s, a, b, loss in zip(seeds, accs, bests or accs, losses)
+    ]
 
-    fp32 = runs([0.90, 0.92, 0.94])  # mean 0.92, sd 0.02
+
+def test_the_verdict_follows_its_stated_rule():
+    fp32 = _runs([0.90, 0.92, 0.94])  # mean 0.92, sd 0.02
     assert verdict(fp32, fp32) == "reference"
-    assert verdict(runs([0.91, 0.93, 0.95]), fp32) == "within noise of fp32", "+0.01 is inside 2 SE (0.033)"
-    assert verdict(runs([0.80, 0.82, 0.84]), fp32).startswith("differs from fp32: final -0.100")
-    assert verdict(runs([0.92, 0.92, 0.92], [0.70, 0.71, 0.72]), fp32).startswith("differs from fp32: best")
-    assert verdict(runs([0.92]), fp32) == "one seed: no verdict (use seeds=3)"
-    same = runs([1.0, 1.0, 1.0])
-    assert verdict(runs([1.0, 1.0, 1.0]), same) == "within noise of fp32", "no spread, no difference"
-    assert verdict(runs([0.99, 0.99, 0.99]), same).startswith("differs"), "no spread: the 0.005 floor decides"
+    # Seeds pair the runs: a constant per-seed difference has no spread, and the 0.005 floor decides.
+    assert verdict(_runs([0.91, 0.93, 0.95]), fp32).startswith("better than fp32: final val acc +0.010")
+    assert verdict(_runs([0.919, 0.921, 0.94]), fp32) == "within noise of fp32"
+    assert verdict(_runs([0.80, 0.82, 0.84]), fp32).startswith("worse than fp32: final val acc -0.100")
+    assert verdict(_runs([0.92, 0.92, 0.92], [0.70, 0.71, 0.72]), fp32).startswith("worse than fp32: best val acc")
+    assert verdict(_runs([0.92]), fp32) == "one seed: no verdict (use seeds=3)"
+    # Unpaired (other seeds): the standard error of two independent means, 2 x 0.0163 = 0.033 here.
+    assert verdict(_runs([0.91, 0.93, 0.95], seeds=[7, 8, 9]), fp32) == "within noise of fp32"
+
+
+def test_the_loss_decides_where_the_accuracy_saturates():
+    fp32 = _runs([1.0, 1.0, 1.0], losses=[0.050, 0.052, 0.054])
+    worse = _runs([1.0, 1.0, 1.0], losses=[0.080, 0.083, 0.081])
+    text = verdict(worse, fp32)
+    assert text.startswith("worse than fp32: final val loss +0.029"), text
+    judgements = {j.metric.key: j for j in judge(worse, fp32)}
+    assert judgements["val_acc"].outcome == "within noise" and judgements["val_loss"].outcome == "worse"
+    assert judgements["val_loss"].paired and judgements["val_loss"].detectable < 0.01
+    assert summary(judge(_runs([1.0, 1.0, 1.0], losses=[0.045, 0.047, 0.049]), fp32))[0].startswith("better")
+
+
+def test_the_table_shows_what_decided_and_the_smallest_detectable_difference():
+    rows = [{**r, "precision": "fp32"} for r in _runs([0.90, 0.92, 0.94], losses=[0.30, 0.28, 0.26])]
+    rows += [{**r, "precision": "fp16"} for r in _runs([0.80, 0.83, 0.84], losses=[0.45, 0.40, 0.41])]
+    fp32, fp16 = comparison_table(rows)
+    assert fp32["verdict"] == "reference" and fp32["d_val_acc"] == "reference"
+    assert fp16["verdict"].startswith("worse than fp32") and fp16["decided_by"] == "final val acc"  # 14 vs 7 x
+    assert fp16["d_val_acc"].startswith("-0.097 (") and fp16["d_val_loss"].startswith("+0.140 (")
+    markdown = comparison_markdown([fp32, fp16])
+    assert "| precision | seeds | final val acc | vs fp32 (detectable) |" in markdown
+    assert "| precision | samples/s | speed vs fp32 | ms/step | peak MB | weights MB |" in markdown
+
+
+def test_the_verdict_says_worse_on_a_committed_comparison_that_is_worse():
+    """``benchmarks/results/compare_nlp_underflow.json``: fp16 with its loss scale pinned at 2^-8 (small gradients
+    underflow) against fp32 and default fp16, three seeds each (see benchmarks/RESULTS.md)."""
+    rows = json.loads((ROOT / "benchmarks" / "results" / "compare_nlp_underflow.json").read_text())
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["precision"], []).append(r)
+    assert all(math.isfinite(r["val_loss"]) for r in groups["fp16_underflow"]), "worse, not diverged"
+    assert verdict(groups["fp16_underflow"], groups["fp32"]).startswith("worse than fp32")
+    assert verdict(groups["fp16"], groups["fp32"]) == "within noise of fp32"
 
 
 def test_compare_refuses_unknown_precisions(capsys):
