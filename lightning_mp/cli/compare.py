@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from lightning_mp.cli.compare_plot import plot_comparison
 from lightning_mp.cli.compose import PRECISION_ALIASES, compose
 from lightning_mp.cli.errors import TrainingFailed
@@ -53,9 +55,20 @@ def compare(overrides: list[str]) -> list[dict[str, Any]]:
     rows = []
     for index, (name, seed) in enumerate(runs, start=1):
         run_dir = out / name / f"seed={seed}" if seeds > 1 else out / name
+        run_overrides = [*rest, f"precision={name}", f"seed={seed}", f"output_dir='{run_dir}'"]  # quoted: has '='
+        finished = None if cfg.overwrite else _finished_run(run_dir, run_overrides)
+        if finished is not None:
+            print(
+                f"[{index}/{len(runs)}] {cfg.recipe_name} under {name}, seed {seed}: kept, finished earlier with "
+                f"the same config ({run_dir})",
+                flush=True,
+            )
+            rows.append({**finished, "seed": seed})
+            continue
         print(f"[{index}/{len(runs)}] {cfg.recipe_name} under {name}, seed {seed} -> {run_dir}", flush=True)
-        command = [sys.executable, "-m", "lightning_mp.cli", "train", *rest]
-        command += [f"precision={name}", f"seed={seed}", f"output_dir='{run_dir}'"]  # quoted: the path has '='
+        command = [sys.executable, "-m", "lightning_mp.cli", "train", *run_overrides]
+        if (run_dir / "config.yaml").exists() and not cfg.overwrite:
+            command.append("overwrite=true")  # an unfinished run of this comparison (interrupted): start it again
         proc = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         if proc.returncode == 2:  # the run printed the user's mistake as its one line
             raise ConfigError(f"the {name} run (seed {seed}) was refused: its error is the line above.")
@@ -75,6 +88,20 @@ def compare(overrides: list[str]) -> list[dict[str, Any]]:
     print("\n".join(notes))
     print(f"lightning-mp: comparison written to {out} (compare.md, compare.json, compare.png)")
     return rows
+
+
+def _finished_run(run_dir: Path, overrides: list[str]) -> dict[str, Any] | None:
+    """The result of a run an earlier, interrupted ``compare`` finished with exactly this run's config, or None.
+    A comparison stopped halfway (a crash, Ctrl-C, a lost machine) resumes where it stopped instead of training
+    its finished runs again; a run whose config differs in anything but ``overwrite`` is trained again."""
+    result, saved = run_dir / "result.json", run_dir / "config.yaml"
+    if not (result.exists() and saved.exists()):
+        return None
+    wanted = OmegaConf.to_container(compose(overrides), resolve=True)
+    earlier = OmegaConf.to_container(OmegaConf.create(saved.read_text()), resolve=True)
+    for config in (wanted, earlier):
+        config.pop("overwrite", None)
+    return json.loads(result.read_text()) if wanted == earlier else None
 
 
 def _split_precisions(overrides: list[str]) -> tuple[list[str], int, list[str]]:

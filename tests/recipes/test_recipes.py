@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from hydra.utils import instantiate
 
 from lightning_mp.cli import compare, compose, main, train, verdict
-from lightning_mp.cli.compare import comparison_markdown, comparison_table
+from lightning_mp.cli.compare import _finished_run, comparison_markdown, comparison_table
 from lightning_mp.cli.verdict import judge, summary
 from lightning_mp.recipes.common import lr_factor
 from lightning_mp.recipes.nlp import TextData, generate_sentences, read_text_csv
@@ -227,13 +228,38 @@ def test_compare_produces_the_table(tmp_path, capsys):
     assert [(r["precision"], r["seed"]) for r in rows] == [("fp32", 0), ("fp32", 1), ("bf16", 0), ("bf16", 1)]
     assert all(r["best_val_acc"] is not None for r in rows), "the best validation accuracy is kept per run"
     table = (tmp_path / "compare" / "compare.md").read_text()
-    assert table.splitlines()[0].startswith("| precision | seeds | final val acc | vs fp32 | best val acc |")
+    assert "| precision | seeds | final val acc | vs fp32 (detectable) | best val acc |" in table
     assert "| fp32 | 2 |" in table and "| bf16 | 2 |" in table and "reference" in table and "+-" in table
-    assert "verdict: a precision is within noise of fp32 when" in table
+    assert "verdict: per metric (final and best validation accuracy, final and best held-out loss)" in table
+    model = instantiate(compose(["recipe=nlp", *TINY["nlp"]]).model)
+    weights = sum(p.numel() for p in model.parameters())
+    for row in rows:  # what the table's cost columns and the plot are made of, measured in each run
+        assert row["history"] and row["history"][-1]["val_loss"] == pytest.approx(row["val_loss"])
+        assert row["best_val_loss"] == min(p["val_loss"] for p in row["history"])
+        assert row["state_bytes"]["weights"] == row["state_bytes"]["gradients"] == 4 * weights
+        assert row["state_bytes"]["optimizer_state"] > 2 * row["state_bytes"]["weights"]  # AdamW: two moments
+        assert row["ms_per_step"] > 0
+    assert (tmp_path / "compare" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "compare" / "compare.json").read_text()) == rows
     assert (tmp_path / "compare" / "fp32" / "seed=1" / "result.json").exists()
     assert "precision comparison, 2 seed(s) each" in capsys.readouterr().out
     assert main(["compare", *args]) == 2, "an earlier comparison is not replaced without overwrite=true"
+
+    # interrupted during its last run: the same command trains only that run again and keeps the finished ones
+    (tmp_path / "compare" / "compare.json").unlink()
+    (tmp_path / "compare" / "bf16" / "seed=1" / "result.json").unlink()
+    capsys.readouterr()
+    resumed = compare(args)
+    out = capsys.readouterr().out
+    assert out.count("kept, finished earlier with the same config") == 3
+    assert "[4/4] nlp under bf16, seed 1 -> " in out
+    assert resumed[:3] == rows[:3] and resumed[3]["val_loss"] == pytest.approx(rows[3]["val_loss"], abs=1e-6)
+    # a run whose config differs in anything (here one data setting) is trained again, not mixed in
+    run_dir = tmp_path / "compare" / "fp32" / "seed=0"
+    same = [o for o in args if not o.startswith(("precisions=", "seeds="))]
+    same += ["precision=fp32", "seed=0", f"output_dir='{run_dir}'"]
+    assert _finished_run(run_dir, same)["val_loss"] == rows[0]["val_loss"]
+    assert _finished_run(run_dir, [*same, "data.val_size=40"]) is None
 
 
 def _runs(accs, bests=None, losses=None, seeds=None):
@@ -283,9 +309,9 @@ def test_the_table_shows_what_decided_and_the_smallest_detectable_difference():
 
 
 def test_the_verdict_says_worse_on_a_committed_comparison_that_is_worse():
-    """``benchmarks/results/compare_nlp_underflow.json``: fp16 with its loss scale pinned at 2^-8 (small gradients
+    """``benchmarks/results/compare_nlp.json``: fp16 with its loss scale pinned at 2^-8 (small gradients
     underflow) against fp32 and default fp16, three seeds each (see benchmarks/RESULTS.md)."""
-    rows = json.loads((ROOT / "benchmarks" / "results" / "compare_nlp_underflow.json").read_text())
+    rows = json.loads((ROOT / "benchmarks" / "results" / "compare_nlp.json").read_text())
     groups = {}
     for r in rows:
         groups.setdefault(r["precision"], []).append(r)
