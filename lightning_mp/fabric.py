@@ -86,6 +86,9 @@ class AdaptiveMP(CoreView, Precision):
         max_events: int = 10_000,
         stats: str = "cheap",
         stats_every: int | None = None,
+        low_bit_recipe: str = "tensorwise",
+        low_bit_modules: Any = None,
+        bf16_modules: Any = (),
     ) -> None:
         arguments = {name: value for name, value in locals().items() if name in FABRIC_KNOBS}
         options = PluginOptions(

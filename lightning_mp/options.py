@@ -20,6 +20,7 @@ import torch
 from lightning_mp.diagnosis.statistics import LEVELS
 from lightning_mp.errors import ConfigError
 from lightning_mp.formats import PRECISIONS
+from lightning_mp.lowbit.convert import FP8_RECIPES, require_torchao
 from lightning_mp.scaling import AdaptiveLossScaler
 
 __all__ = ["FABRIC_KNOBS", "GRADSCALER_RULE", "KNOBS", "TRAINER_ONLY", "PluginOptions", "args_doc"]
@@ -43,7 +44,9 @@ class PluginOptions:
     precision: str = _knob(
         "auto",
         """``"auto"`` (resolved at setup: bf16 where the device runs it natively, else fp16 on CUDA, else fp32),
-        ``"16-mixed"``, ``"bf16-mixed"`` or ``"32-true"``.""",
+        ``"16-mixed"``, ``"bf16-mixed"``, ``"32-true"``, or ``"fp8-mixed"`` / ``"int8-mixed"`` (bf16 autocast, and
+        eligible ``Linear`` layers multiply in fp8 / int8 through torchao, each watched and moved back to bf16 when
+        the format hurts it; needs ``pip install "lightning-mp[fp8]"``).""",
     )
     device: str | None = _knob(None, "device type for autocast; ``None`` takes it from the model at setup.")
     scaler: Any = _knob(
@@ -124,6 +127,23 @@ class PluginOptions:
         only.""",
     )
 
+    low_bit_recipe: str = _knob(
+        "tensorwise",
+        """fp8 only: torchao's scaling recipe, ``"tensorwise"`` (one scale per tensor, the fastest),
+        ``"rowwise"`` (one per row: robust to a few huge rows) or ``"rowwise_with_gw_hp"`` (rowwise, and the weight
+        gradient's GEMM in bf16).""",
+    )
+    low_bit_modules: Any = _knob(
+        None,
+        """fp8/int8: the ``Linear`` layers that multiply in the low-bit format, with the grammar of ``fp32_modules``;
+        ``None``: every eligible one (both dimensions divisible by 16) except the first and the last ``Linear`` and
+        layers under 64 x 64 weights. Naming a layer that cannot be converted is an error.""",
+    )
+    bf16_modules: Any = _knob(
+        (),
+        """fp8/int8: layers never converted (they run in bf16), with the grammar of ``fp32_modules``.""",
+    )
+
     def __post_init__(self) -> None:
         precision, device, scaler = self.precision, self.device, self.scaler
         if precision not in PRECISIONS:
@@ -154,6 +174,16 @@ class PluginOptions:
                 f"AdaptiveMP(precision={precision!r}, scaler=...) is invalid: a loss scaler is only used with"
                 " precision='16-mixed' (or 'auto'); pass scaler=None."
             )
+        low_bit = precision in ("fp8-mixed", "int8-mixed")
+        if self.low_bit_recipe not in FP8_RECIPES:
+            raise _invalid("low_bit_recipe", self.low_bit_recipe, f"must be one of {FP8_RECIPES}.")
+        for name in ("low_bit_modules", "bf16_modules"):
+            if getattr(self, name) and not low_bit:
+                raise _invalid(
+                    name, getattr(self, name), "only fp8-mixed and int8-mixed convert layers; leave it empty."
+                )
+        if low_bit:
+            require_torchao(precision)
         if self.stats not in LEVELS:
             raise _invalid("stats", self.stats, f"must be one of {LEVELS}.")
         for name in _FLAGS:

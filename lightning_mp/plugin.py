@@ -81,6 +81,9 @@ class AdaptiveMP(CoreView, Precision):
         sharded_gradients: bool = False,
         replay: bool = True,
         rescue: bool | None = None,
+        low_bit_recipe: str = "tensorwise",
+        low_bit_modules: Any = None,
+        bf16_modules: Any = (),
     ) -> None:
         options = PluginOptions(**{name: value for name, value in locals().items() if name in KNOBS})
         self.core = PrecisionCore(options, warn=rank_zero_warn)

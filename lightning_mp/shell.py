@@ -13,6 +13,7 @@ import torch
 
 from lightning_mp.diagnosis.statistics import ModuleStatistics
 from lightning_mp.fallback.promotion import Promotion
+from lightning_mp.lowbit.layers import LowBitLayers
 from lightning_mp.options import PluginOptions
 from lightning_mp.reporting.events import OverflowEvent
 from lightning_mp.reporting.ledger import RunLedger
@@ -97,8 +98,20 @@ class CoreView:
 
     @property
     def promotions(self) -> list[Promotion]:
-        """Why each module in ``fp32_modules`` runs in fp32."""
-        return list(self.core.decisions.fallback.promotions.values())
+        """Why each module in ``fp32_modules`` runs in fp32, then each fp8/int8 layer moved back to bf16
+        (``scope="low_bit"``)."""
+        return self.core.decisions.fallback.all_promotions
+
+    @property
+    def low_bit_layers(self) -> list[str]:
+        """The layers multiplying in fp8/int8 now (empty for the other precisions)."""
+        return list(self.core.decisions.low_bit.layers)
+
+    @property
+    def low_bit(self) -> LowBitLayers:
+        """fp8/int8: every converted layer, those moved back (``.moved``), and each layer's latest and worst
+        measurements (``.latest``, ``.worst``; see ``lightning_mp.lowbit``)."""
+        return self.core.decisions.low_bit
 
     @property
     def scale_history(self) -> list[tuple[int, float]]:

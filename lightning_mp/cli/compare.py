@@ -155,6 +155,7 @@ COST_COLUMNS = (
     ("optimizer_mb", "optimizer MB"),
     ("skipped_steps", "skipped"),
     ("fp32_promotions", "fp32 promotions"),
+    ("low_bit", "low-bit layers (moved to bf16)"),
 )
 """The cost table: speed (marked when this device only emulates the format), peak memory of the run's process,
 the bytes of weights, gradients and optimizer state, skipped steps and promotions."""
@@ -208,6 +209,8 @@ def comparison_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
         speed, base_speed = mean(runs, "samples_per_s"), mean(reference, "samples_per_s")
         resolved = runs[0].get("resolved_precision")
         promotions = sorted({m for r in runs for m in r.get("fp32_promotions") or []})
+        moved = sorted({m["module"] for r in runs for m in r.get("low_bit_moved") or []})
+        converted = runs[0].get("low_bit_layers") or []
         row = {
             "precision": name + (f" ({resolved})" if name == "auto" else ""),
             "runs": str(len(runs)),
@@ -223,6 +226,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
             "optimizer_mb": megabytes(runs, "optimizer_state"),
             "skipped_steps": _num(mean(runs, "skipped_steps"), "{:g}"),
             "fp32_promotions": ", ".join(promotions) or "-",
+            "low_bit": f"{len(converted)} ({', '.join(moved) or 'none'})" if converted else "-",
         }
         for metric in METRICS:
             row[metric.key] = spread(runs, metric.key, "{:.3f}")

@@ -24,9 +24,17 @@ from lightning_mp.errors import ConfigError, invalid
 
 __all__ = ["PRECISIONS", "PRECISION_ALIASES", "check", "compose", "normalize_overrides"]
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "auto")
 # Lightning's spellings of the precisions, accepted as aliases of the precision group's options.
-PRECISION_ALIASES = {"32-true": "fp32", "32": "fp32", "bf16-mixed": "bf16", "16-mixed": "fp16", "16": "fp16"}
+PRECISION_ALIASES = {
+    "32-true": "fp32",
+    "32": "fp32",
+    "bf16-mixed": "bf16",
+    "16-mixed": "fp16",
+    "16": "fp16",
+    "fp8-mixed": "fp8",
+    "int8-mixed": "int8",
+}
 
 
 def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:

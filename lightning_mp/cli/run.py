@@ -109,11 +109,21 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "peak_memory_mb": peak_mb,
         "state_bytes": state_bytes.as_dict(),  # weights, gradients, optimizer state
         "skipped_steps": plugin.skipped_steps,
-        "fp32_promotions": [p.module for p in plugin.promotions if p.reason not in ("static", "default")],
+        "fp32_promotions": [
+            p.module for p in plugin.promotions if p.reason not in ("static", "default") and p.scope != "low_bit"
+        ],
         # Every module that ran in fp32 at the end, and why: static (fp32_modules), default (fp16 norms and
         # softmax), overflow, kernel error, escalation; scope "module" (all of it) or "own_code" (its own operations).
         "fp32_modules": [
-            {"module": p.module, "reason": p.reason, "step": p.step, "scope": p.scope} for p in plugin.promotions
+            {"module": p.module, "reason": p.reason, "step": p.step, "scope": p.scope}
+            for p in plugin.promotions
+            if p.scope != "low_bit"
+        ],
+        # fp8/int8: the layers converted, and those moved back to bf16 (with the step and why).
+        "low_bit_layers": list(plugin.low_bit.converted),
+        "low_bit_moved": [
+            {"module": p.module, "reason": str(p.reason), "step": p.step, "detail": p.detail}
+            for p in plugin.low_bit.moved.values()
         ],
         "optimizer_steps": plugin.optimizer_steps,
         "output_dir": str(output_dir),

@@ -141,12 +141,15 @@ class Sampler:
         self.statistics = ModuleStatistics(level)
         self.cadence = Cadence(stats_every)
 
-    def arm(self, model: nn.Module, step: int, default_every: int, stepper: Any) -> None:
+    def arm(self, model: nn.Module, step: int, default_every: int, stepper: Any) -> bool:
         """At a micro-batch's start: arm the hooks if this step is sampled (``stepper.calibrating``: every step
         until the scaler has its first scale; ``stepper.wants_backward_amax()``: record output gradients too).
-        The stepper is asked only when the cadence does not decide: this runs on every micro-batch."""
+        The stepper is asked only when the cadence does not decide: this runs on every micro-batch. Returns
+        whether the step is sampled (at any statistics level: the low-bit layers' watch follows the cadence)."""
         if self.cadence.due(step, default_every, self.statistics.samples_taken) or stepper.calibrating:
             self.statistics.start(model, output_grads=stepper.wants_backward_amax())
+            return True
+        return False
 
     def collect(self, model: nn.Module, scale: float, dtype: torch.dtype) -> float | None:
         """Fold a sampled step in; the largest gradient measured inside its backward (agreed across ranks), or

@@ -5,8 +5,9 @@ Two observations start a climb: the fp16 loss scale sits at its floor and still 
 the first rung that applies:
 
 1. ``PROMOTE``: run the most recently blamed module in fp32, or its enclosing block if it already runs there;
-2. ``SWITCH_TO_BF16``: leave fp16 for bf16, which has fp32's range, where the device runs bf16 natively;
-3. ``GIVE_UP``: stop with :class:`~lightning_mp.LossScaleFloorError` and the recent events.
+2. ``LEAVE_LOW_BIT``: move every remaining fp8/int8 layer back to bf16 (the low-bit formats' own rung);
+3. ``SWITCH_TO_BF16``: leave fp16 for bf16, which has fp32's range, where the device runs bf16 natively;
+4. ``GIVE_UP``: stop with :class:`~lightning_mp.LossScaleFloorError` and the recent events.
 
 The ladder is pure: observations in, candidate rungs out. The plugin applies a rung and, when a promotion turns
 out impossible (the module already runs in fp32), takes the next candidate.
@@ -29,6 +30,7 @@ class Rung(str, Enum):
     """A rung of the escalation ladder (see ``escalation.py``)."""
 
     PROMOTE = "promote"  # run the blamed module, or its enclosing block, in fp32
+    LEAVE_LOW_BIT = "leave_low_bit"  # move every remaining fp8/int8 layer back to bf16
     SWITCH_TO_BF16 = "switch_to_bf16"  # leave fp16 for bf16 (fp32's range) where the device runs it natively
     GIVE_UP = "give_up"  # stop with a diagnosis
 
@@ -82,6 +84,7 @@ class EscalationLadder:
         in_fp32: Collection[str],
         module_names: Collection[str],
         can_switch_to_bf16: bool,
+        low_bit_left: bool = False,
     ) -> list[Escalation]:
         """The rungs to try, in order; the last one is always ``GIVE_UP``.
 
@@ -91,12 +94,15 @@ class EscalationLadder:
             in_fp32: modules already running in fp32.
             module_names: every module of the model (to find an enclosing block).
             can_switch_to_bf16: the run is fp16 on a device that runs bf16 natively.
+            low_bit_left: some layers still multiply in fp8/int8.
         """
         rungs = []
         if blamed is not None:
             target = blamed if blamed not in in_fp32 else enclosing(blamed, module_names)
             if target is not None and target not in in_fp32:
                 rungs.append(Escalation(Rung.PROMOTE, reason, target))
+        if low_bit_left:
+            rungs.append(Escalation(Rung.LEAVE_LOW_BIT, reason))
         if can_switch_to_bf16:
             rungs.append(Escalation(Rung.SWITCH_TO_BF16, reason))
         rungs.append(Escalation(Rung.GIVE_UP, reason))

@@ -48,8 +48,9 @@ def _entries(spec: Any) -> list[Any]:
     return list(spec)
 
 
-def fp32_filter(spec: Any) -> ModuleFilter:
-    """Build one filter from what a user wrote: a class, a glob pattern, a filter, or a sequence of those.
+def fp32_filter(spec: Any, knob: str = "fp32_modules") -> ModuleFilter:
+    """Build one filter from what a user wrote: a class, a glob pattern, a filter, or a sequence of those
+    (``knob``: the argument it came from, for the error message).
 
     Raises:
         ValueError: an entry is none of the accepted kinds (names the entry and what is allowed).
@@ -65,7 +66,7 @@ def fp32_filter(spec: Any) -> ModuleFilter:
             filters.append(item)
         else:
             raise ValueError(
-                f"fp32_modules entry {item!r} is invalid: expected an nn.Module class, an fqn glob pattern"
+                f"{knob} entry {item!r} is invalid: expected an nn.Module class, an fqn glob pattern"
                 " string, or a (module, fqn) -> bool filter."
             )
     return lambda module, fqn: any(f(module, fqn) for f in filters)

@@ -37,24 +37,26 @@ class Reason(str, Enum):
     DEFAULT = "default"  # the format's fp32_defaults
     OVERFLOW = "overflow"  # blamed for repeated overflows
     KERNEL_ERROR = "kernel error"  # its low-precision kernel raised
-    ESCALATION = "escalation"  # the escalation ladder's PROMOTE rung
+    ESCALATION = "escalation"  # the escalation ladder's PROMOTE (or LEAVE_LOW_BIT) rung
+    QUANTIZATION = "quantization"  # a low-bit layer's measurements crossed a threshold (``lowbit.layers``)
 
     def __str__(self) -> str:
         return self.value
 
 
-RUN_TIME = (Reason.OVERFLOW, Reason.KERNEL_ERROR, Reason.ESCALATION)
+RUN_TIME = (Reason.OVERFLOW, Reason.KERNEL_ERROR, Reason.ESCALATION, Reason.QUANTIZATION)
 
 
 @dataclass(frozen=True)
 class Promotion:
-    """One module running in fp32 and why."""
+    """One module running in fp32 and why; ``scope="low_bit"``: a low-bit (fp8/int8) layer moved back to the
+    autocast dtype (bf16), not to fp32."""
 
     module: str
     reason: Reason
     step: int | None = None
     detail: str = ""
-    scope: Scope = "module"  # "module": the whole module in fp32; "own_code": its own operations only
+    scope: str = "module"  # "module": the whole module in fp32; "own_code": its own operations; "low_bit": bf16
 
 
 class PromotionRule:
@@ -103,6 +105,7 @@ class FallbackManager:
         self.defaults = defaults
         self.rule = PromotionRule(promote_after, promote_window)
         self.promotions: dict[str, Promotion] = {}
+        self.low_bit: Any = None  # the run's LowBitLayers: a low-bit layer is promoted to bf16 first
 
     def setup(self, model: nn.Module, default_types: tuple[type[nn.Module], ...], device_type: str) -> None:
         """Apply the static selection and the defaults. Raises if a glob pattern matches nothing."""
@@ -134,7 +137,10 @@ class FallbackManager:
         detail: str = "",
         scope: Scope = "module",
     ) -> bool:
-        """Make ``fqn`` an fp32 island of ``scope`` now; False if it already was one."""
+        """Make ``fqn`` an fp32 island of ``scope`` now (a low-bit layer: move it back to bf16); False if it
+        already was one."""
+        if self.low_bit is not None and self.low_bit.is_low_bit(fqn):
+            return self.low_bit.move_back(fqn, Promotion(fqn, Reason(reason), step, detail, "low_bit"))
         if fqn in self.promotions or not apply_fp32(model, [fqn], device_type, scope):
             return False
         self.promotions[fqn] = Promotion(fqn, Reason(reason), step, detail, scope)
@@ -156,7 +162,19 @@ class FallbackManager:
         scope: Scope = "own_code" if _has_children(model, finding.module) else "module"
         if not self.promote(model, finding.module, Reason.OVERFLOW, device_type, step, finding.phase, scope):
             return None
-        return self.promotions[finding.module]
+        return self.latest(finding.module)
+
+    def latest(self, fqn: str) -> Promotion:
+        """The promotion just made of ``fqn`` (to fp32, or a low-bit layer's back to bf16)."""
+        if fqn in self.promotions:
+            return self.promotions[fqn]
+        return self.low_bit.moved[fqn]
+
+    @property
+    def all_promotions(self) -> list[Promotion]:
+        """fp32 promotions, then low-bit layers moved back to bf16."""
+        moved = list(self.low_bit.moved.values()) if self.low_bit is not None else []
+        return [*self.promotions.values(), *moved]
 
     def state_dict(self) -> list[dict[str, Any]]:
         return [{**vars(p), "reason": p.reason.value} for p in self.promotions.values() if p.reason in RUN_TIME]
@@ -181,6 +199,11 @@ def _has_children(model: nn.Module, fqn: str) -> bool:
 def promotion_message(promotion: Promotion, finding: Any, low: str) -> str:
     """The warning of a promotion for repeated overflows, with where they were born when a replay said so."""
     where = f" at {finding.op}" + (f" ({finding.source})" if finding.source else "") if finding.op else ""
+    if promotion.scope == "low_bit":
+        return (
+            f"AdaptiveMP: {promotion.module} multiplies in bf16 from now on (was {low}): repeated {finding.phase}"
+            f" overflows{where}."
+        )
     if promotion.scope == "module":
         return f"AdaptiveMP: {promotion.module} runs in fp32 from now on: repeated {finding.phase} overflows{where}."
     return (

@@ -45,7 +45,9 @@ def emulated(precision: str, device_type: str) -> bool:
         return not cpu_has_native_bf16()
     if precision == "16-mixed":
         return not cpu_has_native_fp16()
-    return False
+    # No CPU multiplies fp8 natively (PyTorch's fp8 GEMM, `_scaled_mm`, has only a slow reference kernel on CPU), and
+    # torchao's int8 training GEMM is written for GPUs: their CPU speed says nothing about a GPU's.
+    return precision in ("fp8-mixed", "int8-mixed")
 
 
 def default_device() -> str:

@@ -24,6 +24,9 @@ class Format:
         fp32_defaults: module types that run in fp32 by default (``fp32_defaults=True``), with the measured
             reason next to their definition.
         stats_every: the default statistics cadence, one optimizer step in this many (and the first step).
+        low_bit: ``"fp8"`` or ``"int8"``: eligible ``Linear`` layers multiply in that format through torchao,
+            each watched and moved back to the autocast dtype when the format hurts it (``lightning_mp.lowbit``);
+            ``None`` for the autocast formats.
     """
 
     name: str
@@ -32,6 +35,7 @@ class Format:
     scaled: bool
     fp32_defaults: tuple[type[nn.Module], ...]
     stats_every: int
+    low_bit: str | None = None
 
     @property
     def stats_dtype(self) -> torch.dtype:

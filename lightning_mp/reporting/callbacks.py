@@ -6,7 +6,8 @@ Logged names (stable; any Lightning logger):
 ``precision/loss_scale``, ``precision/skipped_steps``, ``precision/overflow_events``, ``precision/fp32_modules``
     by ``LossScaleMonitor``, every ``log_every_n_steps`` optimizer steps;
 ``precision/headroom_bits/<fqn>`` (lowest of activation and gradient), ``precision/underflow/<fqn>`` (fp16)
-    by ``OverflowDiagnostics``, for the ``top_k`` modules with the least headroom, after each sampled step.
+    by ``OverflowDiagnostics``, for the ``top_k`` modules with the least headroom, after each sampled step;
+``precision/low_bit/snr_db/<fqn>`` and ``precision/low_bit/underflow/<fqn>`` (fp8/int8 layers), by the same.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ from typing_extensions import override
 from lightning_mp._compat import skip_inherited_batch_hooks
 from lightning_mp.plugin import adaptive_plugin as _plugin
 from lightning_mp.reporting.history import ScaleHistory
-from lightning_mp.reporting.report import build_report, headroom_metrics, render_table, run_metrics, write_report
+from lightning_mp.reporting.report import (
+    build_report,
+    headroom_metrics,
+    low_bit_metrics,
+    render_table,
+    run_metrics,
+    write_report,
+)
 
 __all__ = ["LossScaleMonitor", "OverflowDiagnostics", "PrecisionReport", "attach_default_callbacks"]
 
@@ -111,6 +119,7 @@ class OverflowDiagnostics(pl.Callback):
         if not trainer.loggers:
             return  # nothing to log to: do not build the figures
         metrics = headroom_metrics(plugin.statistics.summary(plugin.stats_dtype), self.top_k)
+        metrics.update(low_bit_metrics(plugin))
         if metrics:
             _log(trainer, metrics)
 

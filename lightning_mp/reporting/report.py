@@ -14,6 +14,12 @@ Schema (``schema: "lightning-mp/precision-report/1"``):
 ``promotions``
     ``[{module, reason, step, detail, scope}]`` for every module running in fp32 at the end, with why, and whether
     all of it (``"module"``) or only its own operations (``"own_code"``) run in fp32.
+``low_bit``
+    fp8/int8 runs (else ``null``): ``format``, ``recipe`` and ``layers``: ``{fqn: {now, moved, latest, worst}}``,
+    ``now`` the format the layer multiplies in at the end, ``moved`` its move back to bf16 (``{reason, step,
+    detail}``) or ``null``, ``latest`` its last sample (``lowbit.LayerSample``: amax of input, weight and output
+    gradient, underflow and saturation shares, GEMM signal-to-noise in dB against bf16) and ``worst`` the lowest
+    signal-to-noise and highest underflow and saturation it showed.
 ``modules``
     ``{fqn: {activation_amax, activation_headroom_bits, grad_amax, grad_headroom_bits, underflow_fraction,
     samples}}`` from the sampled statistics; headroom is in bits below the low-precision format's max
@@ -34,6 +40,8 @@ __all__ = [
     "SCHEMA",
     "build_report",
     "headroom_metrics",
+    "low_bit_metrics",
+    "low_bit_summary",
     "run_metrics",
     "render_markdown",
     "render_png",
@@ -81,9 +89,49 @@ def build_report(plugin: Any, scale_history: list[tuple[int, float]]) -> dict[st
         },
         "scale_history": [[int(step), float(scale)] for step, scale in scale_history],
         "events": [e.to_dict() for e in plugin.overflow_events],
-        "promotions": [vars(p).copy() for p in plugin.promotions],
+        "promotions": [vars(p).copy() for p in plugin.promotions if p.scope != "low_bit"],
+        "low_bit": _low_bit_section(plugin),
         "modules": modules,
     }
+
+
+def _low_bit_section(plugin: Any) -> dict[str, Any] | None:
+    low_bit = getattr(plugin, "low_bit", None)
+    if low_bit is None or low_bit.kind is None:
+        return None
+    layers = {}
+    for fqn in low_bit.converted:
+        moved = low_bit.moved.get(fqn)
+        latest = low_bit.latest.get(fqn)
+        layers[fqn] = {
+            "now": "bf16" if moved is not None else low_bit.kind,
+            "moved": None
+            if moved is None
+            else {"reason": str(moved.reason), "step": moved.step, "detail": moved.detail},
+            "latest": None if latest is None else {k: _finite_or_none(v) for k, v in vars(latest).items()},
+            "worst": {k: _finite_or_none(v) for k, v in low_bit.worst.get(fqn, {}).items()},
+        }
+    recipe = low_bit.recipe if low_bit.kind == "fp8" else "rowwise"
+    return {"format": low_bit.kind, "recipe": recipe, "layers": layers}
+
+
+def _moved(promotion: Any) -> dict[str, Any]:
+    return {"reason": str(promotion.reason), "step": promotion.step, "detail": promotion.detail}
+
+
+def low_bit_metrics(plugin: Any) -> dict[str, float]:
+    """``precision/low_bit/snr_db/<fqn>`` and ``precision/low_bit/underflow/<fqn>`` of each fp8/int8 layer's
+    latest sample (empty for the other precisions)."""
+    low_bit = getattr(plugin, "low_bit", None)
+    if low_bit is None:
+        return {}
+    metrics = {}
+    for fqn in low_bit.layers:
+        sample = low_bit.latest.get(fqn)
+        if sample is not None:
+            metrics[f"precision/low_bit/snr_db/{fqn}"] = sample.snr_db
+            metrics[f"precision/low_bit/underflow/{fqn}"] = sample.underflow
+    return {k: v for k, v in metrics.items() if v == v and abs(v) != float("inf")}
 
 
 def run_metrics(plugin: Any) -> dict[str, float]:
@@ -95,6 +143,8 @@ def run_metrics(plugin: Any) -> dict[str, float]:
         "precision/overflow_events": sum(plugin.overflow_counts.values()),
         "precision/fp32_modules": len(plugin.fp32_modules),
     }
+    if getattr(plugin, "low_bit", None) is not None and plugin.low_bit.kind is not None:
+        metrics["precision/low_bit_layers"] = len(plugin.low_bit_layers)
     if plugin.scaler is not None:
         metrics["precision/loss_scale"] = plugin.scaler.get_scale()
     return metrics
@@ -141,6 +191,7 @@ def render_markdown(report: dict[str, Any], limit: int = 10) -> str:
         ]
     else:
         lines.append("none")
+    lines += _low_bit_markdown(report.get("low_bit"))
     lines += ["", "## Overflow events", ""]
     if report["events"]:
         lines += [
@@ -169,6 +220,49 @@ def render_markdown(report: dict[str, Any], limit: int = 10) -> str:
     else:
         lines.append("no statistics sampled")
     return "\n".join(lines) + "\n"
+
+
+def _low_bit_markdown(section: dict[str, Any] | None) -> list[str]:
+    if not section:
+        return []
+    kind = section["format"]
+    lines = ["", f"## {kind} layers ({section['recipe']} scaling)", ""]
+    if not section["layers"]:
+        return [*lines, f"no layer was converted to {kind} (see the default selection in lightning_mp.lowbit)"]
+    lines += [
+        "| layer | now | input amax | weight amax | grad amax | underflow (worst) | saturation | SNR dB (worst) |"
+        " moved back |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for fqn, layer in section["layers"].items():
+        s, w, moved = layer["latest"] or {}, layer["worst"], layer["moved"]
+        under = f"{_percent(_max_underflow(s))} ({_percent(w.get('underflow'))})"
+        snr = f"{_num(s.get('snr_db'), '{:.1f}')} ({_num(w.get('snr_db'), '{:.1f}')})"
+        back = f"step {moved['step']}: {moved['reason']}, {moved['detail']}" if moved else ""
+        lines.append(
+            f"| `{fqn}` | {layer['now']} | {_num(s.get('input_amax'))} | {_num(s.get('weight_amax'))} |"
+            f" {_num(s.get('grad_amax'))} | {under} | {_percent(s.get('saturation'))} | {snr} | {back} |"
+        )
+    return lines
+
+
+def _max_underflow(sample: dict[str, Any]) -> float | None:
+    values = [sample.get(k) for k in ("input_underflow", "weight_underflow", "grad_underflow")]
+    return max((v for v in values if v is not None), default=None)
+
+
+def _num(value: float | None, fmt: str = "{:.3g}") -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def low_bit_summary(section: dict[str, Any] | None) -> str | None:
+    """``"12 in fp8, 1 moved back to bf16: blocks.0.mlp.fc1 (quantization)"``, or ``None`` without low-bit."""
+    if not section:
+        return None
+    layers = section["layers"]
+    moved = [f"{fqn} ({layer['moved']['reason']})" for fqn, layer in layers.items() if layer["moved"]]
+    text = f"{len(layers) - len(moved)} in {section['format']}"
+    return text + (f", {len(moved)} moved back to bf16: {', '.join(moved)}" if moved else "")
 
 
 # Headroom below this many bits (within 256x of the format's largest value) is worth a user's attention.
@@ -285,6 +379,9 @@ def render_table(report: dict[str, Any], limit: int = 8) -> Any:
         table.add_row("final loss scale", f"{run['scaler']['final_scale']:g} ({run['scaler']['policy']})")
     table.add_row("overflow events", ", ".join(f"{k}: {v}" for k, v in run["overflow_counts"].items()) or "none")
     table.add_row("fp32 modules", promotion_summary(report["promotions"], limit))
+    low_bit = low_bit_summary(report.get("low_bit"))
+    if low_bit is not None:
+        table.add_row("low-bit layers", low_bit)
     for fqn, s in _lowest_headroom(report, 3):
         if _lowest(s) >= RISKY_HEADROOM_BITS:
             continue  # bf16/fp32 headroom is over 100 bits: not worth a line, let alone "low"

@@ -102,7 +102,10 @@ class PrecisionCore:
         self.buffers.watch(model)
         self.batch.end()  # a new fit: what an earlier one kept of its last batch is stale
         self.rerun_state.clear()
-        self.decisions.fallback.setup(model, self.setting.format.fp32_defaults, self.setting.device)
+        fmt, fallback = self.setting.format, self.decisions.fallback
+        fallback.setup(model, fmt.fp32_defaults, self.setting.device)
+        low_bit = self.decisions.low_bit
+        low_bit.setup(model, fmt.low_bit, fmt.name, set(fallback.promotions), self.setting.device or "cpu")
         if record_order:
             self.tracker.order.record(model)  # removed after the first optimizer step (or at teardown)
 
@@ -120,6 +123,7 @@ class PrecisionCore:
         self.decisions.spikes.clear()
         self.tracker.stop()
         self.collect_statistics()
+        self.decisions.low_bit.disarm()
 
     # ------------------------------------------------------------------------------------- what it reads
     @property
@@ -178,7 +182,9 @@ class PrecisionCore:
         """A training micro-batch's forward begins: the step opens and a sampled step's hooks are armed."""
         self._begin()
         if self.batch.start_micro_batch() and self.model is not None:
-            self.sampler.arm(self.model, self.decisions.ledger.optimizer_steps, self.setting.stats_every, self.stepper)
+            step = self.decisions.ledger.optimizer_steps
+            if self.sampler.arm(self.model, step, self.setting.stats_every, self.stepper):
+                self.decisions.low_bit.arm(step)
 
     @contextlib.contextmanager
     def micro_batch(self) -> Generator[None, None, None]:
@@ -316,7 +322,11 @@ class PrecisionCore:
         self.guard.when_settled(optimizer, then)
 
     def collect_statistics(self) -> None:
-        """Fold a sampled step's statistics in (after unscaling); nothing on other steps."""
+        """Fold a sampled step's statistics in (after unscaling), and move back the low-bit layers they say the
+        format hurts; nothing on other steps."""
+        moves = self.decisions.low_bit.collect()
+        if moves:
+            self.decisions.move_low_bit(moves)
         if self.model is not None:
             if not self.statistics.active:
                 return  # not a sampled step

@@ -16,6 +16,7 @@ from lightning_mp.diagnosis.attribution import Finding, OverflowTracker, is_kern
 from lightning_mp.fallback.escalation import Escalation, EscalationLadder, Rung, give_up_message
 from lightning_mp.fallback.promotion import FallbackManager, Promotion, Reason, SpikeRule, promotion_message
 from lightning_mp.formats import resolve_auto_precision
+from lightning_mp.lowbit.layers import LowBitLayers
 from lightning_mp.options import PluginOptions
 from lightning_mp.reporting.ledger import RunLedger
 from lightning_mp.scaling import LossScaleFloorError
@@ -52,6 +53,10 @@ class Decisions:
         self.fallback = FallbackManager(
             options.fp32_modules, options.fp32_defaults, options.promote_after, options.promote_window
         )
+        self.low_bit = LowBitLayers(
+            options.low_bit_recipe, options.low_bit_modules, options.bf16_modules, options.auto_fallback
+        )
+        self.fallback.low_bit = self.low_bit
         self.spikes = SpikeRule(options.promote_window)
         self.ladder = EscalationLadder(options.max_consecutive_skips)
         self.ledger = RunLedger(options.max_events)
@@ -83,9 +88,22 @@ class Decisions:
         detail, step, device = first_line(error), self.ledger.optimizer_steps, self.precision.device
         if not self.fallback.promote(model, fqn, Reason.KERNEL_ERROR, device, step, detail, scope):
             return False
+        if self.fallback.latest(fqn).scope == "low_bit":
+            self.warn(
+                f"AdaptiveMP: {fqn} multiplies in bf16 from now on: its {self.low_bit.kind} kernel failed ({detail})."
+            )
+            return True
         what = f"{fqn}'s own code" if scope == "own_code" else fqn
         self.warn(f"AdaptiveMP: {what} runs in fp32 from now on: its {self.precision.name} kernel failed ({detail}).")
         return True
+
+    def move_low_bit(self, moves: list[tuple[str, str]]) -> None:
+        """Move back to bf16 the low-bit layers whose measurements said so (``LowBitLayers.collect``)."""
+        step = self.ledger.optimizer_steps
+        for fqn, why in moves:
+            promotion = Promotion(fqn, Reason.QUANTIZATION, step, why, "low_bit")
+            if self.low_bit.move_back(fqn, promotion):
+                self.warn(f"AdaptiveMP: {fqn} multiplies in bf16 from now on (was {self.low_bit.kind}): {why}.")
 
     # -------------------------------------------------------------------------------- after the step
     def after_step(
@@ -147,13 +165,21 @@ class Decisions:
         names = [fqn for fqn, _ in self.model.named_modules() if fqn] if self.model is not None else []
         device = self.precision.device
         can_switch = self.precision.format.scaled and resolve_auto_precision(device) == "bf16-mixed"
-        for candidate in self.ladder.candidates(why, blamed, self.fallback.promotions, names, can_switch):
+        low_bit_left = bool(self.low_bit.layers)
+        for candidate in self.ladder.candidates(why, blamed, self.fallback.promotions, names, can_switch, low_bit_left):
             if candidate.rung is Rung.PROMOTE:
                 step = self.ledger.optimizer_steps
                 if self.fallback.promote(self.model, candidate.module, Reason.ESCALATION, device, step, why):
                     self.warn(f"AdaptiveMP escalation: {why}; {candidate.module} runs in fp32 from now on.")
                     return candidate
                 continue
+            if candidate.rung is Rung.LEAVE_LOW_BIT:
+                step = self.ledger.optimizer_steps
+                layers = list(self.low_bit.layers)
+                for fqn in layers:
+                    self.low_bit.move_back(fqn, Promotion(fqn, Reason.ESCALATION, step, why, "low_bit"))
+                kind = self.low_bit.kind
+                self.warn(f"AdaptiveMP escalation: {why}; {len(layers)} {kind} layer(s) multiply in bf16 from now on.")
             if candidate.rung is Rung.SWITCH_TO_BF16:
                 self.warn(f"AdaptiveMP escalation: {why}; switching from fp16 to bf16 (same range as fp32).")
                 self.precision.switch_to_bf16()
@@ -164,6 +190,7 @@ class Decisions:
     def state_dict(self) -> dict[str, Any]:
         return {
             "promotions": self.fallback.state_dict(),
+            "low_bit": self.low_bit.state_dict(),
             "ladder": self.ladder.state_dict(),
             **self.ledger.state_dict(),
         }
@@ -173,6 +200,12 @@ class Decisions:
         self.ladder.load_state_dict(state.get("ladder", {}))
         if self.model is not None:
             self.fallback.load_state_dict(self.model, state.get("promotions", ()), self.precision.device)
+            self.low_bit.load_state_dict(state.get("low_bit", {}), _promotion_from)
+
+
+def _promotion_from(entry: dict[str, Any]) -> Promotion:
+    keys = ("module", "reason", "step", "detail", "scope")
+    return Promotion(**{k: (Reason(v) if k == "reason" else v) for k, v in entry.items() if k in keys})
 
 
 def first_line(error: BaseException) -> str:

@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -320,9 +321,29 @@ def test_the_verdict_says_worse_on_a_committed_comparison_that_is_worse():
     assert verdict(groups["fp16"], groups["fp32"]) == "within noise of fp32"
 
 
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_low_bit_precisions_train_from_the_cli(precision, tmp_path):
+    pytest.importorskip("torchao")
+    wide = ["recipe=nlp", *TINY["nlp"], "model.net.dim=64"]  # 64 x 128 feed-forward layers: eligible, not tiny
+    result = train(compose([*wide, *COMMON, f"precision={precision}", f"output_dir={tmp_path}"]))
+    assert result["resolved_precision"] == f"{precision}-mixed" and result["speed_emulated"] is True
+    assert result["low_bit_layers"] == ["net.encoder.layers.0.linear2"]  # linear1 is the first Linear of the model
+    assert result["low_bit_moved"] == [] and math.isfinite(result["val_loss"])
+
+
+def test_low_bit_without_torchao_is_one_line_naming_the_extra(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "torchao", None)  # what an environment without it raises on import
+    assert main(["train", "precision=fp8", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "lightning-mp: error: AdaptiveMP(precision='fp8-mixed') needs torchao: pip install"
+        ' "lightning-mp[fp8]" (torchao>=0.18).'
+    )
+
+
 def test_compare_refuses_unknown_precisions(capsys):
-    assert main(["compare", "precisions=fp32,fp8"]) == 2
-    assert "precisions='fp32,fp8' is invalid" in capsys.readouterr().err
+    assert main(["compare", "precisions=fp32,fp4"]) == 2
+    assert "precisions='fp32,fp4' is invalid" in capsys.readouterr().err
 
 
 @pytest.mark.slow
