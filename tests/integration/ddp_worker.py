@@ -57,9 +57,49 @@ def run(out: Path, model: L.LightningModule, strategy) -> None:
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
 
 
+class RankOutliers(L.Callback):
+    """fp8: only rank 1's model feeds ``mid`` a massive token (benchmarks.lowbit_outliers)."""
+
+    def on_fit_start(self, trainer, pl_module):
+        pl_module.outlier = 1e5 if trainer.global_rank == 1 else 1.0
+
+
+def run_fp8(out: Path) -> None:
+    """Two ranks, fp8: rank 1 alone measures ``mid``'s underflow; both must move it back at the same step."""
+    from torch import nn
+    from torch.utils.data import DataLoader
+
+    from benchmarks.lowbit_outliers import OutlierTokens, data
+
+    model = OutlierTokens("token", outlier=1.0)
+    plugin = AdaptiveMP("fp8-mixed", low_bit_modules=[nn.Linear], stats_every=2)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        plugins=[plugin],
+        callbacks=[RankOutliers()],
+        max_steps=6,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out,
+    )
+    trainer.fit(model, DataLoader(data(48, 0), batch_size=8))
+    result = {
+        "moved": [(p.module, p.step, str(p.reason)) for p in plugin.promotions],
+        "low_bit_layers": plugin.low_bit_layers,
+        "weights": [v for p in model.parameters() for v in p.detach().flatten().tolist()],
+    }
+    (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
-    if sys.argv[2:] == ["rescue"]:
+    if sys.argv[2:] == ["fp8"]:
+        run_fp8(Path(sys.argv[1]))
+    elif sys.argv[2:] == ["rescue"]:
         run(Path(sys.argv[1]), TroubleNet(ExplodingBackward(1e4), lr=1e-6), strategy="ddp")
     elif sys.argv[2:] == ["spiky"]:
         run(Path(sys.argv[1]), SpikyRegressor(gain=1e5, lr=1e-4), strategy="ddp")

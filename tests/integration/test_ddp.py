@@ -72,3 +72,12 @@ def test_a_backward_overflow_is_rescued_identically_on_every_rank(tmp_path):
     assert rank0["skipped_steps"] == rank1["skipped_steps"] == 0 and rank0["events"] == rank1["events"] == []
     assert rank0["scale"] == rank1["scale"] < 16.0
     assert rank0["weights"] == rank1["weights"]
+
+
+@pytest.mark.slow
+def test_a_low_bit_layer_moves_back_on_every_rank_when_one_rank_measures_it(tmp_path):
+    pytest.importorskip("torchao")
+    rank0, rank1 = _run_worker(tmp_path, "ddp_worker", "fp8")
+    assert rank0["moved"] == rank1["moved"] == [["mid", 4, "quantization"]]  # only rank 1 saw the massive token
+    assert rank0["low_bit_layers"] == rank1["low_bit_layers"] == ["inp", "mid2"]
+    assert rank0["weights"] == rank1["weights"]

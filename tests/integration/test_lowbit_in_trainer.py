@@ -176,3 +176,33 @@ def test_without_torchao_asking_for_fp8_is_one_line_naming_the_extra(monkeypatch
         AdaptiveMP("bf16-mixed", low_bit_modules=["mid"])
     with pytest.raises(ConfigError, match="low_bit_recipe='blockwise'.* must be one of"):
         AdaptiveMP("bf16-mixed", low_bit_recipe="blockwise")
+
+
+def _compiled_graphs(precision, outlier, convert_first=False):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = OutlierTokens("token", outlier=outlier)
+    if convert_first:  # torchao alone: convert, then compile (torchao's own recipe)
+        from torchao.float8 import convert_to_float8_training
+
+        layers = ("inp", "mid", "mid2")
+        convert_to_float8_training(
+            model, module_filter_fn=lambda m, fqn: fqn in layers, config=fp8_config("tensorwise", "cpu")
+        )
+    model.forward = torch.compile(model.forward, backend="aot_eager")
+    fit(model, precision, steps=8)
+    return model, counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+def test_compiled_fp8_has_torchaos_graphs_and_one_recompilation_per_layer_moved():
+    _, theirs = _compiled_graphs(MixedPrecision("bf16-mixed", "cpu"), 1.0, convert_first=True)
+    _, ours = _compiled_graphs(AdaptiveMP("fp8-mixed", low_bit_modules=[nn.Linear], stats_every=2), 1.0)
+    assert ours == theirs == 1, "hooks on sampled steps run eagerly: no graph of their own"
+    plugin = AdaptiveMP("fp8-mixed", low_bit_modules=[nn.Linear], stats_every=2)
+    model, moved = _compiled_graphs(plugin, 1e5)
+    assert [p.module for p in plugin.promotions] == ["mid"] and type(model.mid) is nn.Linear
+    assert moved == theirs + 1, "one recompilation for the one layer moved back"
