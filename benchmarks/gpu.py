@@ -6,7 +6,9 @@ Measures, at GPU-sized batches and models (CNN width 128 on 32x32, batch 256; Tr
 128 tokens, batch 64), interleaved as in benchmarks/overhead.py:
 * AdaptiveMP / Lightning MixedPrecision step time for bf16 and fp16 (default diagnostics, statistics off),
   with the noise floor;
-* bf16 and fp16 speed over fp32 with AdaptiveMP.
+* bf16 and fp16 speed over fp32 with AdaptiveMP;
+* with torchao installed, fp8 and int8 step time against bf16 on a GPT-2-medium-sized model, compiled, with the
+  plugin and with torchao alone (``benchmarks.lowbit_speed``).
 """
 
 from __future__ import annotations
@@ -76,6 +78,14 @@ def main(argv: list[str] | None = None) -> dict:
         }
         results["speedup"][name] = {p: times["32-true"] / t for p, t in times.items()}
         print(f"{name}: speed over fp32 {results['speedup'][name]}", flush=True)
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        print("torchao is not installed: no fp8/int8 figures (pip install 'lightning-mp[fp8]')")
+    else:
+        from benchmarks import lowbit_speed
+
+        results["low_bit"] = lowbit_speed.main(["--rounds", str(min(args.rounds, 3))])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.out}")

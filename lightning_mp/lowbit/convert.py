@@ -104,6 +104,13 @@ def ineligible(module: nn.Module) -> str | None:
     return None
 
 
+def _sharded_by_fsdp2(module: nn.Module) -> bool:
+    """``fully_shard`` gives a module a dynamic class (``FSDPLinear``) or leaves it holding DTensor shards."""
+    return type(module).__name__.startswith("FSDP") or any(
+        type(p).__name__ == "DTensor" for p in module.parameters(recurse=False)
+    )
+
+
 def default_selection(model: nn.Module) -> list[str]:
     """The default choice: eligible, not the first or last ``Linear``, not tiny (see the module docstring)."""
     linears = [fqn for fqn, module in model.named_modules() if type(module) is nn.Linear]
@@ -121,6 +128,13 @@ def select(model: nn.Module, low_bit_modules: Any, bf16_modules: Any, fp32: set[
     Raises:
         ConfigError: a pattern matches no module, or ``low_bit_modules`` names a layer that cannot be converted.
     """
+    sharded = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and _sharded_by_fsdp2(m)]
+    if sharded:
+        raise ConfigError(
+            f"AdaptiveMP(precision=fp8/int8) cannot convert {sharded[0]}: it is already sharded by fully_shard"
+            " (FSDP2), and torchao converts layers before sharding. Convert them yourself in configure_model"
+            " before fully_shard (torchao.float8.convert_to_float8_training) and train with bf16-mixed."
+        )
     for knob, spec in (("low_bit_modules", low_bit_modules), ("bf16_modules", bf16_modules)):
         misses = pattern_misses(spec, model) if spec else []
         if misses:

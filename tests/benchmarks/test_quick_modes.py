@@ -157,3 +157,14 @@ def test_backward_amax_cost_quick_times_every_model():
     results = backward_amax_cost.main(["--quick"])
     assert set(results) == {"GPT-2", "BERT", "ViT"}
     assert all(r["step_ms"] > 0 and math.isfinite(r["backward_amax_us"]) for r in results.values())
+
+
+@pytest.mark.slow
+def test_lowbit_speed_smoke_runs_every_variant():
+    pytest.importorskip("torchao")
+    from benchmarks import lowbit_speed
+
+    result = lowbit_speed.main(["--smoke"])
+    assert list(result["ratio_to_bf16"]) == list(lowbit_speed.variants("cpu"))
+    assert all(math.isfinite(r) and r > 0 for r in result["ratio_to_bf16"].values())
+    assert result["shapes"] == [(64, 256), (256, 64)]  # the feed-forward layers, less the first and the head

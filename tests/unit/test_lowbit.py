@@ -135,3 +135,10 @@ def test_the_escalation_ladder_leaves_the_low_bit_format_before_giving_up():
     assert [r.rung for r in rungs] == [Rung.LEAVE_LOW_BIT, Rung.GIVE_UP]
     rungs = EscalationLadder.candidates("why", None, (), [], can_switch_to_bf16=False)
     assert [r.rung for r in rungs] == [Rung.GIVE_UP]
+
+
+def test_layers_already_sharded_by_fsdp2_are_refused_with_what_to_do():
+    net = Net()
+    net.blocks[1][0].__class__ = type("FSDPLinear", (nn.Linear,), {})  # what fully_shard does to a module's class
+    with pytest.raises(ConfigError, match=r"cannot convert blocks.1.0: it is already sharded by fully_shard"):
+        select(net, None, (), fp32=set())
