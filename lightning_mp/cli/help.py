@@ -44,10 +44,13 @@ def command_help(command: str) -> str:
             "usage: lightning-mp compare [precisions=fp32,bf16,fp16] [key=value ...]",
             "",
             "Train one recipe under each precision (one process each) and print accuracy, speed, memory and skipped",
-            "steps side by side, relative to fp32; writes compare.json and compare.md next to the runs.",
-            "Every key=value below applies to every run; precision= is replaced by precisions=.",
+            "steps side by side, relative to fp32; writes compare.json, compare.md and compare.png (learning",
+            "curves, time and memory) next to the runs. Every key=value below applies to every run; precision=",
+            "is replaced by precisions=.",
             "seeds=3 runs each precision with seeds seed..seed+2 and reports mean +- spread and a verdict per",
-            "precision (within noise of fp32 or not, on the final and the best validation accuracy).",
+            "metric (final and best validation accuracy and held-out loss: within noise of fp32, or better or",
+            "worse by how much, against the smallest difference the seeds could detect).",
+            "An interrupted comparison resumes: the same command keeps the runs that finished with the same config.",
         ]
     else:
         head = [
@@ -65,7 +68,7 @@ def command_help(command: str) -> str:
     adaptive = [f.name for f in dataclasses.fields(PluginOptions) if f.name not in ("precision", "device", "scaler")]
     scaler = [f.name for f in dataclasses.fields(ScalerConfig)]
     lines += [
-        "  precision also takes Lightning's names: 32-true, bf16-mixed, 16-mixed, 32, 16",
+        "  precision also takes Lightning's names: 32-true, bf16-mixed, 16-mixed, fp8-mixed, int8-mixed, 32, 16",
         "",
         "common keys:",
         "  seed=0  output_dir=outputs/<recipe>/<precision>  ckpt_path=last (resume)  overwrite=true  logger=null",
