@@ -50,7 +50,14 @@ from typing_extensions import override
 from lightning_mp._compat import convert_fp_tensor, optimizer_handles_unscaling
 from lightning_mp.formats import PrecisionName
 from lightning_mp.options import FABRIC_KNOBS, PluginOptions, args_doc
-from lightning_mp.reporting.report import build_report, headroom_metrics, render_table, run_metrics, write_report
+from lightning_mp.reporting.report import (
+    build_report,
+    headroom_metrics,
+    low_bit_metrics,
+    render_table,
+    run_metrics,
+    write_report,
+)
 from lightning_mp.reporting.warnings import EventWarnings
 from lightning_mp.scaling import AdaptiveLossScaler
 from lightning_mp.shell import CoreView
@@ -232,6 +239,7 @@ class AdaptiveMP(CoreView, Precision):
         metrics = run_metrics(self)
         if self.core.statistics.samples_taken:
             metrics.update(headroom_metrics(self.core.statistics.summary(self.stats_dtype), top_k))
+        metrics.update(low_bit_metrics(self))  # fp8/int8: each layer's latest signal-to-noise and underflow
         return metrics
 
     def report(self, directory: str | Path = ".", console: bool = False) -> dict[str, Path]:

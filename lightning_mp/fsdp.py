@@ -37,6 +37,7 @@ from torch.nn import Module
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_mp.errors import ConfigError
 from lightning_mp.plugin import AdaptiveMP, refuse_clipping_fused
 from lightning_mp.scaling import AdaptiveLossScaler
 
@@ -88,6 +89,11 @@ class AdaptiveFSDPMP(FSDPPrecision):
     ) -> None:
         if device is None or device.split(":")[0] != "cuda":
             raise ValueError(f"AdaptiveFSDPMP(device={device!r}) is invalid: FSDP1 runs only on 'cuda'.")
+        if precision in ("fp8-mixed", "int8-mixed"):
+            raise ConfigError(
+                f"AdaptiveFSDPMP(precision={precision!r}) is not supported: torchao converts layers before FSDP wraps"
+                " them, and FSDP1's flat parameters hide them; use DDP, or FSDP2 with layers you convert yourself."
+            )
         super().__init__("32-true")  # FSDP's side: no casting, fp32 inputs, no ShardedGradScaler
         knobs = {**knobs, "sharded_gradients": True}  # FSDP1's flat-parameter shards: flags agreed across ranks
         adaptive = AdaptiveMP(precision, device, scaler, fp32_modules, auto_fallback, **knobs)

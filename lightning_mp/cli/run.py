@@ -124,6 +124,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "low_bit_moved": [
             {"module": p.module, "reason": str(p.reason), "step": p.step, "detail": p.detail}
             for p in plugin.low_bit.moved.values()
+            if p is not None
         ],
         "optimizer_steps": plugin.optimizer_steps,
         "output_dir": str(output_dir),

@@ -119,7 +119,8 @@ def give_up_message(reason: str, recent: Sequence[OverflowEvent]) -> str:
     """The diagnosis of the last rung: why, the recent events, and what usually helps."""
     shown = ", ".join(f"step {e.step} {e.phase} {e.module or '-'} {e.kind}" for e in recent)
     return (
-        f"AdaptiveMP gave up: {reason}, and neither fp32 promotion nor a switch to bf16 helped. Recent events:"
+        f"AdaptiveMP gave up: {reason}, and none of fp32 promotion, moving fp8/int8 layers back to bf16 or a"
+        " switch from fp16 to bf16 helped (those that applied). Recent events:"
         f" {shown or 'none'}. Non-finite values at every scale usually mean diverging training: lower the"
         " learning rate, clip gradients, or check the data and the loss."
     )

@@ -141,6 +141,9 @@ class FallbackManager:
         already was one."""
         if self.low_bit is not None and self.low_bit.is_low_bit(fqn):
             return self.low_bit.move_back(fqn, Promotion(fqn, Reason(reason), step, detail, "low_bit"))
+        if self.low_bit is not None and scope == "module":  # a block whole in fp32: its low-bit layers too
+            for inner in [name for name in self.low_bit.layers if name.startswith(f"{fqn}.")]:
+                self.low_bit.move_back(inner, Promotion(inner, Reason(reason), step, f"inside {fqn}", "low_bit"))
         if fqn in self.promotions or not apply_fp32(model, [fqn], device_type, scope):
             return False
         self.promotions[fqn] = Promotion(fqn, Reason(reason), step, detail, scope)
@@ -173,7 +176,7 @@ class FallbackManager:
     @property
     def all_promotions(self) -> list[Promotion]:
         """fp32 promotions, then low-bit layers moved back to bf16."""
-        moved = list(self.low_bit.moved.values()) if self.low_bit is not None else []
+        moved = [p for p in self.low_bit.moved.values() if p is not None] if self.low_bit is not None else []
         return [*self.promotions.values(), *moved]
 
     def state_dict(self) -> list[dict[str, Any]]:

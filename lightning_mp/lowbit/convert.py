@@ -23,7 +23,8 @@ Which layers, by default (``low_bit_modules=None``):
 ``low_bit_modules=`` replaces the default choice (classes, fqn globs or ``(module, fqn) -> bool`` filters, the
 grammar of ``fp32_modules``; the shape rule still applies: a class or a filter takes the eligible layers it
 selects, and naming an ineligible layer by its fqn is an error);
-``bf16_modules=`` removes layers from it. Modules in ``fp32_modules`` are never converted.
+``bf16_modules=`` removes layers from it. Modules in ``fp32_modules``, and the layers inside them, are never
+converted.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ DIVISOR = 16
 MIN_ELEMENTS = 64 * 64
 FP8_RECIPES = ("tensorwise", "rowwise", "rowwise_with_gw_hp")
 _HOOK_DICTS = (
+    "_is_full_backward_hook",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
     "_forward_hooks",
     "_forward_hooks_with_kwargs",
     "_forward_hooks_always_called",
@@ -160,10 +166,11 @@ def select(model: nn.Module, low_bit_modules: Any, bf16_modules: Any, fp32: set[
     else:
         chosen = default_selection(model)
     excluded = fp32_filter(bf16_modules, knob="bf16_modules") if bf16_modules else None
+    in_fp32 = lambda fqn: any(fqn == name or fqn.startswith(f"{name}.") for name in fp32)  # noqa: E731
     return [
         fqn
         for fqn in chosen
-        if fqn not in fp32 and not (excluded is not None and excluded(model.get_submodule(fqn), fqn))
+        if not in_fp32(fqn) and not (excluded is not None and excluded(model.get_submodule(fqn), fqn))
     ]
 
 
@@ -203,11 +210,12 @@ def convert(model: nn.Module, kind: str, recipe: str, names: list[str], device_t
         _restore_hooks(model.get_submodule(fqn), kept)
 
 
-def _hooks(module: nn.Module) -> dict[str, dict[int, Any]]:
+def _hooks(module: nn.Module) -> dict[str, Any]:
+    """The module's hook tables (and whether its backward hooks are full ones), by attribute name."""
     return {name: getattr(module, name) for name in _HOOK_DICTS if hasattr(module, name)}
 
 
-def _restore_hooks(module: nn.Module, hooks: dict[str, dict[int, Any]]) -> None:
+def _restore_hooks(module: nn.Module, hooks: dict[str, Any]) -> None:
     """A user's hooks on a layer move with it when it is swapped: the same dictionaries, so the handles they
     hold still remove them."""
     for name, entries in hooks.items():

@@ -17,17 +17,21 @@ The thresholds, and why:
 - ``SNR_FLOOR_DB = 10``: the GEMM's median-row error energy is over a tenth of its signal. Healthy layers
   measure 25-30 dB in fp8 e4m3 (3 mantissa bits: about 2^-4 relative rounding per operand) and 35-45 dB in
   row-wise int8; 10 dB is far below both, so that noise alone never moves a layer;
-- ``UNDERFLOW_LIMIT = 0.25``: a quarter of an operand's non-zero values quantize to zero. Gaussian-like
-  activations lose well under 1% (the scale puts their largest value at the top of the range, and e4m3's
-  subnormals reach 2^-9 of it... the format's range below the scaled maximum covers about 17 binades); a
-  quarter lost means one huge value squeezes the rest out, the failure the SNR alone can miss when the rest is
-  small in energy;
+- ``UNDERFLOW_LIMIT = 0.25``: a quarter of an operand's non-zero values quantize to zero. The dynamic scale puts
+  an operand's largest value at the top of the range, and the format reaches down about 17.8 binades below it in
+  e4m3 (448 down to the smallest subnormal, 2^-9), 31.8 in e5m2 and 7 in int8 (127 steps per row): healthy
+  layers lose under 2%. A quarter lost means one huge value squeezes the rest out, the failure the SNR alone can
+  miss when the rest is small in energy;
 - ``SATURATION_LIMIT = 0.01``: a hundredth of the values clipped at the format's largest value;
 - ``PATIENCE = 2``: two sampled steps in a row, so one odd batch does not move a layer.
+
+A sample whose operands or output are not finite is not judged (the step's guard and attribution deal with it):
+one inf in an input would otherwise read as "everything else quantizes to zero".
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +47,11 @@ SNR_FLOOR_DB = 10.0
 UNDERFLOW_LIMIT = 0.25
 SATURATION_LIMIT = 0.01
 PATIENCE = 2
+
+
+# Models converted once, and their layers: a later fit or validate adopts them as they are (a layer moved back
+# in an earlier fit stays in bf16) instead of converting the model again.
+_CONVERTED: weakref.WeakKeyDictionary[nn.Module, list[str]] = weakref.WeakKeyDictionary()
 
 
 def _converted_types() -> tuple[type[nn.Module], ...]:
@@ -72,7 +81,7 @@ class LowBitLayers:
         self.kind: str | None = None
         self.model: nn.Module | None = None
         self.converted: list[str] = []  # every layer converted at setup, in model order
-        self.moved: dict[str, Any] = {}  # fqn -> Promotion (scope "low_bit"): back in bf16
+        self.moved: dict[str, Any] = {}  # fqn -> Promotion (scope "low_bit"): back in bf16 (None: in an earlier fit)
         self.latest: dict[str, LayerSample] = {}
         self.worst: dict[str, dict[str, float]] = {}  # fqn -> lowest snr_db, highest underflow / saturation seen
         self._streak: dict[str, int] = {}
@@ -81,17 +90,24 @@ class LowBitLayers:
     # ------------------------------------------------------------------------------------------ setup
     def setup(self, model: nn.Module, kind: str | None, precision: str, fp32: set[str], device_type: str) -> None:
         """Convert the chosen layers (a model converted by an earlier fit keeps its layers)."""
-        self.model = model
         if kind is None:
+            self.model = model
             return
+        if self.model is model and self.watch is not None:
+            return  # validate / test after fit, with the same plugin: nothing changes
+        self.model = model
         require_torchao(precision)
         self.kind = kind
-        types = _converted_types()
-        live = [fqn for fqn, module in model.named_modules() if isinstance(module, types)]
-        if not live:
-            live = select(model, self.low_bit_modules, self.bf16_modules, fp32)
-            convert(model, kind, self.recipe, live, device_type)
-        self.converted = live
+        if model in _CONVERTED:
+            self.converted = list(_CONVERTED[model])
+            types = _converted_types()
+            for fqn in self.converted:  # a layer moved back by an earlier fit stays in bf16, recorded as such
+                if not isinstance(model.get_submodule(fqn), types):
+                    self.moved.setdefault(fqn, None)
+        else:
+            self.converted = select(model, self.low_bit_modules, self.bf16_modules, fp32)
+            convert(model, kind, self.recipe, self.converted, device_type)
+            _CONVERTED[model] = list(self.converted)
         self.watch = LowBitWatch(kind)
 
     @property
@@ -100,6 +116,11 @@ class LowBitLayers:
         if self.model is None:
             return {}
         return {fqn: self.model.get_submodule(fqn) for fqn in self.converted if fqn not in self.moved}
+
+    @property
+    def armed(self) -> bool:
+        """The watch's hooks are on (a sampled step): compiled code runs eagerly then (``hooks.eager``)."""
+        return self.watch is not None and self.watch.armed
 
     def is_low_bit(self, fqn: str) -> bool:
         return fqn in self.converted and fqn not in self.moved
@@ -116,7 +137,7 @@ class LowBitLayers:
         """Read a sampled step's measurements; the layers to move back now, each with why."""
         if self.watch is None or not self.watch.armed:
             return []
-        samples = self.watch.collect()
+        samples = {fqn: s for fqn, s in self.watch.collect().items() if s.finite}
         for fqn, sample in samples.items():
             self.latest[fqn] = sample
             worst = self.worst.setdefault(fqn, {"snr_db": sample.snr_db, "underflow": 0.0, "saturation": 0.0})
@@ -150,7 +171,8 @@ class LowBitLayers:
 
     # ----------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        return {"converted": list(self.converted), "moved": [_promotion_dict(p) for p in self.moved.values()]}
+        moved = [_promotion_dict(p) for p in self.moved.values() if p is not None]
+        return {"converted": list(self.converted), "moved": moved}
 
     def load_state_dict(self, state: dict[str, Any], make_promotion: Callable[[dict[str, Any]], Any]) -> None:
         """Move back the layers a checkpointed run had moved back, so a resumed run keeps them in bf16."""

@@ -22,6 +22,7 @@ Values stay on the device until ``collect`` reads them once per sampled step. Me
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,7 @@ class LayerSample:
     snr_db: float
     grad_amax: float | None = None
     grad_underflow: float | None = None
+    finite: bool = True  # the operands and the output were finite (a sample that is not is not judged)
 
     @property
     def underflow(self) -> float:
@@ -71,7 +73,7 @@ class _Quantizer:
 
     def __init__(self, kind: str, module: nn.Module) -> None:
         self.kind = kind
-        self.config = getattr(module, "config", None)
+        self.config = getattr(module, "config", None)  # fp8: the layer's Float8LinearConfig
 
     def _fp8(self, x: Tensor, cast: Any) -> tuple[Tensor, Tensor]:
         from torchao.float8.config import ScalingGranularity
@@ -80,7 +82,11 @@ class _Quantizer:
         axiswise = cast.scaling_granularity is ScalingGranularity.AXISWISE
         dtype = cast.target_dtype
         scale = tensor_to_scale(
-            x, dtype, scaling_granularity=cast.scaling_granularity, axiswise_dim=-1 if axiswise else None
+            x,
+            dtype,
+            scaling_granularity=cast.scaling_granularity,
+            axiswise_dim=-1 if axiswise else None,
+            round_scales_to_power_of_2=self.config.round_scales_to_power_of_2,  # the rowwise recipes round
         )
         scaled = x.float() * scale
         quantized = to_fp8_saturated(scaled, dtype)
@@ -122,8 +128,9 @@ class LowBitWatch:
         self.kind = kind
         self._handles: list[Any] = []
         self._forward: dict[str, list[Tensor]] = {}  # fqn -> [in amax, w amax, in uf, w uf, saturation, snr]
-        self._grad: dict[str, list[Tensor]] = {}  # fqn -> [grad amax, grad underflow]
+        self._grad: dict[str, list[Tensor]] = {}  # fqn -> [grad amax, grad underflow, finite]
         self.step = 0
+        self._generation = 0  # which arming a tensor hook belongs to (a later backward through an old graph)
 
     @property
     def armed(self) -> bool:
@@ -132,7 +139,10 @@ class LowBitWatch:
     def arm(self, layers: dict[str, nn.Module], step: int) -> None:
         """Observe each layer's next forward (and the backward through it) on this sampled step."""
         self.disarm()
+        self._forward.clear()
+        self._grad.clear()
         self.step = step
+        self._generation += 1
         for fqn, module in layers.items():
             self._handles.append(module.register_forward_hook(self._forward_hook(fqn, _Quantizer(self.kind, module))))
 
@@ -141,10 +151,11 @@ class LowBitWatch:
             if fqn in self._forward or not args or not isinstance(output, Tensor):
                 return  # measured once per step (the first micro-batch)
             x = args[0]
-            device = x.device.type
             with torch.no_grad():
-                if torch.is_autocast_enabled(device):
-                    x = x.to(torch.get_autocast_dtype(device))  # what the low-bit layer quantizes
+                if quantize.kind == "fp8" and torch.is_autocast_enabled():
+                    # what torchao's Float8Linear quantizes: it casts its input to CUDA autocast's dtype (its
+                    # check); int8's layer quantizes the input as it arrives
+                    x = x.to(torch.get_autocast_gpu_dtype())
                 x2 = x.reshape(-1, x.shape[-1])
                 weight = module.weight.detach().to(x2.dtype)
                 bias = module.bias.detach().to(x2.dtype) if module.bias is not None else None
@@ -152,17 +163,19 @@ class LowBitWatch:
                 w_amax, w_uf, w_sat = quantize(weight, "weight")
                 reference = F.linear(x2.to(torch.bfloat16), weight.to(torch.bfloat16), _bf16(bias))
                 snr = gemm_snr_db(output, reference)
-                self._forward[fqn] = [in_amax, w_amax, in_uf, w_uf, torch.maximum(in_sat, w_sat), snr]
+                finite = torch.isfinite(x2).all() & torch.isfinite(output).all()
+                sat = torch.maximum(in_sat, w_sat)
+                self._forward[fqn] = [in_amax, w_amax, in_uf, w_uf, sat, snr, finite.float()]
             if output.requires_grad:
-                output.register_hook(self._grad_hook(fqn, quantize))
+                output.register_hook(self._grad_hook(fqn, quantize, self._generation))
 
         return hook
 
-    def _grad_hook(self, fqn: str, quantize: _Quantizer) -> Any:
+    def _grad_hook(self, fqn: str, quantize: _Quantizer, generation: int) -> Any:
         def hook(grad: Tensor) -> None:
-            if fqn not in self._grad:
+            if generation == self._generation and self.armed and fqn not in self._grad:
                 amax, underflow, _ = quantize(grad.reshape(-1, grad.shape[-1]), "grad")
-                self._grad[fqn] = [amax, underflow]
+                self._grad[fqn] = [amax, underflow, torch.isfinite(grad).all().float()]
 
         return hook
 
@@ -182,9 +195,12 @@ class LowBitWatch:
         grad_values = torch.stack([torch.stack(self._grad[n]) for n in grad_names]).tolist() if grad_names else []
         grads = dict(zip(grad_names, grad_values))
         samples = {}
-        for name, (in_amax, w_amax, in_uf, w_uf, saturation, snr) in zip(names, values):
-            grad_amax, grad_uf = grads.get(name, (None, None))
-            samples[name] = LayerSample(self.step, in_amax, w_amax, in_uf, w_uf, saturation, snr, grad_amax, grad_uf)
+        for name, (in_amax, w_amax, in_uf, w_uf, saturation, snr, finite) in zip(names, values):
+            grad_amax, grad_uf, grad_finite = grads.get(name, (None, None, 1.0))
+            ok = bool(finite) and bool(grad_finite) and math.isfinite(snr)
+            samples[name] = LayerSample(
+                self.step, in_amax, w_amax, in_uf, w_uf, saturation, snr, grad_amax, grad_uf, finite=ok
+            )
         self._forward.clear()
         self._grad.clear()
         return samples

@@ -104,7 +104,7 @@ def _low_bit_section(plugin: Any) -> dict[str, Any] | None:
         moved = low_bit.moved.get(fqn)
         latest = low_bit.latest.get(fqn)
         layers[fqn] = {
-            "now": "bf16" if moved is not None else low_bit.kind,
+            "now": "bf16" if fqn in low_bit.moved else low_bit.kind,
             "moved": None
             if moved is None
             else {"reason": str(moved.reason), "step": moved.step, "detail": moved.detail},

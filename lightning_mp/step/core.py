@@ -122,8 +122,8 @@ class PrecisionCore:
         self.batch.forget()  # the last batch is the user's, not ours to keep alive
         self.decisions.spikes.clear()
         self.tracker.stop()
+        self.decisions.low_bit.disarm()  # first: an interrupted step's samples are not judged (nor reduced)
         self.collect_statistics()
-        self.decisions.low_bit.disarm()
 
     # ------------------------------------------------------------------------------------- what it reads
     @property
@@ -196,7 +196,7 @@ class PrecisionCore:
     def training_context(self) -> contextlib.AbstractContextManager:
         """Autocast, and eager execution of compiled code while statistics or attribution hooks are armed
         (compiled code would not run them; see ``hooks.eager``)."""
-        if not (self.statistics.active or self.tracker.hooked):
+        if not (self.statistics.active or self.tracker.hooked or self.decisions.low_bit.armed):
             return self.setting.autocast()  # the common step: nothing else to enter
         stack = contextlib.ExitStack()
         stack.enter_context(eager())

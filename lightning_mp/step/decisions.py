@@ -170,7 +170,12 @@ class Decisions:
             if candidate.rung is Rung.PROMOTE:
                 step = self.ledger.optimizer_steps
                 if self.fallback.promote(self.model, candidate.module, Reason.ESCALATION, device, step, why):
-                    self.warn(f"AdaptiveMP escalation: {why}; {candidate.module} runs in fp32 from now on.")
+                    now = (
+                        "multiplies in bf16"
+                        if self.fallback.latest(candidate.module).scope == "low_bit"
+                        else "runs in fp32"
+                    )
+                    self.warn(f"AdaptiveMP escalation: {why}; {candidate.module} {now} from now on.")
                     return candidate
                 continue
             if candidate.rung is Rung.LEAVE_LOW_BIT:
@@ -199,8 +204,9 @@ class Decisions:
         self.ledger.load_state_dict(state)
         self.ladder.load_state_dict(state.get("ladder", {}))
         if self.model is not None:
-            self.fallback.load_state_dict(self.model, state.get("promotions", ()), self.precision.device)
+            # Low-bit moves first: a layer moved to bf16 and later promoted to fp32 is re-promoted from bf16.
             self.low_bit.load_state_dict(state.get("low_bit", {}), _promotion_from)
+            self.fallback.load_state_dict(self.model, state.get("promotions", ()), self.precision.device)
 
 
 def _promotion_from(entry: dict[str, Any]) -> Promotion:

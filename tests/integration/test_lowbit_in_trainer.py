@@ -111,20 +111,25 @@ def test_no_layer_moves_on_a_clean_model():
         assert all(s.snr_db > 20 for s in plugin.low_bit.latest.values())
 
 
-def test_a_layer_blamed_for_non_finite_outputs_moves_to_bf16_then_fp32():
+def test_a_layer_blamed_for_non_finite_outputs_moves_to_bf16_then_fp32(tmp_path):
     torch.manual_seed(0)
     model = OutlierTokens("token", outlier=1.0)
     bad_steps = {1, 2, 4, 5, 6}  # the first is found but not placed (the probe arms after it): blamed from the second
     model.mid2.register_forward_hook(lambda m, a, out: out * float("inf") if model.global_step in bad_steps else None)
     plugin = AdaptiveMP("fp8-mixed", low_bit_modules=[nn.Linear])
     with pytest.warns(UserWarning, match=r"mid2 multiplies in bf16 from now on \(was fp8\): repeated forward"):
-        fit(model, plugin, steps=8)
+        trainer = fit(model, plugin, steps=8)
     first, second = plugin.promotions[1], plugin.promotions[0]  # fp32 promotions are listed first
     assert (first.module, str(first.reason), first.scope) == ("mid2", "overflow", "low_bit")
     assert (second.module, str(second.reason), second.scope) == ("mid2", "overflow", "module")
     assert plugin.fp32_modules == ["mid2"] and type(model.mid2) is nn.Linear, (
         "its hook moved with it, and it still blew up"
     )
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    resumed, again = OutlierTokens("token", outlier=1.0), AdaptiveMP("fp8-mixed", low_bit_modules=[nn.Linear])
+    fit(resumed, again, steps=9, ckpt_path=tmp_path / "last.ckpt")
+    assert again.fp32_modules == ["mid2"] and type(resumed.mid2) is nn.Linear, "fp8 -> bf16 -> fp32 kept on resume"
+    assert [(p.module, p.scope) for p in again.promotions] == [("mid2", "module"), ("mid2", "low_bit")]
 
 
 def test_checkpoints_load_into_a_plain_model_and_a_resumed_run_keeps_the_moved_layer(tmp_path):

@@ -10,7 +10,15 @@ pytest.importorskip("torchao")
 
 from lightning_mp.errors import ConfigError  # noqa: E402
 from lightning_mp.fallback.escalation import EscalationLadder, Rung  # noqa: E402
-from lightning_mp.lowbit import SNR_FLOOR_DB, UNDERFLOW_LIMIT, LayerSample, default_selection, gemm_snr_db, judge  # noqa: E402
+from lightning_mp.lowbit import (  # noqa: E402
+    SNR_FLOOR_DB,
+    UNDERFLOW_LIMIT,
+    LayerSample,
+    LowBitLayers,
+    default_selection,
+    gemm_snr_db,
+    judge,
+)
 from lightning_mp.lowbit.convert import convert, revert, select  # noqa: E402
 from lightning_mp.lowbit.watch import LowBitWatch  # noqa: E402
 
@@ -96,7 +104,7 @@ def test_the_watch_measures_a_healthy_layer_as_healthy():
         sample = _measure(kind, x)
         assert sample.step == 3 and sample.snr_db > floor and judge(sample) is None
         assert sample.input_underflow < 0.02 and sample.saturation == 0.0
-        assert sample.input_amax == x.bfloat16().abs().max().item()  # what the layer quantizes: bf16 under autocast
+        assert sample.input_amax == x.abs().max().item()  # what the layer quantizes: on a CPU, the fp32 input
         assert sample.grad_amax == pytest.approx(1.0) and sample.grad_underflow == 0.0  # d(sum)/d(out) is all ones
 
 
@@ -142,3 +150,36 @@ def test_layers_already_sharded_by_fsdp2_are_refused_with_what_to_do():
     net.blocks[1][0].__class__ = type("FSDPLinear", (nn.Linear,), {})  # what fully_shard does to a module's class
     with pytest.raises(ConfigError, match=r"cannot convert blocks.1.0: it is already sharded by fully_shard"):
         select(net, None, (), fp32=set())
+
+
+def test_a_sample_with_a_non_finite_value_is_not_judged():
+    layers = LowBitLayers("tensorwise", [nn.Linear], (), fallback=True)
+    net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    layers.setup(net, "fp8", "fp8-mixed", set(), "cpu")
+    x = torch.randn(32, 64)
+    x[0, 0] = float("inf")  # what the step's guard skips: not the format's fault
+    for step in (1, 2, 3):
+        layers.arm(step)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            net(x)
+        assert layers.collect() == []
+    assert layers.latest == {} and layers.worst == {}
+
+
+def test_a_layer_moved_back_keeps_full_backward_hooks_and_is_not_converted_again():
+    net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    layers = LowBitLayers("tensorwise", [nn.Linear], (), fallback=True)
+    calls = []
+    net[1].register_full_backward_hook(lambda m, gin, gout: calls.append(m))
+    layers.setup(net, "fp8", "fp8-mixed", set(), "cpu")
+    assert type(net[1]).__name__ == "Float8Linear"
+    layers.move_back("1", promotion="moved")
+    net(torch.randn(4, 64, requires_grad=True)).sum().backward()
+    assert calls == [net[1]], "the full backward hook still fires on the layer put back"
+    again = LowBitLayers("tensorwise", [nn.Linear], (), fallback=True)  # a later fit's core, the same model
+    again.setup(net, "fp8", "fp8-mixed", set(), "cpu")
+    assert type(net[1]) is nn.Linear and again.layers.keys() == {"0"} and "1" in again.moved
+
+
+def test_layers_inside_an_fp32_module_are_not_converted():
+    assert select(Net(), None, (), fp32={"blocks.0"}) == ["blocks.1.0", "blocks.1.2"]
