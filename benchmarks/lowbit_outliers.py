@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
 def _verdict(runs: list[dict], reference: list[dict]) -> str:
     rows = [{"val_loss": r["val_loss"], "best_val_loss": r["val_loss"], "seed": r["seed"]} for r in runs]
     refs = [{**r, "best_val_loss": r["val_loss"]} for r in reference]
-    return verdict(rows, refs).replace("fp32", "bf16")
+    return verdict(rows, refs, against="bf16")
 
 
 if __name__ == "__main__":

@@ -104,9 +104,9 @@ def judge(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> list[J
     return judgements
 
 
-def summary(judgements: list[Judgement]) -> tuple[str, str]:
+def summary(judgements: list[Judgement], against: str = "fp32") -> tuple[str, str]:
     """The verdict and the metric that decided it: worse on any metric decides first, then better; within
-    noise needs every measured metric within."""
+    noise needs every measured metric within. ``against`` names the reference in the text."""
     measured = [j for j in judgements if j.outcome != "no verdict"]
     if not measured:
         return "one seed: no verdict (use seeds=3)", "-"
@@ -114,13 +114,13 @@ def summary(judgements: list[Judgement]) -> tuple[str, str]:
         beyond = [j for j in measured if j.outcome == outcome]
         if beyond:
             decider = max(beyond, key=lambda j: j.excess)
-            text = f"{outcome} than fp32: {decider.metric.label} {decider.difference:+.3f}"
+            text = f"{outcome} than {against}: {decider.metric.label} {decider.difference:+.3f}"
             return f"{text} (detectable {decider.detectable:.3f})", decider.metric.label
-    return "within noise of fp32", f"all {len(measured)} metrics within"
+    return f"within noise of {against}", f"all {len(measured)} metrics within"
 
 
-def verdict(runs: list[dict[str, Any]], reference: list[dict[str, Any]]) -> str:
-    """The verdict of ``runs`` against ``reference`` as one line (see ``VERDICT_RULE``)."""
+def verdict(runs: list[dict[str, Any]], reference: list[dict[str, Any]], against: str = "fp32") -> str:
+    """The verdict of ``runs`` against ``reference`` (named ``against``) as one line (see ``VERDICT_RULE``)."""
     if runs is reference:
         return "reference"
-    return summary(judge(runs, reference))[0]
+    return summary(judge(runs, reference), against)[0]
