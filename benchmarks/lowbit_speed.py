@@ -8,7 +8,8 @@ The model is a GPT-2-medium-sized Transformer encoder (d=1024, 24 layers, 16 hea
 batch 16), ``torch.compile``d as torchao recommends. Variants, each timed on the same data, interleaved over
 rounds, medians of the step times after a warm-up:
 
-- ``bf16``: Lightning's ``MixedPrecision("bf16-mixed")``, the reference;
+- ``bf16``: Lightning's ``MixedPrecision("bf16-mixed")``, the reference, and again (how far two identical runs
+  differ: the noise floor);
 - ``torchao fp8`` / ``torchao int8``: torchao's own conversion of the same layers, under the same plugin;
 - ``AdaptiveMP fp8`` / ``AdaptiveMP int8``: the plugin, default watching (every 50th step);
 - ``AdaptiveMP fp8, watched every step``: the cost of the watch itself (a sampled step costs this much more).
@@ -47,11 +48,14 @@ def variants(device: str) -> dict:
 
     return {
         "bf16": lambda net: MixedPrecision("bf16-mixed", device),
+        "bf16 (again: the noise floor)": lambda net: MixedPrecision("bf16-mixed", device),
         "torchao fp8": torchao_alone("fp8"),
-        "AdaptiveMP fp8": lambda net: AdaptiveMP("fp8-mixed", stats="off"),
-        "AdaptiveMP fp8, watched every step": lambda net: AdaptiveMP("fp8-mixed", stats="off", stats_every=1),
+        "AdaptiveMP fp8": lambda net: AdaptiveMP("fp8-mixed", stats="off", attach_callbacks=False),
+        "AdaptiveMP fp8, watched every step": lambda net: AdaptiveMP(
+            "fp8-mixed", stats="off", stats_every=1, attach_callbacks=False
+        ),
         "torchao int8": torchao_alone("int8"),
-        "AdaptiveMP int8": lambda net: AdaptiveMP("int8-mixed", stats="off"),
+        "AdaptiveMP int8": lambda net: AdaptiveMP("int8-mixed", stats="off", attach_callbacks=False),
     }
 
 
