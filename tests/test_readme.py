@@ -19,7 +19,8 @@ def _first_block_after(heading: str) -> str:
     return re.findall(r"```python\n(.*?)```", text[text.index(heading) :], flags=re.DOTALL)[0]
 
 
-def test_every_plugin_the_options_examples_build_trains_on_a_cpu(monkeypatch):
+def _plugins_built_by(code: str, monkeypatch) -> list[lightning_mp.AdaptiveMP]:
+    """Run a README example; every ``AdaptiveMP`` it builds, in order."""
     built: list[lightning_mp.AdaptiveMP] = []
 
     class Recorded(lightning_mp.AdaptiveMP):
@@ -28,8 +29,13 @@ def test_every_plugin_the_options_examples_build_trains_on_a_cpu(monkeypatch):
             built.append(self)
 
     monkeypatch.setattr(lightning_mp, "AdaptiveMP", Recorded)
+    exec(code, {})
+    return built
+
+
+def test_every_plugin_the_options_examples_build_trains_on_a_cpu(monkeypatch):
     with pytest.warns(UserWarning, match="GradScaler"):  # the migrating example says what it carries over
-        exec(_first_block_after("## Options"), {})
+        built = _plugins_built_by(_first_block_after("## Options"), monkeypatch)
     assert len(built) >= 4
     for plugin in built:  # a scaler built for another device is refused at setup
         _, trainer = fit(plugin, max_steps=2)
@@ -77,15 +83,8 @@ def test_every_plugin_the_low_bit_examples_build_trains_on_a_cpu(monkeypatch):
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
-    built: list[lightning_mp.AdaptiveMP] = []
-
-    class Recorded(lightning_mp.AdaptiveMP):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            built.append(self)
-
-    monkeypatch.setattr(lightning_mp, "AdaptiveMP", Recorded)
-    exec("from lightning_mp import AdaptiveMP\n" + _first_block_after("### fp8 and int8 matrix multiplies"), {})
+    block = _first_block_after("### fp8 and int8 matrix multiplies")
+    built = _plugins_built_by("from lightning_mp import AdaptiveMP\n" + block, monkeypatch)
     assert len(built) == 4
     for plugin in built:
         fit(plugin, model=Blocks(), data=loader(samples=16), max_steps=2)

@@ -8,6 +8,8 @@ Statistics, and the low-bit layers' watch with them, are sampled every 50th opti
 bf16's interval, because a layer the format hurts is only moved back after two bad samples in a row.
 """
 
+import dataclasses
+
 import torch
 
 from lightning_mp.formats.base import Format
@@ -23,12 +25,4 @@ FP8 = Format(
     stats_every=50,
     low_bit="fp8",
 )
-INT8 = Format(
-    name="int8-mixed",
-    short="int8",
-    autocast_dtype=torch.bfloat16,
-    scaled=False,
-    fp32_defaults=(),
-    stats_every=50,
-    low_bit="int8",
-)
+INT8 = dataclasses.replace(FP8, name="int8-mixed", short="int8", low_bit="int8")  # the same step, int8 layers

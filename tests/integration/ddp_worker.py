@@ -15,7 +15,15 @@ import lightning as L
 import torch
 
 from lightning_mp import AdaptiveLossScaler, AdaptiveMP
-from tests.helpers import ExplodingBackward, NaiveLogSumExp, SpikyRegressor, TroubleNet, loader, loader_with
+from tests.helpers import (
+    ExplodingBackward,
+    NaiveLogSumExp,
+    SpikyRegressor,
+    TroubleNet,
+    loader,
+    loader_with,
+    trainer,
+)
 
 
 class RankData(L.LightningDataModule):
@@ -27,22 +35,15 @@ class RankData(L.LightningDataModule):
         return loader_with(x * factor, y, batch_size=2)
 
 
+def two_ranks(plugins: list, strategy, out: Path, **kwargs) -> L.Trainer:
+    """A quiet two-process CPU Trainer in which each rank keeps its own data."""
+    return trainer(plugins, devices=2, strategy=strategy, use_distributed_sampler=False, default_root_dir=out, **kwargs)
+
+
 def run(out: Path, model: L.LightningModule, strategy) -> None:
     """Fit ``model`` on two CPU processes with ``strategy``; each rank writes what it decided to OUT/rankN.json."""
     plugin = AdaptiveMP("16-mixed", scaler=AdaptiveLossScaler("cpu", init_scale=16.0))
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=strategy,
-        plugins=[plugin],
-        use_distributed_sampler=False,  # each rank keeps its own data
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-    )
+    trainer = two_ranks([plugin], strategy, out)
     trainer.fit(model, datamodule=RankData())
     full = [getattr(p, "full_tensor", p.detach)() for p in model.parameters()]  # DTensor shards -> whole
     result = {
@@ -73,19 +74,7 @@ def run_fp8(out: Path) -> None:
 
     model = OutlierTokens("token", outlier=1.0)
     plugin = AdaptiveMP("fp8-mixed", low_bit_modules=[nn.Linear], stats_every=2)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        plugins=[plugin],
-        callbacks=[RankOutliers()],
-        max_steps=6,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out,
-    )
+    trainer = two_ranks([plugin], "ddp", out, callbacks=[RankOutliers()])
     trainer.fit(model, DataLoader(data(48, 0), batch_size=8))
     result = {
         "moved": [(p.module, p.step, str(p.reason)) for p in plugin.promotions],

@@ -12,7 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.fabric import Fabric
@@ -30,24 +29,16 @@ from lightning_mp.errors import ConfigError  # noqa: E402
 from lightning_mp.fabric import AdaptiveMP as FabricAdaptiveMP  # noqa: E402
 from lightning_mp.lowbit import default_selection  # noqa: E402
 from lightning_mp.lowbit.convert import fp8_config  # noqa: E402
+from tests.helpers import trainer  # noqa: E402
 
 CONVERTED = ("Float8Linear", "Int8MixedPrecisionTrainingLinear")
 
 
-def fit(model, precision, steps=6, ckpt_path=None, seed=0, **trainer):
-    train = DataLoader(data(steps * 8, seed), batch_size=8)
-    trainer = L.Trainer(
-        max_steps=steps,
-        plugins=[precision],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer,
-    )
-    trainer.fit(model, train, ckpt_path=ckpt_path)
-    return trainer
+def fit(model, precision, steps=6, ckpt_path=None, seed=0):
+    """Fit ``model`` (seeded by the caller) on the outlier task's data; returns the trainer."""
+    fitted = trainer(plugins=[precision], max_steps=steps)
+    fitted.fit(model, DataLoader(data(steps * 8, seed), batch_size=8), ckpt_path=ckpt_path)
+    return fitted
 
 
 def kinds(model):
