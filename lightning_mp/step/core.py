@@ -106,6 +106,8 @@ class PrecisionCore:
         fallback.setup(model, fmt.fp32_defaults, self.setting.device)
         low_bit = self.decisions.low_bit
         low_bit.setup(model, fmt.low_bit, fmt.name, set(fallback.promotions), self.setting.device or "cpu")
+        if fmt.low_bit is not None and not low_bit.converted:
+            self.warn(no_low_bit_layer_message(model, fmt))
         if record_order:
             self.tracker.order.record(model)  # removed after the first optimizer step (or at teardown)
 
@@ -365,6 +367,16 @@ def rerun_writes_message(names: list[str]) -> str:
         f"AdaptiveMP: training_step writes {shown} in place (an EMA teacher?). A rescue ran the step again and"
         " they were put back as one run leaves them, but this re-run read them after a second write. From now on"
         " they are copied when each step begins, so later rescues start exactly where the step did."
+    )
+
+
+def no_low_bit_layer_message(model: nn.Module, fmt: Any) -> str:
+    """What a user who asked for fp8/int8 is told when no layer of the model could be converted."""
+    return (
+        f"AdaptiveMP(precision={fmt.name!r}): no layer of {type(model).__name__} multiplies in {fmt.low_bit}, so it"
+        " trains in bf16. Only plain nn.Linear layers convert (not, e.g., Hugging Face GPT-2's Conv1D), with both"
+        " dimensions divisible by 16; by default not the first or last Linear and none under 64 x 64 weights"
+        " (choose others with low_bit_modules=)."
     )
 
 

@@ -202,3 +202,11 @@ def test_compiled_fp8_has_torchaos_graphs_and_one_recompilation_per_layer_moved(
     model, moved = _compiled_graphs(plugin, 1e5)
     assert [p.module for p in plugin.promotions] == ["mid"] and type(model.mid) is nn.Linear
     assert moved == theirs + 1, "one recompilation for the one layer moved back"
+
+
+def test_a_model_with_nothing_to_convert_says_it_trains_in_bf16():
+    torch.manual_seed(0)
+    model = OutlierTokens("token", outlier=1.0)
+    with pytest.warns(UserWarning, match=r"no layer of OutlierTokens multiplies in int8, so it trains in bf16"):
+        fit(model, AdaptiveMP("int8-mixed", bf16_modules=["mid", "mid2"]), steps=1)  # the default leaves inp, out
+    assert all(type(m) is nn.Linear for m in (model.inp, model.mid, model.mid2, model.out))
