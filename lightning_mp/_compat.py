@@ -80,6 +80,12 @@ Lightning (live objects changed for the length of a fit or a re-run, each undone
         profiler context: about 10 us per callback per step on a warm loop here, more right after a backward.
         ``skip_inherited_batch_hooks`` shadows the empty ones with ``None``, which Lightning's own
         ``callable(fn)`` check then skips; a callback overriding a hook keeps it.
+    ``torchao.optim._AdamW``
+        torchao's AdamW that rounds bf16 weights stochastically (``bf16_stochastic_round=True``) with state in the
+        weights' dtype; ``master_weights="stochastic"`` replaces torch's AdamW with it (``torchao_adamw``).
+    ``LRScheduler``'s patch of ``optimizer.step`` (``_wrapped_by_lr_sched``, ``_opt_called``)
+        a scheduler pointed at a replacement optimizer gets the same patch (``retarget_scheduler``), or its
+        ``step()`` would warn that the optimizer was never stepped.
 
 Removed, because a public way exists: ``trainer._checkpoint_connector._loaded_checkpoint`` (callbacks get their
 state in ``Precision.on_load_checkpoint``), ``LightningModule._trainer`` (``module.trainer`` raises
@@ -100,6 +106,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
+    "retarget_scheduler",
+    "torchao_adamw",
     "GRADSCALER_HOOKS",
     "OptState",
     "TorchDispatchMode",
@@ -152,6 +160,36 @@ def optimizer_handles_unscaling(optimizer: Any) -> bool:
 
 
 _optimizer_handles_unscaling: Callable[[Any], bool] | None = None
+
+
+def torchao_adamw() -> type:
+    """torchao's plain AdamW with ``bf16_stochastic_round`` (``torchao.optim._AdamW``: torchao's only AdamW that
+    rounds into bf16 stochastically without also quantizing its state; private by name in torchao 0.18)."""
+    from torchao.optim import _AdamW
+
+    return _AdamW
+
+
+def retarget_scheduler(scheduler: Any, optimizer: Any) -> None:
+    """Point an LR scheduler at a replacement optimizer, with the step patch torch's ``LRScheduler.__init__`` puts
+    on its optimizer (``_wrapped_by_lr_sched`` / ``_opt_called``: without it ``scheduler.step()`` warns that the
+    optimizer was never stepped)."""
+    import functools
+    import weakref
+
+    scheduler.optimizer = optimizer
+    if not hasattr(scheduler, "base_lrs") or hasattr(optimizer.step, "_wrapped_by_lr_sched"):
+        return
+    func, ref = optimizer.step.__func__, weakref.ref(optimizer)
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opt = ref()
+        opt._opt_called = True
+        return func.__get__(opt, opt.__class__)(*args, **kwargs)
+
+    wrapper._wrapped_by_lr_sched = True
+    optimizer.step = wrapper
 
 
 def convert_fp_tensor(tensor: torch.Tensor, dst_type: torch.dtype) -> torch.Tensor:

@@ -49,10 +49,12 @@ from typing_extensions import override
 
 from lightning_mp._compat import convert_fp_tensor, optimizer_handles_unscaling
 from lightning_mp.formats import PrecisionName
+from lightning_mp.formats.base import default_dtype
 from lightning_mp.options import FABRIC_KNOBS, PluginOptions, args_doc
 from lightning_mp.reporting.report import (
     build_report,
     headroom_metrics,
+    lost_update_metrics,
     low_bit_metrics,
     render_table,
     run_metrics,
@@ -96,6 +98,7 @@ class AdaptiveMP(CoreView, Precision):
         low_bit_recipe: str = "tensorwise",
         low_bit_modules: Any = None,
         bf16_modules: Any = (),
+        master_weights: Any = "auto",
     ) -> None:
         arguments = {name: value for name, value in locals().items() if name in FABRIC_KNOBS}
         options = PluginOptions(
@@ -120,7 +123,18 @@ class AdaptiveMP(CoreView, Precision):
             )
         self._module = module
         self._wrap_forward(module)
+        self.core.convert_weights(module)  # "bf16-true" / "16-true"
         return module
+
+    @override
+    def tensor_init_context(self) -> contextlib.AbstractContextManager:
+        """``fabric.init_module()``: low-precision weights are created in their dtype (as ``HalfPrecision``)."""
+        dtype = self.core.setting.weights_dtype
+        return default_dtype(dtype) if dtype is not None else contextlib.nullcontext()
+
+    @override
+    def module_init_context(self) -> contextlib.AbstractContextManager:
+        return self.tensor_init_context()
 
     def _ensure_set_up(self) -> None:
         if not self._set_up and self._module is not None:
@@ -169,10 +183,11 @@ class AdaptiveMP(CoreView, Precision):
 
     @override
     def convert_input(self, data: Any) -> Any:
-        """Floating-point inputs in the autocast dtype, as Fabric's ``MixedPrecision`` does; observed in training
-        (a value the cast turned into inf is an ``input`` event)."""
+        """Floating-point inputs in the autocast dtype, as Fabric's ``MixedPrecision`` does (in the weights' dtype
+        with low-precision weights, as ``HalfPrecision``); observed in training (a value the cast turned into inf is
+        an ``input`` event)."""
         self._ensure_set_up()
-        dtype = self.core.setting.autocast_dtype
+        dtype = self.core.setting.input_dtype
         if dtype is not None:
             data = apply_to_collection(data, function=convert_fp_tensor, dtype=Tensor, dst_type=dtype)
         if self._training():
@@ -181,7 +196,7 @@ class AdaptiveMP(CoreView, Precision):
 
     @override
     def convert_output(self, data: Any) -> Any:
-        if self.core.setting.autocast_dtype is None:
+        if self.core.setting.input_dtype is None:
             return data
         return apply_to_collection(data, function=convert_fp_tensor, dtype=Tensor, dst_type=torch.get_default_dtype())
 
@@ -239,6 +254,7 @@ class AdaptiveMP(CoreView, Precision):
         metrics = run_metrics(self)
         if self.core.statistics.samples_taken:
             metrics.update(headroom_metrics(self.core.statistics.summary(self.stats_dtype), top_k))
+        metrics.update(lost_update_metrics(self, top_k))
         metrics.update(low_bit_metrics(self))  # fp8/int8: each layer's latest signal-to-noise and underflow
         return metrics
 

@@ -22,6 +22,7 @@ from lightning_mp.errors import ConfigError
 from lightning_mp.formats import PRECISIONS
 from lightning_mp.lowbit.convert import FP8_RECIPES, require_torchao
 from lightning_mp.scaling import AdaptiveLossScaler
+from lightning_mp.weights.remedies import MASTER_WEIGHTS
 
 __all__ = ["FABRIC_KNOBS", "GRADSCALER_RULE", "KNOBS", "TRAINER_ONLY", "PluginOptions", "args_doc"]
 
@@ -46,7 +47,8 @@ class PluginOptions:
         """``"auto"`` (resolved at setup: bf16 where the device runs it natively, else fp16 on CUDA, else fp32),
         ``"16-mixed"``, ``"bf16-mixed"``, ``"32-true"``, or ``"fp8-mixed"`` / ``"int8-mixed"`` (bf16 autocast, and
         eligible ``Linear`` layers multiply in fp8 / int8 through torchao, each watched and moved back to bf16 when
-        the format hurts it; needs ``pip install "lightning-mp[fp8]"``).""",
+        the format hurts it; needs ``pip install "lightning-mp[fp8]"``), or ``"bf16-true"`` / ``"16-true"`` (the
+        weights, inputs and every operation in bf16 / fp16, as Lightning's; ``"16-true"`` scales the loss).""",
     )
     device: str | None = _knob(None, "device type for autocast; ``None`` takes it from the model at setup.")
     scaler: Any = _knob(
@@ -144,6 +146,17 @@ class PluginOptions:
         """fp8/int8: layers never converted (they run in bf16), with the grammar of ``fp32_modules``.""",
     )
 
+    master_weights: Any = _knob(
+        "auto",
+        """``"bf16-true"`` / ``"16-true"``: how updates smaller than the weights' resolution are kept. ``"fp32"``
+        (an fp32 master copy the optimizer updates: any optimizer, no memory saved on weights + optimizer state),
+        ``"kahan"`` (a compensation buffer in the weights' dtype, through an optimi optimizer), ``"stochastic"``
+        (stochastic rounding, through torchao's AdamW; bf16 only) or ``None`` (updates round to nearest, and are
+        measured). ``"auto"``: stochastic rounding where the optimizer allows it, else Kahan, else fp32 masters
+        (fp32 masters for ``"16-true"``). In the Trainer a ``torch.optim`` Adam / AdamW / SGD is replaced by the
+        library's equivalent, with a warning; with Fabric build that optimizer yourself.""",
+    )
+
     def __post_init__(self) -> None:
         precision, device, scaler = self.precision, self.device, self.scaler
         if precision not in PRECISIONS:
@@ -169,10 +182,10 @@ class PluginOptions:
             if "device" in scaler:
                 raise ConfigError("AdaptiveMP(scaler={'device': ...}) is invalid: the device is taken from AdaptiveMP.")
             AdaptiveLossScaler("cpu", **scaler)  # validate every knob now, naming the bad one
-        if scaler is not None and precision in ("bf16-mixed", "32-true"):
+        if scaler is not None and precision in ("bf16-mixed", "32-true", "bf16-true"):
             raise ConfigError(
                 f"AdaptiveMP(precision={precision!r}, scaler=...) is invalid: a loss scaler is only used with"
-                " precision='16-mixed' (or 'auto'); pass scaler=None."
+                " precision='16-mixed' or '16-true' (or 'auto'); pass scaler=None."
             )
         low_bit = precision in ("fp8-mixed", "int8-mixed")
         if self.low_bit_recipe not in FP8_RECIPES:
@@ -184,6 +197,16 @@ class PluginOptions:
                 )
         if low_bit:
             require_torchao(precision)
+        if self.master_weights not in MASTER_WEIGHTS:
+            raise _invalid("master_weights", self.master_weights, f"must be one of {MASTER_WEIGHTS}.")
+        if self.master_weights == "stochastic" and precision == "16-true":
+            raise _invalid(
+                "master_weights",
+                "stochastic",
+                "torchao rounds stochastically into bf16 only; with precision='16-true' use 'fp32', 'kahan' or None.",
+            )
+        if self.master_weights in ("kahan", "stochastic"):
+            _require(self.master_weights)
         if self.stats not in LEVELS:
             raise _invalid("stats", self.stats, f"must be one of {LEVELS}.")
         for name in _FLAGS:
@@ -244,6 +267,17 @@ def args_doc(knobs: tuple[str, ...] = KNOBS, indent: int = 4) -> str:
     for name in knobs:
         lines += textwrap.wrap(f"{name}: {docs[name]}", 112, initial_indent="    ", subsequent_indent="        ")
     return textwrap.indent("\n".join(lines), " " * indent)
+
+
+def _require(remedy: str) -> None:
+    """The library a remedy rounds through must be installed: say which, when the plugin is built."""
+    module, package = ("torchao", "torchao") if remedy == "stochastic" else ("optimi", "torch-optimi")
+    try:
+        __import__(module)
+    except ImportError:
+        raise ConfigError(
+            f'AdaptiveMP(master_weights={remedy!r}) needs {package}: pip install "lightning-mp[weights]".'
+        ) from None
 
 
 def _is_plain_gradscaler(scaler: Any) -> bool:

@@ -19,6 +19,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning_utilities import apply_to_collection
 from torch import Tensor
 from torch.nn import Module
 from torch.optim import LBFGS, Optimizer
@@ -26,16 +27,19 @@ from typing_extensions import override
 
 from lightning_mp._compat import (
     after_closure,
+    convert_fp_tensor,
     muted_logging,
     muted_step_counting,
     optimizer_handles_unscaling,
     redirected_manual_backward,
     restore_weight_averaging,
+    retarget_scheduler,
     skip_weight_averaging_on_skipped_steps,
     unwrap_training_step,
     wrap_training_step,
 )
 from lightning_mp.formats import PrecisionName, cpu_has_native_bf16, resolve_auto_precision
+from lightning_mp.formats.base import default_dtype
 from lightning_mp.options import KNOBS, PluginOptions, args_doc
 from lightning_mp.reporting.warnings import EventWarnings
 from lightning_mp.scaling import AdaptiveLossScaler
@@ -43,6 +47,7 @@ from lightning_mp.schedulers import skip_aware
 from lightning_mp.shell import CoreView
 from lightning_mp.step.core import PrecisionCore
 from lightning_mp.step.decisions import first_line
+from lightning_mp.weights.care import clip_norm_in_fp32
 
 __all__ = ["AdaptiveMP", "adaptive_plugin", "cpu_has_native_bf16", "resolve_auto_precision"]
 
@@ -84,6 +89,7 @@ class AdaptiveMP(CoreView, Precision):
         low_bit_recipe: str = "tensorwise",
         low_bit_modules: Any = None,
         bf16_modules: Any = (),
+        master_weights: Any = "auto",
     ) -> None:
         options = PluginOptions(**{name: value for name, value in locals().items() if name in KNOBS})
         self.core = PrecisionCore(options, warn=rank_zero_warn)
@@ -102,7 +108,27 @@ class AdaptiveMP(CoreView, Precision):
                 "lightning_mp.AdaptiveMP is the Trainer plugin; with Lightning Fabric use"
                 " `from lightning_mp.fabric import AdaptiveMP` (the same knobs): Fabric(plugins=[AdaptiveMP()])."
             )
+        self.core.convert_weights(_unwrap(module))  # "bf16-true" / "16-true": in place (DDP discards the return)
         return module
+
+    @override
+    def convert_input(self, data: Any) -> Any:
+        """Floating-point inputs in the weights' dtype with low-precision weights, as Lightning's
+        ``HalfPrecision``; left alone under autocast (as ``MixedPrecision``)."""
+        dtype = self.core.setting.weights_dtype
+        if dtype is None:
+            return data
+        return apply_to_collection(data, function=convert_fp_tensor, dtype=Tensor, dst_type=dtype)
+
+    @override
+    def tensor_init_context(self) -> contextlib.AbstractContextManager:
+        """``Trainer.init_module()``: low-precision weights are created in their dtype (as ``HalfPrecision``)."""
+        dtype = self.core.setting.weights_dtype
+        return default_dtype(dtype) if dtype is not None else contextlib.nullcontext()
+
+    @override
+    def module_init_context(self) -> contextlib.AbstractContextManager:
+        return self.tensor_init_context()
 
     @override
     def connect(
@@ -118,6 +144,14 @@ class AdaptiveMP(CoreView, Precision):
             # one) is a run of its own: its counts and decisions start afresh instead of adding to the last.
             self.core = self.core.restart()
         self.core.setup(module, record_order=fitting)
+        if fitting:  # the remedy for low-precision weights, and the optimizer care checks
+            adopted = self.core.adopt_optimizers(list(optimizers), replaceable=True)
+            for old, new in zip(optimizers, adopted):
+                if new is not old:  # a library optimizer applies the remedy: schedulers follow it
+                    for config in lr_schedulers:
+                        if getattr(config.scheduler, "optimizer", None) is old:
+                            retarget_scheduler(config.scheduler, new)
+            optimizers = adopted
         if self._trainer is not None:
             self._keep_training_steps(self._trainer, module)
             # Manual optimization toggles requires_grad between optimizers: a replay starts from the batch's flags.
@@ -260,6 +294,8 @@ class AdaptiveMP(CoreView, Precision):
         if clip_val <= 0:
             return  # Lightning calls this every step; nothing to clip (what the base class returns on)
         refuse_clipping_fused(optimizer, clip_val)
+        if gradient_clip_algorithm == GradClipAlgorithmType.NORM and clip_norm_in_fp32(optimizer, clip_val):
+            return
         super().clip_gradients(optimizer=optimizer, clip_val=clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
 
     # ------------------------------------------------------------------------------------- checkpoint

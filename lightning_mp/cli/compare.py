@@ -153,12 +153,17 @@ COST_COLUMNS = (
     ("weights_mb", "weights MB"),
     ("gradients_mb", "grads MB"),
     ("optimizer_mb", "optimizer MB"),
+    ("remedy_mb", "masters + comp. MB"),
+    ("state_share", "state vs fp32"),
+    ("lost_updates", "lost updates"),
     ("skipped_steps", "skipped"),
     ("fp32_promotions", "fp32 promotions"),
     ("low_bit", "low-bit layers (moved to bf16)"),
 )
 """The cost table: speed (marked when this device only emulates the format), peak memory of the run's process,
-the bytes of weights, gradients and optimizer state, skipped steps and promotions."""
+the bytes of weights, gradients, optimizer state and a remedy's fp32 masters and compensation buffers (their real
+dtypes), that training state's share of the same state in fp32, the share of the update lost to rounding at the
+last sample, skipped steps and promotions."""
 
 
 EMULATED_NOTE = (
@@ -166,6 +171,13 @@ EMULATED_NOTE = (
     " instructions converts to fp32 and back around every operation); its speed says nothing about hardware"
     " that has them."
 )
+
+
+def _remedy_bytes(run: dict[str, Any]) -> float | None:
+    state = run.get("state_bytes") or {}
+    if "master_copies" not in state:
+        return None
+    return state["master_copies"] + state.get("compensation", 0)
 
 
 def _stats(values: list[float]) -> tuple[float | None, float | None, int]:
@@ -224,6 +236,9 @@ def comparison_table(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
             "weights_mb": megabytes(runs, "weights"),
             "gradients_mb": megabytes(runs, "gradients"),
             "optimizer_mb": megabytes(runs, "optimizer_state"),
+            "remedy_mb": _num(_stats([_remedy_bytes(r) for r in runs])[0], "{:.2f}", scale=2**-20),
+            "state_share": _num(_stats([(r.get("state_bytes") or {}).get("share_of_fp32") for r in runs])[0], "{:.0%}"),
+            "lost_updates": _num(mean(runs, "lost_update_share"), "{:.0%}"),
             "skipped_steps": _num(mean(runs, "skipped_steps"), "{:g}"),
             "fp32_promotions": ", ".join(promotions) or "-",
             "low_bit": f"{len(converted)} ({', '.join(moved) or 'none'})" if converted else "-",

@@ -71,9 +71,15 @@ def plot_comparison(groups: dict[str, list[dict[str, Any]]], path: Path, title: 
             bar.set_hatch("//")
     ax_time.set(title="time per optimizer step (hatched: format emulated on this device)", ylabel="ms")
 
-    parts = (("weights", "weights"), ("gradients", "gradients"), ("optimizer_state", "optimizer state"))
+    parts = (
+        ("weights", "weights"),
+        ("gradients", "gradients"),
+        ("optimizer_state", "optimizer state"),
+        ("master_copies", "fp32 masters"),
+        ("compensation", "compensation"),
+    )
     bottom = [0.0] * len(names)
-    for (part, label), shade in zip(parts, ("0.25", "0.5", "0.75")):  # greys: not a precision's colour
+    for (part, label), shade in zip(parts, ("0.2", "0.4", "0.6", "0.75", "0.9")):  # greys: not a precision's colour
         heights = [_mean_sd([(r.get("state_bytes") or {}).get(part) for r in groups[n]])[0] / 2**20 for n in names]
         ax_memory.bar(positions, heights, bottom=bottom, label=label, color=shade)
         bottom = [b + h for b, h in zip(bottom, heights)]

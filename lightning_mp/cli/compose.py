@@ -24,7 +24,7 @@ from lightning_mp.errors import ConfigError, invalid
 
 __all__ = ["PRECISIONS", "PRECISION_ALIASES", "check", "compose", "normalize_overrides"]
 
-PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8", "int8", "bf16-true", "fp16-true", "auto")
 # Lightning's spellings of the precisions, accepted as aliases of the precision group's options.
 PRECISION_ALIASES = {
     "32-true": "fp32",
@@ -34,6 +34,7 @@ PRECISION_ALIASES = {
     "16": "fp16",
     "fp8-mixed": "fp8",
     "int8-mixed": "int8",
+    "16-true": "fp16-true",
 }
 
 

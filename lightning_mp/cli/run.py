@@ -57,7 +57,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     from lightning_mp import AtomicCheckpointIO
-    from lightning_mp.cli.run_callbacks import SaveConfig, StateBytes, Throughput, ValidationHistory
+    from lightning_mp.cli.run_callbacks import SaveConfig, Throughput, ValidationHistory
     from lightning_mp.formats import emulated
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -66,9 +66,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     model = instantiate(cfg.model)
     plugin = _build(cfg, "precision")
     logger = _build(cfg, "logger") if cfg.get("logger") else False
-    throughput, history, state_bytes = Throughput(), ValidationHistory(), StateBytes()
+    throughput, history = Throughput(), ValidationHistory()
     callbacks = [_build(cfg, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
-    callbacks += [throughput, history, state_bytes, SaveConfig(cfg, output_dir / "config.yaml")]
+    callbacks += [throughput, history, SaveConfig(cfg, output_dir / "config.yaml")]
     if plugin.options.attach_callbacks:
         # The plugin would add these at setup; given to the Trainer here, a resumed run finds them when
         # Lightning restores callback state (no "Please add the following callbacks" warning).
@@ -107,7 +107,14 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         # about hardware that has them.
         "speed_emulated": emulated(plugin.precision, plugin.device or "cpu"),
         "peak_memory_mb": peak_mb,
-        "state_bytes": state_bytes.as_dict(),  # weights, gradients, optimizer state
+        # weights, gradients, optimizer state, fp32 master copies, compensation buffers (their real dtypes, at the
+        # first step), their total, the same state's fp32 total and the share of it (lightning_mp.weights.memory)
+        "state_bytes": dict(plugin.core.weights.memory),
+        # bf16-true / 16-true: the remedy in force; every precision: lost updates per module at the last sample
+        "master_weights": plugin.core.weights.remedy,
+        "lost_updates": plugin.core.weights.lost.summary(),
+        "lost_update_share": plugin.core.weights.lost.mean(),  # over the run's samples
+        "lost_update_history": plugin.core.weights.lost.history,  # [[step, share], ...]
         "skipped_steps": plugin.skipped_steps,
         "fp32_promotions": [
             p.module for p in plugin.promotions if p.reason not in ("static", "default") and p.scope != "low_bit"

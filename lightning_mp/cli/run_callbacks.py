@@ -7,10 +7,9 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["SaveConfig", "StateBytes", "Throughput", "ValidationHistory"]
+__all__ = ["SaveConfig", "Throughput", "ValidationHistory"]
 
 
 class SaveConfig(L.Callback):
@@ -71,30 +70,3 @@ class ValidationHistory(L.Callback):
 
     def load_state_dict(self, state_dict):
         self.points = list(state_dict.get("points", []))
-
-
-class StateBytes(L.Callback):
-    """What training keeps in memory besides activations, in bytes, measured on the run's own tensors: the
-    weights, the gradients (at the first optimizer step, where every gradient exists) and the optimizer state
-    (at the end, once every state tensor was created)."""
-
-    def __init__(self) -> None:
-        self.weights = self.gradients = self.optimizer_state = 0
-
-    def on_before_optimizer_step(self, trainer, module, optimizer):
-        if not self.gradients:
-            grads = [p.grad for p in module.parameters() if p.grad is not None]
-            self.gradients = sum(g.numel() * g.element_size() for g in grads)
-
-    def on_train_end(self, trainer, module):
-        self.weights = sum(p.numel() * p.element_size() for p in module.parameters())
-        self.optimizer_state = sum(
-            value.numel() * value.element_size()
-            for optimizer in trainer.optimizers
-            for state in optimizer.state.values()
-            for value in state.values()
-            if isinstance(value, torch.Tensor)
-        )
-
-    def as_dict(self) -> dict[str, int]:
-        return {"weights": self.weights, "gradients": self.gradients, "optimizer_state": self.optimizer_state}

@@ -34,27 +34,38 @@ from lightning_mp.fallback.filters import ModuleFilter
 __all__ = ["SCOPES", "Scope", "apply_fp32", "fp32", "is_fp32_island", "island_scope", "remove_fp32"]
 
 
-def _to_fp32(value: Any) -> Any:
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with its floating tensors (not fp64), in nested lists, tuples and dicts, cast to ``dtype``."""
     if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() and value.dtype != torch.float64 else value
+        return value.to(dtype) if value.is_floating_point() and value.dtype != torch.float64 else value
     if isinstance(value, (list, tuple)):
-        converted = [_to_fp32(v) for v in value]
+        converted = [_cast(v, dtype) for v in value]
         return type(value)(converted) if not hasattr(value, "_fields") else type(value)(*converted)
     if isinstance(value, dict):
-        return {k: _to_fp32(v) for k, v in value.items()}
+        return {k: _cast(v, dtype) for k, v in value.items()}
     return value
 
 
-class _Fp32Forward:
-    """Replacement ``forward``: autocast off, floating inputs cast to fp32, then the original forward."""
+def _to_fp32(value: Any) -> Any:
+    return _cast(value, torch.float32)
 
-    def __init__(self, original: Callable[..., Any], device_type: str) -> None:
+
+class _Fp32Forward:
+    """Replacement ``forward``: autocast off, floating inputs cast to fp32, then the original forward.
+
+    With low-precision weights (``low_dtype``: ``"bf16-true"``, ``"16-true"``) the island's weights are fp32 (see
+    ``apply_fp32``) and its floating outputs are cast back to ``low_dtype`` for the rest of the model.
+    """
+
+    def __init__(self, original: Callable[..., Any], device_type: str, low_dtype: torch.dtype | None = None) -> None:
         self.original = original
         self.device_type = device_type
+        self.low_dtype = low_dtype
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with torch.autocast(self.device_type, enabled=False):
-            return self.original(*_to_fp32(args), **_to_fp32(kwargs))
+            output = self.original(*_to_fp32(args), **_to_fp32(kwargs))
+        return output if self.low_dtype is None else _cast(output, self.low_dtype)
 
 
 _AUTOCAST_DEVICE_TYPES = ("cuda", "cpu", "xpu", "mps", "hpu")
@@ -120,8 +131,10 @@ class _OwnCodeForward(_Fp32Forward):
     in fp32 and a matmul never meets an fp16 and an fp32 operand.
     """
 
-    def __init__(self, original: Callable[..., Any], device_type: str, module: nn.Module) -> None:
-        super().__init__(original, device_type)
+    def __init__(
+        self, original: Callable[..., Any], device_type: str, module: nn.Module, low_dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__(original, device_type, low_dtype)
         self._frames: list[list[Any]] = []  # per active call of the module: [caller's autocast dtype, depth]
         self._calls: list[contextlib.AbstractContextManager | None] = []  # per active hooked call
         self.handles = []
@@ -137,15 +150,19 @@ class _OwnCodeForward(_Fp32Forward):
         finally:
             self._frames.pop()
 
-    def _child_starts(self, child: nn.Module, args: Any) -> None:
+    def _child_starts(self, child: nn.Module, args: Any) -> Any:
         frame = self._frames[-1] if self._frames else None
-        context = None
+        context: Any = None
+        cast_args = None
         if frame is not None:
-            if frame[0] is not None and frame[1] == 0:  # called from the module's own body, under autocast
+            if frame[1] == 0 and self.low_dtype is not None:  # from the own body, low-precision weights: cast
+                context, cast_args = contextlib.nullcontext(), _cast(args, self.low_dtype)
+            elif frame[0] is not None and frame[1] == 0:  # called from the module's own body, under autocast
                 context = torch.autocast(self.device_type, dtype=frame[0], cache_enabled=False)
                 context.__enter__()
             frame[1] += 1
         self._calls.append(context)
+        return cast_args
 
     def _child_ends(self, child: nn.Module, args: Any, output: Any) -> Any:
         context = self._calls.pop() if self._calls else None
@@ -190,7 +207,11 @@ def island_scope(module: nn.Module) -> Scope | None:
 
 
 def apply_fp32(
-    model: nn.Module, selected: ModuleFilter | Iterable[str], device_type: str, scope: Scope = "module"
+    model: nn.Module,
+    selected: ModuleFilter | Iterable[str],
+    device_type: str,
+    scope: Scope = "module",
+    low_dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Turn the selected submodules of ``model`` into fp32 islands, in place.
 
@@ -200,6 +221,10 @@ def apply_fp32(
         device_type: the autocast device type to disable inside the islands.
         scope: ``"module"`` (the whole module in fp32) or ``"own_code"`` (its own operations only; its
             submodules keep the low precision).
+        low_dtype: the weights' dtype in a low-precision-weights format (``"bf16-true"``): the island's own
+            parameters and buffers become fp32 (the same ``Parameter`` objects; ``weights.reconcile`` then upcasts
+            their optimizer state explicitly), the submodules an own-code island calls get their inputs in
+            ``low_dtype``, and the island's outputs are cast back to it. ``None`` under autocast.
 
     Returns:
         The fqns that became islands by this call, in module order.
@@ -211,11 +236,28 @@ def apply_fp32(
     for fqn, module in model.named_modules():
         if fqn and not is_fp32_island(module) and selected(module, fqn):
             if scope == "own_code":
-                module.forward = _OwnCodeForward(module.forward, device_type, module)
+                module.forward = _OwnCodeForward(module.forward, device_type, module, low_dtype)
             else:
-                module.forward = _Fp32Forward(module.forward, device_type)
+                module.forward = _Fp32Forward(module.forward, device_type, low_dtype)
+            if low_dtype is not None:
+                _weights_to_fp32(module, recurse=scope == "module")
             converted.append(fqn)
     return converted
+
+
+def _weights_to_fp32(module: nn.Module, recurse: bool) -> None:
+    """The module's floating parameters and buffers in fp32, in place (``.data``: the optimizer keeps its
+    ``Parameter`` objects); its own only when ``recurse`` is False (an own-code island's children stay low)."""
+    modules = module.modules() if recurse else [module]
+    with torch.no_grad():
+        for each in modules:
+            for tensors in (each._parameters, each._buffers):
+                for tensor in tensors.values():
+                    if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float64:
+                        grad, tensor.grad = tensor.grad, None  # a gradient must match its tensor's dtype
+                        tensor.data = tensor.data.float()
+                        if grad is not None:
+                            tensor.grad = grad.float()
 
 
 def remove_fp32(model: nn.Module, fqns: Iterable[str] | None = None) -> list[str]:

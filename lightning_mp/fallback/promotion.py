@@ -106,9 +106,17 @@ class FallbackManager:
         self.rule = PromotionRule(promote_after, promote_window)
         self.promotions: dict[str, Promotion] = {}
         self.low_bit: Any = None  # the run's LowBitLayers: a low-bit layer is promoted to bf16 first
+        self.low_dtype: torch.dtype | None = None  # low-precision weights: islands keep fp32 weights
 
-    def setup(self, model: nn.Module, default_types: tuple[type[nn.Module], ...], device_type: str) -> None:
+    def setup(
+        self,
+        model: nn.Module,
+        default_types: tuple[type[nn.Module], ...],
+        device_type: str,
+        low_dtype: torch.dtype | None = None,
+    ) -> None:
         """Apply the static selection and the defaults. Raises if a glob pattern matches nothing."""
+        self.low_dtype = low_dtype
         if self.spec:
             misses = pattern_misses(self.spec, model)
             if misses:
@@ -121,11 +129,16 @@ class FallbackManager:
                     f" {type(model).__name__}.{hint}Names are relative to the model given to the plugin (the"
                     f" LightningModule); its modules are: {shown}."
                 )
-            for fqn in apply_fp32(model, self.filter, device_type):
+            for fqn in apply_fp32(model, self.filter, device_type, low_dtype=low_dtype):
                 self.promotions[fqn] = Promotion(fqn, Reason.STATIC)
         if self.defaults and default_types:
-            for fqn in apply_fp32(model, by_type(*default_types), device_type):
+            for fqn in apply_fp32(model, by_type(*default_types), device_type, low_dtype=low_dtype):
                 self.promotions[fqn] = Promotion(fqn, Reason.DEFAULT)
+
+    def selected(self, model: nn.Module, default_types: tuple[type[nn.Module], ...]) -> list[str]:
+        """What ``setup`` will make fp32 islands (before it does: low-precision weights leave them in fp32)."""
+        rules = [rule for rule in (self.filter, by_type(*default_types) if self.defaults and default_types else None)]
+        return [fqn for fqn, module in model.named_modules() if fqn and any(r and r(module, fqn) for r in rules)]
 
     def promote(
         self,
@@ -144,7 +157,7 @@ class FallbackManager:
         if self.low_bit is not None and scope == "module":  # a block whole in fp32: its low-bit layers too
             for inner in [name for name in self.low_bit.layers if name.startswith(f"{fqn}.")]:
                 self.low_bit.move_back(inner, Promotion(inner, Reason(reason), step, f"inside {fqn}", "low_bit"))
-        if fqn in self.promotions or not apply_fp32(model, [fqn], device_type, scope):
+        if fqn in self.promotions or not apply_fp32(model, [fqn], device_type, scope, self.low_dtype):
             return False
         self.promotions[fqn] = Promotion(fqn, Reason(reason), step, detail, scope)
         return True

@@ -21,6 +21,7 @@ from lightning_mp.formats.bf16 import BF16
 from lightning_mp.formats.fp16 import FP16
 from lightning_mp.formats.fp32 import FP32
 from lightning_mp.formats.lowbit import FP8, INT8
+from lightning_mp.formats.true import BF16_TRUE, FP16_TRUE
 
 __all__ = [
     "FORMATS",
@@ -35,12 +36,12 @@ __all__ = [
     "resolve_auto_precision",
 ]
 
-FORMATS: dict[str, Format] = {f.name: f for f in (FP16, BF16, FP32, FP8, INT8)}
+FORMATS: dict[str, Format] = {f.name: f for f in (FP16, BF16, FP32, FP8, INT8, BF16_TRUE, FP16_TRUE)}
 PRECISIONS: tuple[str, ...] = ("auto", *FORMATS)
-PrecisionName = Literal["auto", "16-mixed", "bf16-mixed", "32-true", "fp8-mixed", "int8-mixed"]
+PrecisionName = Literal["auto", "16-mixed", "bf16-mixed", "32-true", "fp8-mixed", "int8-mixed", "bf16-true", "16-true"]
 
 
 def format_of(precision: str) -> Format:
     """The format of a resolved precision name (``"16-mixed"``, ``"bf16-mixed"``, ``"32-true"``, ``"fp8-mixed"``,
-    ``"int8-mixed"``)."""
+    ``"int8-mixed"``, ``"bf16-true"``, ``"16-true"``)."""
     return FORMATS[precision]

@@ -41,9 +41,9 @@ def emulated(precision: str, device_type: str) -> bool:
     that has them."""
     if device_type != "cpu":
         return False
-    if precision == "bf16-mixed":
+    if precision in ("bf16-mixed", "bf16-true"):
         return not cpu_has_native_bf16()
-    if precision == "16-mixed":
+    if precision in ("16-mixed", "16-true"):
         return not cpu_has_native_fp16()
     # No CPU multiplies fp8 natively (PyTorch's fp8 GEMM, `_scaled_mm`, has only a slow reference kernel on CPU), and
     # torchao's int8 training GEMM is written for GPUs: their CPU speed says nothing about a GPU's.

@@ -27,6 +27,9 @@ class Format:
         low_bit: ``"fp8"`` or ``"int8"``: eligible ``Linear`` layers multiply in that format through torchao,
             each watched and moved back to the autocast dtype when the format hurts it (``lightning_mp.lowbit``);
             ``None`` for the autocast formats.
+        weights_dtype: the dtype the model's weights (and its inputs) are stored in, as in Lightning's
+            ``"bf16-true"`` / ``"16-true"``: no autocast, every operation runs in that dtype; ``None`` keeps fp32
+            weights (``lightning_mp.weights`` watches and remedies the updates such weights lose).
     """
 
     name: str
@@ -36,17 +39,36 @@ class Format:
     fp32_defaults: tuple[type[nn.Module], ...]
     stats_every: int
     low_bit: str | None = None
+    weights_dtype: torch.dtype | None = None
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the model computes in: the autocast dtype, else the weights' dtype, else fp32."""
+        return self.autocast_dtype or self.weights_dtype or torch.float32
 
     @property
     def stats_dtype(self) -> torch.dtype:
-        """The format headroom and underflow are judged against: the autocast dtype, fp32 without one."""
-        return self.autocast_dtype or torch.float32
+        """The format headroom and underflow are judged against: the dtype the model computes in."""
+        return self.compute_dtype
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
-        """The autocast context on ``device_type`` (none without an autocast dtype).
-
-        ``cache_enabled=False`` as in Lightning's ``MixedPrecision``: same kernels, same numbers.
-        """
+        """The forward's context on ``device_type``: autocast to the autocast dtype (``cache_enabled=False`` as in
+        Lightning's ``MixedPrecision``: same kernels, same numbers); with low-precision weights, the default dtype
+        set to theirs (tensors created in the forward match the weights, as in Lightning's ``HalfPrecision``);
+        nothing for fp32."""
+        if self.weights_dtype is not None:
+            return default_dtype(self.weights_dtype)
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type, dtype=self.autocast_dtype, cache_enabled=False)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):  # noqa: ANN201 - a generator context manager
+    """``torch.set_default_dtype(dtype)`` inside the block, the previous default restored after."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

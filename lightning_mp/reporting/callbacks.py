@@ -25,6 +25,7 @@ from lightning_mp.reporting.history import ScaleHistory
 from lightning_mp.reporting.report import (
     build_report,
     headroom_metrics,
+    lost_update_metrics,
     low_bit_metrics,
     render_table,
     run_metrics,
@@ -120,6 +121,7 @@ class OverflowDiagnostics(pl.Callback):
             return  # nothing to log to: do not build the figures
         metrics = headroom_metrics(plugin.statistics.summary(plugin.stats_dtype), self.top_k)
         metrics.update(low_bit_metrics(plugin))
+        metrics.update(lost_update_metrics(plugin, self.top_k))
         if metrics:
             _log(trainer, metrics)
 

@@ -20,6 +20,13 @@ Schema (``schema: "lightning-mp/precision-report/1"``):
     detail}``) or ``null``, ``latest`` its last sample (``lowbit.LayerSample``: amax of input, weight and output
     gradient, underflow and saturation shares, GEMM signal-to-noise in dB against bf16) and ``worst`` the lowest
     signal-to-noise and highest underflow and saturation it showed.
+``weights``
+    ``weights_dtype`` (``null``: fp32 weights), ``master_weights`` (the remedy in force), ``memory`` (bytes of
+    weights, gradients, optimizer state, master copies and compensation buffers in their real dtypes, their
+    ``total``, the same state's ``fp32_total`` and ``share_of_fp32``), ``lost_updates``: ``{module: {unchanged,
+    lost, worst_lost, elements}}`` at the last sample (``lightning_mp.weights.lost``), ``lost_update_share`` over
+    every measured element (the last sample; ``lost_update_mean``: over the run's samples), and ``losing``: the
+    modules warned about.
 ``modules``
     ``{fqn: {activation_amax, activation_headroom_bits, grad_amax, grad_headroom_bits, underflow_fraction,
     samples}}`` from the sampled statistics; headroom is in bits below the low-precision format's max
@@ -41,6 +48,7 @@ __all__ = [
     "build_report",
     "headroom_metrics",
     "low_bit_metrics",
+    "lost_update_metrics",
     "low_bit_summary",
     "run_metrics",
     "render_markdown",
@@ -91,8 +99,35 @@ def build_report(plugin: Any, scale_history: list[tuple[int, float]]) -> dict[st
         "events": [e.to_dict() for e in plugin.overflow_events],
         "promotions": [vars(p).copy() for p in plugin.promotions if p.scope != "low_bit"],
         "low_bit": _low_bit_section(plugin),
+        "weights": _weights_section(plugin),
         "modules": modules,
     }
+
+
+def _weights_section(plugin: Any) -> dict[str, Any]:
+    weights = plugin.core.weights
+    return {
+        "weights_dtype": None if weights.dtype is None else str(weights.dtype).removeprefix("torch."),
+        "master_weights": weights.remedy,
+        "memory": dict(weights.memory),
+        "lost_updates": weights.lost.summary(),
+        "lost_update_share": weights.lost.overall(),
+        "lost_update_mean": weights.lost.mean(),
+        "losing": list(weights.lost.losing),
+    }
+
+
+def lost_update_metrics(plugin: Any, top_k: int) -> dict[str, float]:
+    """``precision/lost_updates`` (the last sample's share of the update lost to rounding, over every measured
+    element) and ``precision/lost_updates/<module>`` for the ``top_k`` modules losing the most."""
+    lost = plugin.core.weights.lost
+    overall = lost.overall()
+    if overall is None:
+        return {}
+    metrics = {"precision/lost_updates": overall}
+    for module, sample in sorted(lost.latest.items(), key=lambda item: -item[1].lost)[:top_k]:
+        metrics[f"precision/lost_updates/{module}"] = sample.lost
+    return metrics
 
 
 def _low_bit_section(plugin: Any) -> dict[str, Any] | None:
@@ -192,6 +227,7 @@ def render_markdown(report: dict[str, Any], limit: int = 10) -> str:
     else:
         lines.append("none")
     lines += _low_bit_markdown(report.get("low_bit"))
+    lines += _weights_markdown(report.get("weights"), limit)
     lines += ["", "## Overflow events", ""]
     if report["events"]:
         lines += [
@@ -244,6 +280,43 @@ def _low_bit_markdown(section: dict[str, Any] | None) -> list[str]:
             f" {_num(s.get('grad_amax'))} | {under} | {_percent(s.get('saturation'))} | {snr} | {back} |"
         )
     return lines
+
+
+def _weights_markdown(section: dict[str, Any] | None, limit: int) -> list[str]:
+    if not section:
+        return []
+    dtype = section["weights_dtype"] or "float32"
+    lines = ["", f"## Weights ({dtype}) and their updates", ""]
+    if section["weights_dtype"] is not None:
+        lines.append(f"- remedy for lost updates: `master_weights={section['master_weights']!r}`")
+    memory = section["memory"]
+    if memory:
+        parts = ("weights", "gradients", "optimizer_state", "master_copies", "compensation")
+        lines.append(
+            "- training state: "
+            + ", ".join(f"{part.replace('_', ' ')} {_bytes(memory.get(part, 0))}" for part in parts)
+            + f"; total {_bytes(memory['total'])}, {memory['share_of_fp32']:.0%} of the same state in fp32"
+        )
+    lost = section["lost_updates"]
+    if not lost:
+        return [*lines, "- lost updates: not sampled"]
+    lines.append(
+        f"- lost updates (share of the intended update rounded away): {section['lost_update_share']:.1%} at the last"
+        f" sample, {section.get('lost_update_mean') or 0:.1%} over the run"
+    )
+    if section["losing"]:
+        lines.append(f"- modules losing over half of their updates: {', '.join(section['losing'])}")
+    lines += ["", "| module | lost (worst) | elements unchanged |", "|---|---|---|"]
+    for module, s in sorted(lost.items(), key=lambda item: -item[1]["lost"])[:limit]:
+        lines.append(f"| `{module}` | {s['lost']:.1%} ({s['worst_lost']:.1%}) | {s['unchanged']:.1%} |")
+    return lines
+
+
+def _bytes(value: float) -> str:
+    for unit, size in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value:.0f} B"
 
 
 def _max_underflow(sample: dict[str, Any]) -> float | None:
@@ -382,6 +455,18 @@ def render_table(report: dict[str, Any], limit: int = 8) -> Any:
     low_bit = low_bit_summary(report.get("low_bit"))
     if low_bit is not None:
         table.add_row("low-bit layers", low_bit)
+    weights = report.get("weights") or {}
+    if weights.get("weights_dtype"):
+        table.add_row("weights", f"{weights['weights_dtype']}, master_weights={weights['master_weights']!r}")
+    if weights.get("memory"):
+        memory = weights["memory"]
+        table.add_row("training state", f"{_bytes(memory['total'])} ({memory['share_of_fp32']:.0%} of fp32)")
+    if weights.get("lost_update_share") is not None:
+        worst = max(weights["lost_updates"].items(), key=lambda item: item[1]["lost"])
+        last, mean = weights["lost_update_share"], weights.get("lost_update_mean") or 0.0
+        table.add_row(
+            "lost updates", f"{mean:.1%} over the run, {last:.1%} last (most: {worst[0]} {worst[1]['lost']:.0%})"
+        )
     for fqn, s in _lowest_headroom(report, 3):
         if _lowest(s) >= RISKY_HEADROOM_BITS:
             continue  # bf16/fp32 headroom is over 100 bits: not worth a line, let alone "low"

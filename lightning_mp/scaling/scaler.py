@@ -89,6 +89,8 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         # Set by whoever knows that each rank holds only a shard of plain-tensor gradients (FSDP1's flat
         # parameters; AdaptiveFSDPMP sets it). DTensor shards (FSDP2) are recognised without it.
         self.sharded_gradients = False
+        # fp16 gradients are unscaled in place ("16-true" without fp32 masters); GradScaler refuses them.
+        self.allow_fp16_gradients = False
 
     # ----------------------------------------------------------------------------------------- public
     @property
@@ -194,7 +196,7 @@ class AdaptiveLossScaler(torch.amp.GradScaler):
         # Same work as GradScaler._unscale_grads_, plus (when tracked) the amax of the still-scaled gradients,
         # read before the unscale kernel runs so it is correct for both callers (unscale_ and the fused path).
         with torch.no_grad():
-            grads = gradients_to_unscale(optimizer, allow_fp16)
+            grads = gradients_to_unscale(optimizer, allow_fp16 or self.allow_fp16_gradients)
             if self.track_amax:
                 scaled_amax = amax(grads, inv_scale.device)
                 self._per_optimizer_states[id(optimizer)]["scaled_amax"] = scaled_amax

@@ -47,6 +47,7 @@ from lightning_mp.step.decisions import Decisions
 from lightning_mp.step.guard import StepGuard
 from lightning_mp.step.precision import RunPrecision
 from lightning_mp.step.side_effects import RerunState
+from lightning_mp.weights.run import RunWeights, to_low_precision
 
 __all__ = ["PrecisionCore", "StepOutcome"]
 
@@ -85,6 +86,8 @@ class PrecisionCore:
         self.batch = Batch(self.tracker, self.replay, self.buffers, self.statistics, self.rerun_state)
         self.decisions = Decisions(options, self.setting, self.batch, self.tracker, self.rescue, self.warn)
         self.scales = ScaleHistory()  # the loss scale after every optimizer step (fp16), for the report's plot
+        self.weights = RunWeights(options.master_weights, self.warn)  # remedies, lost updates, optimizer care
+        self._promotions_seen = 0  # promotions whose weights' optimizer state was reconciled
         self.model: nn.Module | None = None
         self._step_open = False  # an optimizer step has begun (counted) and not ended
         self._unscaled: set[int] = set()  # id(optimizer): unscaled in this step
@@ -103,13 +106,28 @@ class PrecisionCore:
         self.batch.end()  # a new fit: what an earlier one kept of its last batch is stale
         self.rerun_state.clear()
         fmt, fallback = self.setting.format, self.decisions.fallback
-        fallback.setup(model, fmt.fp32_defaults, self.setting.device)
+        fallback.setup(model, fmt.fp32_defaults, self.setting.device, low_dtype=fmt.weights_dtype)
+        self.weights.setup(model, fmt.weights_dtype)
         low_bit = self.decisions.low_bit
         low_bit.setup(model, fmt.low_bit, fmt.name, set(fallback.promotions), self.setting.device or "cpu")
         if fmt.low_bit is not None and not low_bit.converted:
             self.warn(no_low_bit_layer_message(model, fmt))
         if record_order:
             self.tracker.order.record(model)  # removed after the first optimizer step (or at teardown)
+
+    def convert_weights(self, model: nn.Module) -> None:
+        """``"bf16-true"`` / ``"16-true"``: the model's weights and buffers in the weights' dtype, in place, except
+        the modules that will run in fp32 (``fp32_modules``, the format's defaults), which keep theirs exactly."""
+        fmt = self.setting.format
+        if fmt is None or fmt.weights_dtype is None:
+            return
+        defaults = fmt.fp32_defaults if self.options.fp32_defaults else ()
+        to_low_precision(model, fmt.weights_dtype, self.decisions.fallback.selected(model, defaults))
+
+    def adopt_optimizers(self, optimizers: list[Optimizer], replaceable: bool = False) -> list[Optimizer]:
+        """Apply the weights' remedy to the run's optimizers and check their settings (``weights.RunWeights``);
+        returns the optimizers to use (the Trainer may get a library optimizer in place of a torch one)."""
+        return self.weights.adopt(optimizers, replaceable)
 
     def restart(self) -> PrecisionCore:
         """A core for a new fit with the same options: counts, events, promotions, the scale and its history,
@@ -264,8 +282,10 @@ class PrecisionCore:
                 and clipping).
         """
         self._open_step()
+        self._adopt(optimizer)
         try:
             result = self.run_closure(closure) if closure is not None else None
+            sampled = self.statistics.active  # the closure's forward began the micro-batch (Lightning's)
             skip_backward = closure is not None and automatic and result is None
             if not skip_backward:
                 rescued = self._unscale(optimizer, rerun if automatic else None)
@@ -275,9 +295,32 @@ class PrecisionCore:
                 before_update()
             if skip_backward:
                 return StepOutcome(result, None, stepped=False)
-            return StepOutcome(result, self.guard.step_or_skip(optimizer, kwargs), stepped=True)
+            return StepOutcome(result, self._step(optimizer, kwargs, sampled), stepped=True)
         finally:
             self._end_step()
+
+    def _adopt(self, optimizer: Optimizer) -> None:
+        """An optimizer first seen at its step (Fabric's): its remedy and checks now."""
+        if self.model is not None and not self.weights.knows(optimizer):
+            self.weights.adopt([optimizer], replaceable=False)
+
+    def _step(self, optimizer: Optimizer, kwargs: dict[str, Any], sampled: bool) -> Any:
+        """Step or skip, with the weights' side around it: promoted weights' state in fp32, lost updates measured
+        on a sampled step, masters rounded into the model's weights after it."""
+        self._reconcile()
+        if sampled:
+            self.weights.arm(optimizer)
+        output = self.guard.step_or_skip(optimizer, kwargs)
+        self.weights.after_step(optimizer)
+        self.weights.measure_memory()
+        self._reconcile()
+        return output
+
+    def _reconcile(self) -> None:
+        """After a promotion made fp32 weights out of low-precision ones: their optimizer state follows."""
+        if self.weights.dtype is not None and len(self.decisions.fallback.promotions) != self._promotions_seen:
+            self._promotions_seen = len(self.decisions.fallback.promotions)
+            self.weights.reconcile()
 
     def unguarded_step(self, step: Callable[[], Any]) -> Any:
         """A step the plugin cannot look inside (LBFGS re-evaluates its closure in ``step()``): counted and
@@ -292,6 +335,7 @@ class PrecisionCore:
     def prepare_clipping(self, optimizer: Optimizer) -> bool:
         """Unscale for a clip before the step (Fabric); whether the gradients are non-finite (asked once)."""
         self._open_step()
+        self._adopt(optimizer)
         self._unscale(optimizer, None)
         self.collect_statistics()
         return self.stepper.nonfinite(optimizer)
@@ -302,6 +346,7 @@ class PrecisionCore:
         if id(optimizer) in self._unscaled:
             return None  # fabric.clip_gradients unscaled it already
         self._unscaled.add(id(optimizer))
+        self.weights.gather(optimizer)  # fp32 masters: the gradients are unscaled, guarded and clipped there
         batch, model = self.batch, self.model
         can = self.rescue.applies(self.scaler, batch.micro_batches, len(self.replay.kept), self.replay.active)
         can = can and rerun is not None and model is not None
@@ -309,6 +354,7 @@ class PrecisionCore:
         def run_again() -> Any:
             result: list[Any] = []
             written = batch.rerun(model, self.run_closure, lambda runs: result.append(rerun(runs)))
+            self.weights.gather(optimizer)
             if written:
                 self.warn(rerun_writes_message(written))
             return result[-1] if result else None
@@ -338,6 +384,7 @@ class PrecisionCore:
                 stepper.observe_backward_amax(amax)
 
     def _end_step(self) -> None:
+        self.weights.collect(self.ledger.optimizer_steps)
         self.stepper.end_step()
         self.tracker.end_step()
         if self.guard.pending is None:  # else when the device verdict is read
@@ -351,13 +398,20 @@ class PrecisionCore:
     def state_dict(self) -> dict[str, Any]:
         """The run's state, in one place: the precision and its scaler, decisions and counts, the scale history."""
         self.settle_pending()
-        return {**self.setting.state_dict(), **self.decisions.state_dict(), "scale_history": self.scales.state_dict()}
+        return {
+            **self.setting.state_dict(),
+            **self.decisions.state_dict(),
+            "scale_history": self.scales.state_dict(),
+            "weights": self.weights.state_dict(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore after setup and before the first new step, so promotions apply to the first forward."""
         self.setting.load_state_dict(state_dict)
         self.decisions.load_state_dict(state_dict)
         self.scales.load_state_dict(state_dict.get("scale_history", {}))
+        self.weights.load_state_dict(state_dict.get("weights", {}))
+        self._reconcile()  # promotions re-applied from the checkpoint
 
 
 def rerun_writes_message(names: list[str]) -> str:

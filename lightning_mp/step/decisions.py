@@ -78,7 +78,7 @@ class Decisions:
     def promote_after_kernel_error(self, error: BaseException) -> bool:
         """Promote the module whose low-precision kernel raised ``error``; False when that is not the case."""
         model = self.model
-        if not (self.options.auto_fallback and self.precision.autocast_dtype is not None and is_kernel_error(error)):
+        if not (self.options.auto_fallback and self.precision.low_precision and is_kernel_error(error)):
             return False
         fqn = module_from_traceback(error, model) if model is not None else None
         if fqn is None:

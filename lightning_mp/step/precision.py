@@ -12,6 +12,8 @@ import contextlib
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from lightning_mp._compat import scaler_device
 from lightning_mp.errors import ConfigError
 from lightning_mp.formats import Format, default_device, format_of, resolve_auto_precision
@@ -78,6 +80,8 @@ class RunPrecision:
             scaler.on_floor = _floor_noted
         if self.options.sharded_gradients:  # never unset what a user set on their own scaler
             scaler.sharded_gradients = True
+        # "16-true" without fp32 masters: the gradients are fp16 and unscaled where they are (GradScaler refuses).
+        scaler.allow_fp16_gradients = fmt.weights_dtype == torch.float16
         self.stepper = ScaledStep(scaler, escalates)
 
     def resolve(self, device: str | None) -> None:
@@ -118,6 +122,22 @@ class RunPrecision:
     @property
     def autocast_dtype(self) -> Any:
         return self.format.autocast_dtype if self.format is not None else None
+
+    @property
+    def input_dtype(self) -> Any:
+        """The dtype floating inputs are cast to: the autocast dtype, or the weights' (``None``: left alone)."""
+        if self.format is None:
+            return None
+        return self.format.autocast_dtype or self.format.weights_dtype
+
+    @property
+    def weights_dtype(self) -> Any:
+        return self.format.weights_dtype if self.format is not None else None
+
+    @property
+    def low_precision(self) -> bool:
+        """The model computes in a low-precision dtype (autocast, or low-precision weights)."""
+        return self.input_dtype is not None
 
     @property
     def stats_dtype(self) -> Any:

@@ -10,7 +10,7 @@ from lightning_mp.cli import compose, list_configs, main
 
 GROUPS = {
     "recipe": ["nlp", "speech", "vision"],
-    "precision": ["auto", "bf16", "fp16", "fp16_underflow", "fp32", "fp8", "int8"],
+    "precision": ["auto", "bf16-true", "bf16", "fp16-true", "fp16", "fp16_underflow", "fp32", "fp8", "int8"],
     "trainer": ["default", "slurm"],
     "logger": ["csv", "tensorboard"],
     "callbacks": ["default"],
@@ -36,7 +36,7 @@ def shipped_yaml():
 
 def test_discovers_every_shipped_config():
     files = shipped_yaml()
-    assert len(files) == 1 + sum(len(v) for v in GROUPS.values()) == 19
+    assert len(files) == 1 + sum(len(v) for v in GROUPS.values()) == 21
     assert {g: [n for n, _ in entries] for g, entries in list_configs().items()} == GROUPS
 
 
@@ -76,7 +76,8 @@ def test_scaler_knobs_reach_the_scaler():
         (["recipe=vizion"], "recipe=vizion is not a recipe: choose from nlp, speech, vision. Did you mean vision?"),
         (
             ["precision=fp4"],
-            "precision=fp4 is not a precision: choose from auto, bf16, fp16, fp16_underflow, fp32, fp8, int8.",
+            "precision=fp4 is not a precision: choose from auto, bf16-true, bf16, fp16-true, fp16, fp16_underflow,"
+            " fp32, fp8, int8.",
         ),
         (["precision=fp8", "precision.low_bit_recipe=blockwise"], "AdaptiveMP(low_bit_recipe='blockwise') is invalid"),
         (["precision=bf16", "+precision.low_bit_modules=[a]"], "only fp8-mixed and int8-mixed convert layers"),

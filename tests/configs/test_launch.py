@@ -71,7 +71,8 @@ def test_multirun_rejects_a_bad_job_before_submitting_anything(tmp_path, capsys)
     status = main(["train", "--multirun", *CLUSTER, "precision=fp16,fp64"])
     err = capsys.readouterr().err
     assert status == 2 and len(err.strip().splitlines()) == 1
-    assert "precision=fp64 is not a precision: choose from auto, bf16, fp16, fp16_underflow, fp32, fp8, int8." in err
+    choices = "auto, bf16-true, bf16, fp16-true, fp16, fp16_underflow, fp32, fp8, int8"
+    assert f"precision=fp64 is not a precision: choose from {choices}." in err
     assert not (tmp_path / "multirun").exists(), "nothing may be submitted"
 
 

@@ -1,0 +1,284 @@
+"""Lost updates: how much of what the optimizer asks for never reaches the stored weights.
+
+A weight stored in bf16 has 8 significant bits: an update smaller than half a unit in its last place (a relative
+change under 2^-9, about 0.2%) rounds back to the same value. With a small learning rate, or late in a cosine
+schedule, most updates are that small and the weights stop moving while the loss curve looks merely flat.
+
+On a sampled step, before the real ``optimizer.step()``, the same optimizer class takes the same step on fp32
+copies of the weights, gradients and state (``shadow_step``): that is the *intended* update ``u``. After the
+real step, the stored weights' change ``d`` is compared with it, per module:
+
+- ``unchanged``: the share of elements with ``u != 0`` whose stored weight did not move at all;
+- ``lost``: the share of the update's magnitude that did not arrive, ``1 - <d, u> / <u, u>`` clipped to [0, 1]:
+  1 when nothing moved, 0 when the weights moved as asked. It is what the learning rate is effectively cut by,
+  and it is the figure that is judged.
+
+What a remedy keeps is not lost: with a Kahan buffer (optimi's ``kahan_comp``) the weight judged is the stored one
+plus its buffer. Stochastic rounding moves an element by a whole unit in the last place with probability
+``|u| / ulp``: few elements move on one step (``unchanged`` stays high) and one step's draw is noise, but its
+expected change is ``u`` by construction, so ``lost`` is taken on the expected change for the parameters it rounds
+(0, unless a parameter escapes it: an fp32 one, or an optimizer that does not round).
+
+Weights kept in fp32 (autocast, or an fp32 master copy: the weights the optimizer updates are the stored ones)
+read ~0 on both, the check that the measure is right.
+
+``LOST_LIMIT = 0.5`` for ``PATIENCE = 2`` samples in a row makes a module *losing updates*, with one warning
+that names them: half of the step lost is the learning rate halved in that module without anyone choosing it,
+and it does not recover by itself (the schedule only lowers the learning rate further). A module whose
+gradients or intended update are not finite is not judged on that step (the guard deals with that step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+__all__ = ["LOST_LIMIT", "PATIENCE", "LostUpdates", "UpdateSample", "shadow_step"]
+
+LOST_LIMIT = 0.5
+PATIENCE = 2
+
+# Keys of a param group that describe a kernel choice, not the update: the fp32 copy runs the plain kernel.
+_KERNEL_KEYS = {"fused": None, "foreach": None, "capturable": False, "kahan_sum": False, "gradient_release": False}
+
+
+@dataclass
+class UpdateSample:
+    """One module's lost updates on one sampled step."""
+
+    unchanged: float  # share of elements with a non-zero intended update that did not move
+    lost: float  # share of the intended update's magnitude that did not arrive
+    elements: int  # elements with a non-zero intended update
+
+
+def _fp32_copy(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().float().clone() if value.is_floating_point() else value.detach().clone()
+    return value
+
+
+def effective_weight(optimizer: Optimizer, param: Tensor) -> Tensor:
+    """The weight a parameter stands for, in fp32: the stored value plus its Kahan compensation buffer (optimi's
+    ``kahan_comp``: what rounding kept back for the next step is not lost)."""
+    weight = param.detach().float()
+    compensation = optimizer.state.get(param, {}).get("kahan_comp")
+    return weight + compensation.float() if isinstance(compensation, Tensor) else weight.clone()
+
+
+def rounds_stochastically(optimizer: Optimizer, param: Tensor) -> bool:
+    """The optimizer rounds ``param``'s update stochastically (torchao's ``bf16_stochastic_round``)."""
+    return bool(getattr(optimizer, "bf16_stochastic_round", False)) and param.dtype == torch.bfloat16
+
+
+def shadow_step(optimizer: Optimizer, params: list[Tensor]) -> dict[Tensor, Tensor] | None:
+    """The step ``optimizer`` is about to take, taken on fp32 copies of ``params``, their gradients and their
+    state: ``{param: intended fp32 weight after the step}``. ``None`` when the optimizer cannot be copied (a
+    class whose step needs more than its param groups and state: it is then not measured).
+
+    The copy is built without the class's ``__init__`` (whose arguments we do not know) from its param groups and
+    defaults, with the simple attributes ``__init__`` set (``bf16_stochastic_round`` ...); its kernel keys are
+    reset so that the fp32 step is the plain one, and the class's own ``step`` is called (an LR scheduler's
+    patch of the instance's ``step`` must not count this step).
+    """
+    wanted = {id(p) for p in params}
+    copies: dict[Tensor, Tensor] = {}
+    groups = []
+    for group in optimizer.param_groups:
+        members = [p for p in group["params"] if id(p) in wanted and p.grad is not None]
+        if not members:
+            continue
+        shadow_params = []
+        for p in members:
+            copy = effective_weight(optimizer, p)
+            copy.grad = p.grad.detach().float().clone()
+            copies[p] = copy
+            shadow_params.append(copy)
+        settings = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in group.items() if k != "params"}
+        settings.update({k: v for k, v in _KERNEL_KEYS.items() if k in settings})
+        groups.append({**settings, "params": shadow_params})
+    if not groups:
+        return {}
+    kind = type(optimizer)
+    try:
+        shadow = kind.__new__(kind)
+        Optimizer.__init__(shadow, groups, dict(optimizer.defaults))
+        for name, value in vars(optimizer).items():
+            if isinstance(value, (bool, int, float, str)) and name not in vars(shadow):
+                setattr(shadow, name, value)
+        for p, copy in copies.items():
+            state = optimizer.state.get(p)
+            if state:
+                # no compensation buffer for fp32 weights (optimi keeps the key, as None, for them)
+                shadow.state[copy] = {k: None if k == "kahan_comp" else _fp32_copy(v) for k, v in state.items()}
+        with torch.no_grad():
+            kind.step(shadow)
+    except Exception:  # noqa: BLE001 - an optimizer we cannot copy is not measured, never a failed step
+        return None
+    return copies
+
+
+class LostUpdates:
+    """Per-module lost updates on sampled steps, and the modules that keep losing them.
+
+    ``arm(optimizer, model)`` on a sampled step, before the step: optimizer step hooks take the fp32 step and
+    snapshot the weights before the real step, and measure after it. ``collect()`` then folds the step's figures
+    in and returns the modules that crossed ``LOST_LIMIT`` for ``PATIENCE`` samples in a row (each once).
+
+    Args:
+        stored: maps a parameter the optimizer updates to the model's name for it, and to the tensor whose change
+            is judged (the optimizer's own parameter: an fp32 master copy, or the low-precision weight).
+    """
+
+    def __init__(self) -> None:
+        self.latest: dict[str, UpdateSample] = {}
+        self.worst: dict[str, float] = {}  # module -> highest lost share seen
+        self.losing: list[str] = []  # modules that crossed the limit for PATIENCE samples, in order
+        self.samples = 0
+        self.history: list[tuple[int, float]] = []  # (optimizer step, overall lost share) per sample
+        self._streak: dict[str, int] = {}
+        self._handles: list[Any] = []
+        self._pending: dict[str, list[float]] = {}  # module -> [unchanged elements, elements, <d,u>, <u,u>]
+        self._unmeasurable: set[str] = set()
+
+    @property
+    def armed(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def pending(self) -> bool:
+        """A measured step waits to be folded in."""
+        return bool(self._pending)
+
+    def arm(self, optimizers: Iterable[Optimizer], names: Callable[[Tensor], str | None]) -> None:
+        """Measure the next ``step()`` of each optimizer. ``names(param)``: the module a parameter belongs to
+        (``None``: not measured)."""
+        if self._handles:
+            return
+        for optimizer in optimizers:
+            before: dict[Tensor, tuple[Tensor, Tensor]] = {}  # param -> (stored weight, effective weight)
+            intended: dict[Tensor, Tensor] = {}
+
+            def pre(opt: Optimizer, args: Any, kwargs: Any, before=before, intended=intended) -> None:
+                params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None and names(p)]
+                copies = shadow_step(opt, params)
+                if copies is None:
+                    self._unmeasurable.add(type(opt).__name__)
+                    return
+                for p, after in copies.items():
+                    before[p] = (p.detach().clone(), effective_weight(opt, p))
+                    intended[p] = after
+
+            def post(opt: Optimizer, args: Any, kwargs: Any, before=before, intended=intended) -> None:
+                with torch.no_grad():
+                    for p, (stored, start) in before.items():
+                        moved = p.detach() != stored
+                        effective = effective_weight(opt, p)
+                        self._measure(names(p), start, intended[p], effective, moved, rounds_stochastically(opt, p))
+                before.clear()
+                intended.clear()
+
+            self._handles += [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
+
+    def _measure(
+        self, module: str | None, start: Tensor, intended: Tensor, effective: Tensor, moved: Tensor, unbiased: bool
+    ) -> None:
+        """Fold one parameter in: ``start`` / ``intended`` / ``effective`` are the weight before, as the fp32 step
+        would make it, and as stored after (plus its compensation); ``moved`` where the stored weight changed."""
+        u, d = intended - start, effective - start
+        if module is None or not (torch.isfinite(u).all() and torch.isfinite(d).all()):
+            return
+        asked = u != 0
+        figures = self._pending.setdefault(module, [0.0, 0.0, 0.0, 0.0])
+        figures[0] += float((asked & ~moved).sum())
+        figures[1] += float(asked.sum())
+        # Stochastic rounding's expected change is the intended one (that is its definition); one step's draw
+        # moves a few elements by a whole unit in the last place, which says nothing about the bias being judged.
+        expected = u if unbiased else d
+        figures[2] += float((expected.double() * u.double()).sum())
+        figures[3] += float((u.double() * u.double()).sum())
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def collect(self, step: int = 0) -> list[str]:
+        """Fold the sampled step in; the modules losing updates for ``PATIENCE`` samples in a row, new ones only."""
+        self.disarm()
+        pending, self._pending = self._pending, {}
+        if not pending:
+            return []
+        self.samples += 1
+        self.latest = {}
+        new = []
+        for module, (unchanged, asked, du, uu) in pending.items():
+            if asked == 0 or uu == 0:
+                continue
+            lost = 1.0 - min(max(du / uu, 0.0), 1.0)
+            self.latest[module] = UpdateSample(unchanged / asked, lost, int(asked))
+            self.worst[module] = max(self.worst.get(module, 0.0), lost)
+            self._streak[module] = self._streak.get(module, 0) + 1 if lost > LOST_LIMIT else 0
+            if self._streak[module] >= PATIENCE and module not in self.losing:
+                self.losing.append(module)
+                new.append(module)
+        overall = self.overall()
+        if overall is not None:
+            self.history.append((step, overall))
+        return new
+
+    def mean(self) -> float | None:
+        """The overall lost share averaged over every sample of the run."""
+        return sum(v for _, v in self.history) / len(self.history) if self.history else None
+
+    @property
+    def unmeasurable(self) -> list[str]:
+        """Optimizer classes whose step could not be copied (their modules have no figures)."""
+        return sorted(self._unmeasurable)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per module: the latest sample's ``unchanged`` and ``lost`` shares, and the worst ``lost`` seen."""
+        return {
+            m: {"unchanged": s.unchanged, "lost": s.lost, "worst_lost": self.worst[m], "elements": s.elements}
+            for m, s in self.latest.items()
+        }
+
+    def overall(self) -> float | None:
+        """The latest sample's lost share over every measured element, weighted by elements."""
+        if not self.latest:
+            return None
+        total = sum(s.elements for s in self.latest.values())
+        return sum(s.lost * s.elements for s in self.latest.values()) / total if total else None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "losing": list(self.losing),
+            "worst": dict(self.worst),
+            "samples": self.samples,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [tuple(point) for point in state.get("history", [])]
+        self.losing = list(state.get("losing", []))
+        self.worst = dict(state.get("worst", {}))
+        self.samples = int(state.get("samples", 0))
+
+
+def module_names(model: nn.Module, stored_for: dict[int, Tensor] | None = None) -> Callable[[Tensor], str | None]:
+    """``names(param)``: the module owning a parameter of ``model`` (``""``: the root), also for an fp32 master
+    copy standing for it (``stored_for``: id(master) -> model parameter)."""
+    owner: dict[int, str] = {}
+    for fqn, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owner.setdefault(id(p), fqn or type(model).__name__)
+
+    def names(param: Tensor) -> str | None:
+        target = stored_for.get(id(param), param) if stored_for else param
+        return owner.get(id(target))
+
+    return names
