@@ -302,7 +302,11 @@ class PrecisionCore:
     def _adopt(self, optimizer: Optimizer) -> None:
         """An optimizer first seen at its step (Fabric's): its remedy and checks now."""
         if self.model is not None and not self.weights.knows(optimizer):
-            self.weights.adopt([optimizer], replaceable=False)
+            try:
+                self.weights.adopt([optimizer], replaceable=False)
+            except Exception:
+                self.teardown()  # refused at the first step: nothing of ours (sampling hooks) stays armed
+                raise
 
     def _step(self, optimizer: Optimizer, kwargs: dict[str, Any], sampled: bool) -> Any:
         """Step or skip, with the weights' side around it: promoted weights' state in fp32, lost updates measured

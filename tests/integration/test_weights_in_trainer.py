@@ -1,0 +1,198 @@
+"""bf16-true and 16-true in the Trainer and Fabric: Lightning's numerics without a remedy, the remedies with real
+optimizers, checkpoints that resume bitwise, fp32 islands with fp32 weights, and why 16-true scales the loss."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_mp import AdaptiveMP
+from lightning_mp.errors import ConfigError
+from lightning_mp.fallback.promotion import Reason
+from tests.helpers import TinyRegressor, fit, loader, loader_with, same_weights, trainer
+
+pytest.importorskip("torchao")
+optimi = pytest.importorskip("optimi")
+
+
+class AdamWRegressor(TinyRegressor):
+    """TinyRegressor with AdamW and a StepLR stepped every optimizer step (a scheduler to follow a replacement)."""
+
+    def __init__(self, lr=1e-2, scale=1.0, **kwargs):
+        super().__init__(lr=lr, **kwargs)
+        self.scale = scale
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(batch, batch_idx) * self.scale
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.01)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_bf16_true_without_a_remedy_trains_bit_for_bit_as_lightnings_bf16_true():
+    ours, _ = fit(AdaptiveMP("bf16-true", master_weights=None), model_cls=AdamWRegressor)
+    torch.manual_seed(0)
+    theirs = AdamWRegressor()
+    trainer(precision="bf16-true").fit(theirs, loader())
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    assert same_weights(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("remedy", "kind", "extra"),
+    [("auto", "_AdamW", None), ("kahan", "AdamW", "kahan_comp"), ("fp32", "AdamW", None)],
+)
+def test_a_remedy_keeps_the_users_schedule_and_its_state_resumes_bitwise(tmp_path, remedy, kind, extra):
+    plugin = AdaptiveMP("bf16-true", master_weights=remedy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        straight, t = fit(plugin, model_cls=AdamWRegressor, max_steps=-1, max_epochs=2)  # 3 steps an epoch
+    optimizer = t.optimizers[0]
+    assert type(optimizer).__name__ == kind and plugin.core.weights.remedies == [remedy.replace("auto", "stochastic")]
+    assert float(optimizer.param_groups[0]["lr"]) == pytest.approx(1e-2 * 0.5**6)  # the StepLR followed it
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
+    if extra is not None:
+        assert all(extra in state for state in optimizer.state.values())
+    if remedy == "fp32":
+        assert all(m.dtype == torch.float32 for _, m in plugin.core.weights.masters[id(optimizer)].pairs)
+
+    # Stopped and resumed at an epoch's end (Lightning restarts an interrupted epoch's data from its start).
+    first, t1 = fit(
+        AdaptiveMP("bf16-true", master_weights=remedy), model_cls=AdamWRegressor, max_steps=-1, max_epochs=1
+    )
+    t1.save_checkpoint(tmp_path / "half.ckpt")
+    torch.manual_seed(123)  # the resumed run must not depend on where the RNG happens to be
+    resumed, t2 = fit(
+        AdaptiveMP("bf16-true", master_weights=remedy),
+        model=AdamWRegressor(),
+        ckpt_path=tmp_path / "half.ckpt",
+        max_steps=-1,
+        max_epochs=2,
+    )
+    assert same_weights(resumed, straight)
+    for a, b in zip(t2.optimizers[0].state.values(), optimizer.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in b if isinstance(b[k], torch.Tensor))
+    if remedy == "fp32":
+        ours = [m for _, m in t2.precision_plugin.core.weights.masters[id(t2.optimizers[0])].pairs]
+        theirs = [m for _, m in plugin.core.weights.masters[id(optimizer)].pairs]
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_plain_bf16_weights_are_told_when_updates_round_away_and_a_remedy_keeps_them():
+    small = dict(model=AdamWRegressor(lr=1e-5), max_steps=4)
+    plugin = AdaptiveMP("bf16-true", master_weights=None, stats_every=1)
+    with pytest.warns(UserWarning, match=r"net\.0 \(\d+%\).* lose over 50% of each update to rounding"):
+        fit(plugin, **small)
+    assert plugin.core.weights.lost.losing and plugin.core.weights.lost.mean() > 0.5
+    fixed = AdaptiveMP("bf16-true", master_weights="fp32", stats_every=1)
+    fit(fixed, model=AdamWRegressor(lr=1e-5), max_steps=4)
+    assert fixed.core.weights.lost.mean() == 0.0 and not fixed.core.weights.lost.losing
+    autocast = AdaptiveMP("bf16-mixed", stats_every=1)  # fp32 weights: the measure's zero
+    fit(autocast, model=AdamWRegressor(lr=1e-5), max_steps=4)
+    assert autocast.core.weights.lost.mean() == 0.0
+
+
+class TinyGradients(TinyRegressor):
+    """A loss so small that its gradients (~1e-8) are below fp16's smallest subnormal (6e-8)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x).float(), y.float()) * 1e-8
+
+
+def test_16_true_scales_the_loss_so_gradients_under_fp16s_range_still_train():
+    theirs = TinyGradients(lr=1e4)
+    start = [p.detach().clone() for p in theirs.parameters()]
+    trainer(precision="16-true").fit(theirs, loader())
+    assert all(torch.equal(p.float(), s.float().half().float()) for p, s in zip(theirs.parameters(), start))
+
+    reference, _ = fit(model_cls=lambda: TinyGradients(lr=1e4))  # fp32
+    plugin = AdaptiveMP("16-true")
+    ours, _ = fit(plugin, model_cls=lambda: TinyGradients(lr=1e4))
+    assert plugin.scaler is not None and plugin.core.weights.remedy == "fp32"
+    for p, r, s in zip(ours.parameters(), reference.parameters(), start):
+        moved, wanted = (p.float() - s).abs().sum(), (r - s).abs().sum()
+        assert moved > 0.5 * wanted  # it learns what fp32 learns (fp16 rounding apart)
+        torch.testing.assert_close(p.float(), r.detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_fp32_modules_keep_their_exact_fp32_weights_under_bf16_true():
+    torch.manual_seed(0)
+    model = AdamWRegressor(lr=0.0)  # the weights stay where the conversion put them
+    head, body = model.net[2].weight.detach().clone(), model.net[0].weight.detach().clone()
+    plugin = AdaptiveMP("bf16-true", fp32_modules=["net.2"], master_weights=None)
+    trainer([plugin], max_steps=2).fit(model, loader())
+    assert model.net[2].weight.dtype == torch.float32 and torch.equal(model.net[2].weight, head)  # never rounded
+    assert model.net[0].weight.dtype == torch.bfloat16 and torch.equal(model.net[0].weight, body.bfloat16())
+    assert model.seen["train"][1] == torch.bfloat16  # the island hands bf16 back to the rest of the model
+
+
+class PromoteAt(L.Callback):
+    """Promotes ``net.2`` to fp32 at the end of a given step, as the fallback does on repeated blame, and keeps
+    its optimizer state as it was then and as the next ``optimizer.step()`` finds it."""
+
+    def __init__(self, step):
+        self.step, self.seen = step, {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step != self.step:
+            return
+        optimizer, weight = trainer.optimizers[0], module.net[2].weight
+        self.seen["before"] = {k: v.clone() for k, v in optimizer.state[weight].items()}
+        trainer.precision_plugin.core.decisions.fallback.promote(module, "net.2", Reason.OVERFLOW, "cpu", self.step)
+
+        def next_step(opt, args, kwargs):
+            self.seen.setdefault("at_next_step", {k: v.clone() for k, v in opt.state[weight].items()})
+
+        optimizer.register_step_pre_hook(next_step)
+
+
+def test_a_module_promoted_mid_run_gets_fp32_weights_and_its_optimizer_state_upcast_exactly():
+    watcher = PromoteAt(step=2)
+    model = AdamWRegressor()
+    plugin = AdaptiveMP("bf16-true", master_weights=None)
+    trainer([plugin], max_steps=4, callbacks=[watcher]).fit(model, loader())
+    assert model.net[2].weight.dtype == torch.float32 and model.net[0].weight.dtype == torch.bfloat16
+    before, upcast = watcher.seen["before"], watcher.seen["at_next_step"]
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert before[key].dtype == torch.bfloat16 and upcast[key].dtype == torch.float32
+        assert torch.equal(upcast[key], before[key].float())  # explicit and exact: no moment lost or rounded
+    assert "net.2" in plugin.fp32_modules
+
+
+def test_fabric_wraps_the_users_optimizer_for_fp32_masters_and_asks_for_the_library_one_otherwise():
+    from lightning_mp.fabric import AdaptiveMP as FabricMP
+
+    def run(remedy, make_optimizer):
+        fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[FabricMP("bf16-true", master_weights=remedy)])
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        optimizer = make_optimizer(model.parameters())
+        model, optimizer = fabric.setup(model, optimizer)
+        for x, y in loader():
+            optimizer.zero_grad()
+            fabric.backward(F.mse_loss(model(x).float(), y))
+            optimizer.step()
+        return model, fabric
+
+    model, fabric = run("fp32", lambda p: torch.optim.AdamW(p, lr=1e-2))
+    plugin = fabric._precision
+    assert next(model.parameters()).dtype == torch.bfloat16 and plugin.core.weights.remedy == "fp32"
+    with pytest.raises(ConfigError, match=r"with Fabric, build torchao\.optim\._AdamW"):
+        run("stochastic", lambda p: torch.optim.AdamW(p, lr=1e-2))
+    _, fabric = run("stochastic", lambda p: __import__("torchao").optim._AdamW(p, lr=1e-2))
+    assert fabric._precision.core.weights.remedy == "stochastic"
+    _, fabric = run("kahan", lambda p: optimi.AdamW(p, lr=1e-2, kahan_sum=False))
+    assert fabric._precision.core.weights.optimizers[0].param_groups[0]["kahan_sum"] is True  # turned on
+
+
+def test_16_true_with_lbfgs_is_refused():
+    with pytest.raises(Exception, match="LBFGS"):
+        fit(AdaptiveMP("16-true"), model_cls=lambda: TinyRegressor(optimizer="lbfgs"), data=loader_with(
+            *loader().dataset.tensors))  # fmt: skip
