@@ -38,6 +38,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_mp._grads import all_reduce
+
 __all__ = ["LOST_LIMIT", "PATIENCE", "LostUpdates", "UpdateSample", "shadow_step"]
 
 LOST_LIMIT = 0.5
@@ -144,6 +146,7 @@ class LostUpdates:
         self._handles: list[Any] = []
         self._pending: dict[str, list[float]] = {}  # module -> [unchanged elements, elements, <d,u>, <u,u>]
         self._unmeasurable: set[str] = set()
+        self._sharded = False  # a measured parameter is a shard (FSDP2's DTensor): figures are summed over ranks
 
     @property
     def armed(self) -> bool:
@@ -189,6 +192,9 @@ class LostUpdates:
     ) -> None:
         """Fold one parameter in: ``start`` / ``intended`` / ``effective`` are the weight before, as the fp32 step
         would make it, and as stored after (plus its compensation); ``moved`` where the stored weight changed."""
+        if hasattr(intended, "to_local"):  # a DTensor shard: this rank's elements (summed over ranks in collect)
+            self._sharded = True
+            start, intended, effective, moved = (t.to_local() for t in (start, intended, effective, moved))
         u, d = intended - start, effective - start
         if module is None or not (torch.isfinite(u).all() and torch.isfinite(d).all()):
             return
@@ -213,6 +219,10 @@ class LostUpdates:
         pending, self._pending = self._pending, {}
         if not pending:
             return []
+        if self._sharded:  # each rank measured its own shards: one figure per module, the same on every rank
+            modules = sorted(pending)
+            summed = all_reduce([value for m in modules for value in pending[m]], op="SUM")
+            pending = {m: summed[4 * i : 4 * i + 4] for i, m in enumerate(modules)}
         self.samples += 1
         self.latest = {}
         new = []

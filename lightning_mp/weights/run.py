@@ -32,14 +32,15 @@ def to_low_precision(model: nn.Module, dtype: torch.dtype, keep: list[str]) -> N
     ``Parameter`` objects, so an optimizer built before keeps them. Modules in ``keep`` and their children are
     left in their dtype (fp32 islands: converting them down and back would round their weights)."""
     kept = tuple(f"{fqn}." for fqn in keep)
-    with torch.no_grad():
-        for fqn, module in model.named_modules():
-            if fqn in keep or (fqn + ".").startswith(kept):
-                continue
-            for tensors in (module._parameters, module._buffers):
-                for tensor in tensors.values():
-                    if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float64:
-                        tensor.data = tensor.data.to(dtype)
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != torch.float64 else tensor
+
+    for fqn, module in model.named_modules():
+        if fqn not in keep and not (fqn + ".").startswith(kept):
+            # What module.to(dtype) does, for this module's own tensors (FSDP2's DTensor shards are swapped in place);
+            # nn.Module's own _apply: subclasses such as torchmetrics' Metric override it without ``recurse``.
+            nn.Module._apply(module, convert, recurse=False)
 
 
 class RunWeights:

@@ -365,3 +365,31 @@ def test_console_script_runs_from_an_unrelated_directory(tmp_path):
     bad = subprocess.run(["lightning-mp", "train", "recipe=vizion"], cwd=tmp_path, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("precision", "remedy", "bytes_share"),
+    [("bf16-true", "null", 0.5), ("bf16-true", "kahan", 0.625), ("fp16-true", "auto", None)],
+)
+def test_low_precision_weights_train_from_the_cli_with_their_memory_and_lost_updates(
+    precision, remedy, bytes_share, tmp_path
+):
+    pytest.importorskip("optimi")
+    overrides = [*COMMON, f"precision={precision}", f"precision.master_weights={remedy}", "+precision.stats_every=1"]
+    result = train(compose(["recipe=nlp", *TINY["nlp"], *overrides, f"output_dir={tmp_path}"]))
+    assert result["resolved_precision"] == precision.replace("fp16", "16") and math.isfinite(result["val_loss"])
+    assert result["master_weights"] == {"null": None, "auto": "fp32"}.get(remedy, remedy)
+    state = result["state_bytes"]
+    if bytes_share is not None:  # bf16 weights and gradients, AdamW's moments in bf16, a bf16 Kahan buffer
+        assert state["share_of_fp32"] == pytest.approx(bytes_share, abs=0.01)
+    else:  # fp16 weights, fp32 masters with their fp32 gradients and moments (LayerNorms stay fp32)
+        assert state["master_copies"] > 0 and state["share_of_fp32"] > 1.0
+    assert result["lost_update_history"]  # the warm-up's first learning rates are tiny: rounded away without a remedy
+    assert result["lost_update_share"] > 0.5 if remedy == "null" else result["lost_update_share"] < 0.01
+
+
+def test_a_bad_remedy_is_one_line_naming_the_choices(capsys, tmp_path):
+    assert main(["train", "precision=bf16-true", "precision.master_weights=bf16", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lightning-mp: error: AdaptiveMP(master_weights='bf16') is invalid: must be one of")
+    assert len(err.splitlines()) == 1
