@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(
                     f"{variant:13} seed {seed}: val acc {result['val_acc']:.3f}  val loss {result['val_loss']:.4f}  "
                     f"state {result['state_bytes'].get('share_of_fp32', 1):.0%} of fp32  "
-                    f"lost {_mean_lost(result):.1%}  {result['seconds']:.0f} s",
+                    f"lost {_mean_lost(result):.1%} (state {result.get('state_lost_update_share') or 0:.1%})  "
+                    f"{result['seconds']:.0f} s",
                     flush=True,
                 )
     write(rows, args)
@@ -89,8 +90,9 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         f"# {args.recipe}: low-precision weights against fp32 ({', '.join(args.overrides) or 'recipe defaults'},"
         f" seeds {', '.join(map(str, args.seeds))})",
         "",
-        "| run | final val loss | final val acc | verdict vs fp32 | training state | share of fp32 | lost updates |",
-        "|---|---|---|---|---|---|---|",
+        "| run | final val loss | final val acc | verdict vs fp32 | training state | share of fp32 | lost updates:"
+        " weights | optimizer state |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, runs in groups.items():
         text = "reference" if runs is reference else summary(judge(runs, reference))[0]
@@ -98,9 +100,10 @@ def write(rows: list[dict], args: argparse.Namespace) -> None:
         acc = _spread([r["val_acc"] for r in runs], "{:.3f}")
         state = runs[0]["state_bytes"]
         lost = _spread([_mean_lost(r) for r in runs], "{:.1%}")
+        state_lost = _spread([r.get("state_lost_update_share") or 0.0 for r in runs], "{:.1%}")
         lines.append(
             f"| {name} | {loss} | {acc} | {text} | {state.get('total', 0) / 2**20:.2f} MB |"
-            f" {state.get('share_of_fp32', 1):.0%} | {lost} |"
+            f" {state.get('share_of_fp32', 1):.0%} | {lost} | {state_lost} |"
         )
     lines += ["", VERDICT_RULE, ""]
     stem = args.name or f"weights_{args.recipe}"

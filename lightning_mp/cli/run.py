@@ -115,6 +115,8 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "lost_updates": plugin.core.weights.lost.summary(),
         "lost_update_share": plugin.core.weights.lost.mean(),  # over the run's samples
         "lost_update_history": plugin.core.weights.lost.history,  # [[step, share], ...]
+        # the same for the optimizer's per-element state (Adam's moments), over the run's samples
+        "state_lost_update_share": plugin.core.weights.lost.state_mean(),
         "skipped_steps": plugin.skipped_steps,
         "fp32_promotions": [
             p.module for p in plugin.promotions if p.reason not in ("static", "default") and p.scope != "low_bit"

@@ -25,7 +25,8 @@ Schema (``schema: "lightning-mp/precision-report/1"``):
     weights, gradients, optimizer state, master copies and compensation buffers in their real dtypes, their
     ``total``, the same state's ``fp32_total`` and ``share_of_fp32``), ``lost_updates``: ``{module: {unchanged,
     lost, worst_lost, elements}}`` at the last sample (``lightning_mp.weights.lost``), ``lost_update_share`` over
-    every measured element (the last sample; ``lost_update_mean``: over the run's samples), and ``losing``: the
+    every measured element (the last sample; ``lost_update_mean``: over the run's samples;
+    ``state_lost_update_mean``: the optimizer state's, over the run), and ``losing``: the
     modules warned about.
 ``modules``
     ``{fqn: {activation_amax, activation_headroom_bits, grad_amax, grad_headroom_bits, underflow_fraction,
@@ -113,6 +114,7 @@ def _weights_section(plugin: Any) -> dict[str, Any]:
         "lost_updates": weights.lost.summary(),
         "lost_update_share": weights.lost.overall(),
         "lost_update_mean": weights.lost.mean(),
+        "state_lost_update_mean": weights.lost.state_mean(),
         "losing": list(weights.lost.losing),
     }
 
@@ -304,6 +306,10 @@ def _weights_markdown(section: dict[str, Any] | None, limit: int) -> list[str]:
         f"- lost updates (share of the intended update rounded away): {section['lost_update_share']:.1%} at the last"
         f" sample, {section.get('lost_update_mean') or 0:.1%} over the run"
     )
+    if section.get("state_lost_update_mean") is not None:
+        lines.append(
+            f"- optimizer state's lost updates (its moments), over the run: {section['state_lost_update_mean']:.1%}"
+        )
     if section["losing"]:
         lines.append(f"- modules losing over half of their updates: {', '.join(section['losing'])}")
     lines += ["", "| module | lost (worst) | elements unchanged |", "|---|---|---|"]

@@ -22,6 +22,12 @@ expected change is ``u`` by construction, so ``lost`` is taken on the expected c
 Weights kept in fp32 (autocast, or an fp32 master copy: the weights the optimizer updates are the stored ones)
 read ~0 on both, the check that the measure is right.
 
+The optimizer's own state loses updates the same way when it is kept in bf16: Adam's second moment moves by
+``(1 - beta2) = 0.1%`` of itself per step, under half a bf16 unit in the last place (0.2-0.4%), so it rounds back
+and stops tracking the gradients. The fp32 step's state is compared with the stored state after the step on the
+same sampled steps (``state_history``, ``state_mean``; per run, not per module): torchao's stochastic rounding
+rounds the weights, not its bf16 moments, and this is where it loses.
+
 ``LOST_LIMIT = 0.5`` for ``PATIENCE = 2`` samples in a row makes a module *losing updates*, with one warning
 that names them: half of the step lost is the learning rate halved in that module without anyone choosing it,
 and it does not recover by itself (the schedule only lowers the learning rate further). A module whose
@@ -77,7 +83,9 @@ def rounds_stochastically(optimizer: Optimizer, param: Tensor) -> bool:
     return bool(getattr(optimizer, "bf16_stochastic_round", False)) and param.dtype == torch.bfloat16
 
 
-def shadow_step(optimizer: Optimizer, params: list[Tensor]) -> dict[Tensor, Tensor] | None:
+def shadow_step(
+    optimizer: Optimizer, params: list[Tensor], intended_state: dict[Tensor, dict[str, Tensor]] | None = None
+) -> dict[Tensor, Tensor] | None:
     """The step ``optimizer`` is about to take, taken on fp32 copies of ``params``, their gradients and their
     state: ``{param: intended fp32 weight after the step}``. ``None`` when the optimizer cannot be copied (a
     class whose step needs more than its param groups and state: it is then not measured).
@@ -88,6 +96,7 @@ def shadow_step(optimizer: Optimizer, params: list[Tensor]) -> dict[Tensor, Tens
     patch of the instance's ``step`` must not count this step).
     """
     wanted = {id(p) for p in params}
+    intended_state = {} if intended_state is None else intended_state
     copies: dict[Tensor, Tensor] = {}
     groups = []
     for group in optimizer.param_groups:
@@ -121,7 +130,14 @@ def shadow_step(optimizer: Optimizer, params: list[Tensor]) -> dict[Tensor, Tens
             kind.step(shadow)
     except Exception:  # noqa: BLE001 - an optimizer we cannot copy is not measured, never a failed step
         return None
+    for p, copy in copies.items():  # the state the step intends, for the state's own lost updates
+        intended_state[p] = {k: v for k, v in shadow.state.get(copy, {}).items() if _moment(v, p)}
     return copies
+
+
+def _moment(value: Any, param: Tensor) -> bool:
+    """A state tensor kept per element of its parameter (Adam's moments, SGD's momentum), not a counter."""
+    return isinstance(value, Tensor) and value.is_floating_point() and value.shape == param.shape
 
 
 class LostUpdates:
@@ -145,6 +161,8 @@ class LostUpdates:
         self._streak: dict[str, int] = {}
         self._handles: list[Any] = []
         self._pending: dict[str, list[float]] = {}  # module -> [unchanged elements, elements, <d,u>, <u,u>]
+        self._pending_state: dict[str, list[float]] = {}  # module -> [<d,u>, <u,u>] of its optimizer state
+        self.state_history: list[tuple[int, float]] = []  # (optimizer step, the state's lost share) per sample
         self._unmeasurable: set[str] = set()
         self._sharded = False  # a measured parameter is a shard (FSDP2's DTensor): figures are summed over ranks
 
@@ -165,25 +183,31 @@ class LostUpdates:
         for optimizer in optimizers:
             before: dict[Tensor, tuple[Tensor, Tensor]] = {}  # param -> (stored weight, effective weight)
             intended: dict[Tensor, Tensor] = {}
+            states: dict[Tensor, tuple[dict[str, Tensor], dict[str, Tensor]]] = {}  # param -> (before, intended)
 
-            def pre(opt: Optimizer, args: Any, kwargs: Any, before=before, intended=intended) -> None:
+            def pre(opt: Optimizer, args: Any, kwargs: Any, before=before, intended=intended, states=states) -> None:
                 params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None and names(p)]
-                copies = shadow_step(opt, params)
+                intended_state: dict[Tensor, dict[str, Tensor]] = {}
+                copies = shadow_step(opt, params, intended_state)
                 if copies is None:
                     self._unmeasurable.add(type(opt).__name__)
                     return
                 for p, after in copies.items():
                     before[p] = (p.detach().clone(), effective_weight(opt, p))
                     intended[p] = after
+                    start = {k: v.detach().float().clone() for k, v in opt.state.get(p, {}).items() if _moment(v, p)}
+                    states[p] = (start, intended_state.get(p, {}))
 
-            def post(opt: Optimizer, args: Any, kwargs: Any, before=before, intended=intended) -> None:
+            def post(opt: Optimizer, args: Any, kwargs: Any, before=before, intended=intended, states=states) -> None:
                 with torch.no_grad():
                     for p, (stored, start) in before.items():
                         moved = p.detach() != stored
                         effective = effective_weight(opt, p)
                         self._measure(names(p), start, intended[p], effective, moved, rounds_stochastically(opt, p))
+                        self._measure_state(names(p), *states.get(p, ({}, {})), opt.state.get(p, {}))
                 before.clear()
                 intended.clear()
+                states.clear()
 
             self._handles += [optimizer.register_step_pre_hook(pre), optimizer.register_step_post_hook(post)]
 
@@ -208,6 +232,23 @@ class LostUpdates:
         figures[2] += float((expected.double() * u.double()).sum())
         figures[3] += float((u.double() * u.double()).sum())
 
+    def _measure_state(
+        self, module: str | None, start: dict[str, Tensor], intended: dict[str, Tensor], stored: dict[str, Any]
+    ) -> None:
+        """The optimizer state's own lost updates (Adam's moments kept in bf16 round their small changes away too):
+        ``<d, u> / <u, u>`` summed over the per-element state tensors the fp32 step updated."""
+        for key, first in start.items():
+            after, wanted = stored.get(key), intended.get(key)
+            if module is None or not isinstance(after, Tensor) or wanted is None or first.numel() == 0:
+                continue
+            after, wanted, first = (t.to_local() if hasattr(t, "to_local") else t for t in (after, wanted, first))
+            u, d = wanted - first, after.float() - first
+            if not (torch.isfinite(u).all() and torch.isfinite(d).all()):
+                continue
+            figures = self._pending_state.setdefault(module, [0.0, 0.0])
+            figures[0] += float((d.double() * u.double()).sum())
+            figures[1] += float((u.double() * u.double()).sum())
+
     def disarm(self) -> None:
         for handle in self._handles:
             handle.remove()
@@ -217,12 +258,18 @@ class LostUpdates:
         """Fold the sampled step in; the modules losing updates for ``PATIENCE`` samples in a row, new ones only."""
         self.disarm()
         pending, self._pending = self._pending, {}
+        state, self._pending_state = self._pending_state, {}
         if not pending:
             return []
         if self._sharded:  # each rank measured its own shards: one figure per module, the same on every rank
             modules = sorted(pending)
             summed = all_reduce([value for m in modules for value in pending[m]], op="SUM")
             pending = {m: summed[4 * i : 4 * i + 4] for i, m in enumerate(modules)}
+            state_sums = all_reduce([sum(v[0] for v in state.values()), sum(v[1] for v in state.values())], "SUM")
+            state = {"": state_sums}
+        du, uu = sum(v[0] for v in state.values()), sum(v[1] for v in state.values())
+        if uu > 0:
+            self.state_history.append((step, 1.0 - min(max(du / uu, 0.0), 1.0)))
         self.samples += 1
         self.latest = {}
         new = []
@@ -244,6 +291,11 @@ class LostUpdates:
     def mean(self) -> float | None:
         """The overall lost share averaged over every sample of the run."""
         return sum(v for _, v in self.history) / len(self.history) if self.history else None
+
+    def state_mean(self) -> float | None:
+        """The optimizer state's lost share (its per-element tensors: Adam's moments), averaged over the run."""
+        history = self.state_history
+        return sum(v for _, v in history) / len(history) if history else None
 
     @property
     def unmeasurable(self) -> list[str]:
@@ -274,6 +326,7 @@ class LostUpdates:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [tuple(point) for point in state.get("history", [])]
+        self.state_history = [tuple(point) for point in state.get("state_history", [])]
         self.losing = list(state.get("losing", []))
         self.worst = dict(state.get("worst", {}))
         self.samples = int(state.get("samples", 0))
