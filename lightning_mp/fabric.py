@@ -207,6 +207,7 @@ class AdaptiveMP(CoreView, Precision):
         if not self.core.step_open:
             self._begin_micro_batch()  # a backward with no forward through the Fabric model in this step
         super().backward(self.core.scale_loss(tensor), model, *args, **kwargs)
+        self.core.after_backward()  # fp32 masters: each micro-batch's gradients accumulate in fp32
         self._micro_open = False  # the next training forward is the next micro-batch
 
     @override

@@ -243,6 +243,11 @@ class AdaptiveMP(CoreView, Precision):
         return super().pre_backward(self.core.scale_loss(tensor), module)
 
     @override
+    def post_backward(self, tensor: Tensor, module: pl.LightningModule) -> Tensor:  # type: ignore[override]
+        self.core.after_backward()  # fp32 masters: each micro-batch's gradients accumulate in fp32
+        return super().post_backward(tensor, module)
+
+    @override
     def optimizer_step(  # type: ignore[override]
         self,
         optimizer: Optimizable,

@@ -238,6 +238,10 @@ class PrecisionCore:
         self.batch.backward(loss)
         return self.stepper.scale_loss(loss)
 
+    def after_backward(self) -> None:
+        """After each backward: with fp32 masters, the micro-batch's gradients move into them (accumulated in fp32)."""
+        self.weights.after_backward()
+
     def run_closure(self, closure: Callable[[], Any], training: bool = True) -> Any:
         """Run the closure; a low-precision kernel failure promotes its module to fp32 and retries.
 

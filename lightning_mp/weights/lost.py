@@ -25,8 +25,8 @@ read ~0 on both, the check that the measure is right.
 The optimizer's own state loses updates the same way when it is kept in bf16: Adam's second moment moves by
 ``(1 - beta2) = 0.1%`` of itself per step, under half a bf16 unit in the last place (0.2-0.4%), so it rounds back
 and stops tracking the gradients. The fp32 step's state is compared with the stored state after the step on the
-same sampled steps (``state_history``, ``state_mean``; per run, not per module): torchao's stochastic rounding
-rounds the weights, not its bf16 moments, and this is where it loses.
+same sampled steps, per state key (``state_latest``; ``state_history`` and ``state_mean`` take the worst key; per
+run, not per module): torchao's stochastic rounding rounds the weights, not its bf16 moments.
 
 ``LOST_LIMIT = 0.5`` for ``PATIENCE = 2`` samples in a row makes a module *losing updates*, with one warning
 that names them: half of the step lost is the learning rate halved in that module without anyone choosing it,
@@ -162,7 +162,8 @@ class LostUpdates:
         self._handles: list[Any] = []
         self._pending: dict[str, list[float]] = {}  # module -> [unchanged elements, elements, <d,u>, <u,u>]
         self._pending_state: dict[str, list[float]] = {}  # module -> [<d,u>, <u,u>] of its optimizer state
-        self.state_history: list[tuple[int, float]] = []  # (optimizer step, the state's lost share) per sample
+        self.state_history: list[tuple[int, float]] = []  # (optimizer step, the worst state tensor's share) per sample
+        self.state_latest: dict[str, float] = {}  # state key (exp_avg, exp_avg_sq, ...) -> its lost share, last sample
         self._unmeasurable: set[str] = set()
         self._sharded = False  # a measured parameter is a shard (FSDP2's DTensor): figures are summed over ranks
 
@@ -236,7 +237,8 @@ class LostUpdates:
         self, module: str | None, start: dict[str, Tensor], intended: dict[str, Tensor], stored: dict[str, Any]
     ) -> None:
         """The optimizer state's own lost updates (Adam's moments kept in bf16 round their small changes away too):
-        ``<d, u> / <u, u>`` summed over the per-element state tensors the fp32 step updated."""
+        ``<d, u> / <u, u>`` per state key (``exp_avg``, ``exp_avg_sq``: their updates differ by orders of
+        magnitude, so each is judged on its own), summed over the parameters."""
         for key, first in start.items():
             after, wanted = stored.get(key), intended.get(key)
             if module is None or not isinstance(after, Tensor) or wanted is None or first.numel() == 0:
@@ -245,7 +247,7 @@ class LostUpdates:
             u, d = wanted - first, after.float() - first
             if not (torch.isfinite(u).all() and torch.isfinite(d).all()):
                 continue
-            figures = self._pending_state.setdefault(module, [0.0, 0.0])
+            figures = self._pending_state.setdefault(key, [0.0, 0.0])  # per state tensor: m and v differ 1e4x
             figures[0] += float((d.double() * u.double()).sum())
             figures[1] += float((u.double() * u.double()).sum())
 
@@ -265,11 +267,13 @@ class LostUpdates:
             modules = sorted(pending)
             summed = all_reduce([value for m in modules for value in pending[m]], op="SUM")
             pending = {m: summed[4 * i : 4 * i + 4] for i, m in enumerate(modules)}
-            state_sums = all_reduce([sum(v[0] for v in state.values()), sum(v[1] for v in state.values())], "SUM")
-            state = {"": state_sums}
-        du, uu = sum(v[0] for v in state.values()), sum(v[1] for v in state.values())
-        if uu > 0:
-            self.state_history.append((step, 1.0 - min(max(du / uu, 0.0), 1.0)))
+            keys = sorted(state)
+            summed = all_reduce([value for k in keys for value in state[k]], op="SUM")
+            state = {k: summed[2 * i : 2 * i + 2] for i, k in enumerate(keys)}
+        shares = {k: 1.0 - min(max(du / uu, 0.0), 1.0) for k, (du, uu) in state.items() if uu > 0}
+        if shares:
+            self.state_latest = shares
+            self.state_history.append((step, max(shares.values())))
         self.samples += 1
         self.latest = {}
         new = []

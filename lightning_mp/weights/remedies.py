@@ -4,7 +4,9 @@
   then fp32 too) and the model's weights are rounded from them after each step: the classic recipe
   (Micikevicius et al., 2018). Works with any optimizer: its param groups are pointed at the masters in place
   (``MasterCopies``). It keeps every update, and saves no weight + gradient + optimizer bytes (it adds 4 bytes
-  per parameter to fp32's 16 with Adam); what it saves is the forward's and backward's memory and time.
+  per parameter to fp32's 16 with Adam); what it saves is the forward's and backward's memory and time. On one
+  process each backward's gradients move into the masters at once, so gradient accumulation sums in fp32 (the
+  option the format offers for that); under DDP they move at the step (DDP reduces them once, in bf16).
 - ``"kahan"``: a compensation buffer in the weights' dtype holds what rounding took from each update and gives it
   back on the next (Kahan summation, as the ``optimi`` optimizers do). +2 bytes per parameter in bf16.
 - ``"stochastic"``: the update is rounded up or down at random with the probability that makes it exact on

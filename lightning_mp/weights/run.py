@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_mp._grads import distributed
 from lightning_mp.errors import ConfigError
 from lightning_mp.weights.care import care_messages
 from lightning_mp.weights.lost import LOST_LIMIT, PATIENCE, LostUpdates, module_names
@@ -133,6 +134,14 @@ class RunWeights:
         copies = self.masters.get(id(optimizer))
         if copies is not None:
             copies.gather()
+
+    def after_backward(self) -> None:
+        """Each backward's gradients into the fp32 masters at once, so that micro-batches accumulate in fp32 (the
+        weights' dtype would round each sum). Not under DDP: it reduces the gradients the model holds once per
+        optimizer step (its no-sync micro-batches are local), so they must stay there until the step."""
+        if self.masters and not distributed():
+            for copies in self.masters.values():
+                copies.gather()
 
     def after_step(self, optimizer: Optimizer) -> None:
         """After the step (taken or skipped): the masters rounded into the model's weights."""

@@ -196,3 +196,36 @@ def test_16_true_with_lbfgs_is_refused():
     with pytest.raises(Exception, match="LBFGS"):
         fit(AdaptiveMP("16-true"), model_cls=lambda: TinyRegressor(optimizer="lbfgs"), data=loader_with(
             *loader().dataset.tensors))  # fmt: skip
+
+
+class MasterGradients(L.Callback):
+    """Keeps the fp32 masters' gradients the optimizer is about to apply."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.grads.append([p.grad.clone() for g in optimizer.param_groups for p in g["params"]])
+
+
+def test_fp32_masters_accumulate_micro_batches_in_fp32():
+    """Two micro-batches whose bf16 gradients differ in size: summed in bf16 the small one rounds away."""
+    torch.manual_seed(0)
+    x, y = loader().dataset.tensors
+    scaled = loader_with(torch.cat([x[:4] * 100, x[4:8] * 1e-2]), torch.cat([y[:4] * 100, y[4:8] * 1e-2]))
+    seen = MasterGradients()
+    model = AdamWRegressor(lr=0.0)
+    plugin = AdaptiveMP("bf16-true", master_weights="fp32")
+    trainer([plugin], max_steps=1, accumulate_grad_batches=2, callbacks=[seen]).fit(model, scaled)
+    # the reference: each micro-batch's bf16 gradients, added in fp32
+    reference = AdamWRegressor(lr=0.0)
+    reference.load_state_dict(model.state_dict())
+    reference.bfloat16()
+    parts = []
+    for xb, yb in scaled:
+        reference.zero_grad()
+        (F.mse_loss(reference(xb.bfloat16()).float(), yb.bfloat16().float()) / 2).backward()
+        parts.append([p.grad.float() for p in reference.parameters()])
+    summed = [a + b for a, b in zip(*parts)]
+    assert all(torch.equal(g, s) for g, s in zip(seen.grads[0], summed))
+    assert any(not torch.equal((a.bfloat16() + b.bfloat16()).float(), s) for a, b, s in zip(*parts, summed))
