@@ -149,12 +149,13 @@ class PluginOptions:
     master_weights: Any = _knob(
         "auto",
         """``"bf16-true"`` / ``"16-true"``: how updates smaller than the weights' resolution are kept. ``"fp32"``
-        (an fp32 master copy the optimizer updates: any optimizer, no memory saved on weights + optimizer state),
-        ``"kahan"`` (a compensation buffer in the weights' dtype, through an optimi optimizer), ``"stochastic"``
-        (stochastic rounding, through torchao's AdamW; bf16 only) or ``None`` (updates round to nearest, and are
-        measured). ``"auto"``: stochastic rounding where the optimizer allows it, else Kahan, else fp32 masters
-        (fp32 masters for ``"16-true"``). In the Trainer a ``torch.optim`` Adam / AdamW / SGD is replaced by the
-        library's equivalent, with a warning; with Fabric build that optimizer yourself.""",
+        (an fp32 master copy the optimizer updates: any optimizer, no memory saved on weights + optimizer state;
+        on one process gradients then accumulate in fp32), ``"kahan"`` (a compensation buffer in the weights' dtype,
+        through an optimi optimizer), ``"stochastic"`` (stochastic rounding, through torchao's AdamW; bf16 only) or
+        ``None`` (updates round to nearest, and are measured). ``"auto"``: Kahan where optimi has the optimizer,
+        else fp32 masters (fp32 masters for ``"16-true"``), as measured in RESULTS.md. In the Trainer a
+        ``torch.optim`` Adam / AdamW / SGD is replaced by the library's equivalent, with a warning; with Fabric
+        build that optimizer yourself.""",
     )
 
     def __post_init__(self) -> None:

@@ -94,7 +94,7 @@ def care_messages(optimizer: Optimizer, remedied: bool, name: str = "optimizer")
             messages.append(
                 f"AdaptiveMP: {where} has weight_decay={decay:g} with lr={lr:g}: each step shrinks a weight by"
                 f" {lr * decay:.1e} of itself, below {str(dtype)[6:]}'s resolution ({relative:.1e}), so weight"
-                " decay does nothing. Use master_weights='auto' (or 'stochastic', 'kahan', 'fp32')."
+                " decay does nothing. Use master_weights='auto' (or 'kahan', 'fp32', 'stochastic')."
             )
     return messages
 

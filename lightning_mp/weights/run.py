@@ -231,7 +231,7 @@ def losing_message(modules: list[str], lost: LostUpdates, remedy: Any, dtype: to
     more = f" and {len(modules) - 5} more" if len(modules) > 5 else ""
     where = f"{str(dtype)[6:]} weights" if dtype is not None else "its weights"
     fix = (
-        "Use master_weights='auto' (or 'stochastic', 'kahan', 'fp32'), or a larger learning rate."
+        "Use master_weights='auto' (or 'kahan', 'fp32', 'stochastic'), or a larger learning rate."
         if remedy is None
         else f"master_weights={remedy!r} is on: a larger learning rate, or master_weights='fp32', keeps them."
     )
