@@ -178,6 +178,8 @@ def retarget_scheduler(scheduler: Any, optimizer: Any) -> None:
     import weakref
 
     scheduler.optimizer = optimizer
+    for inner in getattr(scheduler, "_schedulers", ()):  # SequentialLR, ChainedScheduler: each of theirs too
+        retarget_scheduler(inner, optimizer)
     if not hasattr(scheduler, "base_lrs") or hasattr(optimizer.step, "_wrapped_by_lr_sched"):
         return
     func, ref = optimizer.step.__func__, weakref.ref(optimizer)

@@ -89,6 +89,12 @@ class AdaptiveFSDPMP(FSDPPrecision):
     ) -> None:
         if device is None or device.split(":")[0] != "cuda":
             raise ValueError(f"AdaptiveFSDPMP(device={device!r}) is invalid: FSDP1 runs only on 'cuda'.")
+        if precision in ("bf16-true", "16-true"):
+            raise ConfigError(
+                f"AdaptiveFSDPMP(precision={precision!r}) is not supported: FSDP1's flat parameters are built before"
+                " the plugin could convert the weights; use DDP or ModelParallelStrategy (FSDP2) with AdaptiveMP,"
+                " or 'bf16-mixed' / '16-mixed' here."
+            )
         if precision in ("fp8-mixed", "int8-mixed"):
             raise ConfigError(
                 f"AdaptiveFSDPMP(precision={precision!r}) is not supported: torchao converts layers before FSDP wraps"

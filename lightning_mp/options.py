@@ -206,7 +206,7 @@ class PluginOptions:
                 "stochastic",
                 "torchao rounds stochastically into bf16 only; with precision='16-true' use 'fp32', 'kahan' or None.",
             )
-        if self.master_weights in ("kahan", "stochastic"):
+        if self.master_weights in ("kahan", "stochastic") and precision in ("bf16-true", "16-true"):
             _require(self.master_weights)
         if self.stats not in LEVELS:
             raise _invalid("stats", self.stats, f"must be one of {LEVELS}.")

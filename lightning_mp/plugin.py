@@ -145,7 +145,7 @@ class AdaptiveMP(CoreView, Precision):
             self.core = self.core.restart()
         self.core.setup(module, record_order=fitting)
         if fitting:  # the remedy for low-precision weights, and the optimizer care checks
-            adopted = self.core.adopt_optimizers(list(optimizers), replaceable=True)
+            adopted = self.core.adopt_optimizers(list(optimizers), keep=_keep_optimizers(lr_schedulers))
             for old, new in zip(optimizers, adopted):
                 if new is not old:  # a library optimizer applies the remedy: schedulers follow it
                     for config in lr_schedulers:
@@ -272,7 +272,7 @@ class AdaptiveMP(CoreView, Precision):
                 # backward and the update where a guard could look, so bf16/fp32 LBFGS runs unguarded, as in
                 # Lightning.
                 step = functools.partial(super().optimizer_step, optimizer, model=model, closure=closure, **kwargs)
-                return core.unguarded_step(step)
+                return core.unguarded_step(step, optimizer)
             automatic = model.automatic_optimization
             outcome = core.optimizer_step(
                 optimizer,
@@ -329,6 +329,15 @@ class AdaptiveMP(CoreView, Precision):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(precision={self.precision!r}, device={self.device!r}, scaler={self.scaler!r})"
+
+
+def _keep_optimizers(lr_schedulers: list[Any]) -> str | None:
+    """Why the user's optimizers must not be replaced by a library's, or None: a scheduler that cycles momentum
+    (OneCycleLR, CyclicLR) writes ``betas`` / ``momentum`` into param groups that optimi names differently."""
+    for config in lr_schedulers:
+        if getattr(config.scheduler, "cycle_momentum", False):
+            return f"{type(config.scheduler).__name__} cycles the optimizer's momentum, which optimi names differently"
+    return None
 
 
 def adaptive_plugin(trainer: pl.Trainer) -> AdaptiveMP | None:

@@ -162,8 +162,8 @@ COST_COLUMNS = (
 )
 """The cost table: speed (marked when this device only emulates the format), peak memory of the run's process,
 the bytes of weights, gradients, optimizer state and a remedy's fp32 masters and compensation buffers (their real
-dtypes), that training state's share of the same state in fp32, the share of the update lost to rounding at the
-last sample, skipped steps and promotions."""
+dtypes), that training state's share of the same state in fp32, the share of the update lost to rounding (mean
+over the run's samples), skipped steps and promotions."""
 
 
 EMULATED_NOTE = (

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lightning_mp.fallback.filters import ModuleFilter
+from lightning_mp.formats.base import default_dtype
 
 __all__ = ["SCOPES", "Scope", "apply_fp32", "fp32", "is_fp32_island", "island_scope", "remove_fp32"]
 
@@ -63,9 +64,12 @@ class _Fp32Forward:
         self.low_dtype = low_dtype
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(self.device_type, enabled=False):
+        if self.low_dtype is None:
+            with torch.autocast(self.device_type, enabled=False):
+                return self.original(*_to_fp32(args), **_to_fp32(kwargs))
+        with torch.autocast(self.device_type, enabled=False), default_dtype(torch.float32):  # tensors made inside
             output = self.original(*_to_fp32(args), **_to_fp32(kwargs))
-        return output if self.low_dtype is None else _cast(output, self.low_dtype)
+        return _cast(output, self.low_dtype)
 
 
 _AUTOCAST_DEVICE_TYPES = ("cuda", "cpu", "xpu", "mps", "hpu")
@@ -139,7 +143,7 @@ class _OwnCodeForward(_Fp32Forward):
         self._calls: list[contextlib.AbstractContextManager | None] = []  # per active hooked call
         self.handles = []
         for child in _called_submodules(module):
-            self.handles.append(child.register_forward_pre_hook(self._child_starts))
+            self.handles.append(child.register_forward_pre_hook(self._child_starts, with_kwargs=True))
             self.handles.append(child.register_forward_hook(self._child_ends, always_call=True))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -150,13 +154,15 @@ class _OwnCodeForward(_Fp32Forward):
         finally:
             self._frames.pop()
 
-    def _child_starts(self, child: nn.Module, args: Any) -> Any:
+    def _child_starts(self, child: nn.Module, args: Any, kwargs: Any) -> Any:
         frame = self._frames[-1] if self._frames else None
         context: Any = None
         cast_args = None
         if frame is not None:
             if frame[1] == 0 and self.low_dtype is not None:  # from the own body, low-precision weights: cast
-                context, cast_args = contextlib.nullcontext(), _cast(args, self.low_dtype)
+                context = default_dtype(self.low_dtype)  # the child's own tensors too, as outside the island
+                context.__enter__()
+                cast_args = (_cast(args, self.low_dtype), _cast(kwargs, self.low_dtype))
             elif frame[0] is not None and frame[1] == 0:  # called from the module's own body, under autocast
                 context = torch.autocast(self.device_type, dtype=frame[0], cache_enabled=False)
                 context.__enter__()

@@ -14,6 +14,7 @@ backward overflow only when a lower loss scale cannot help.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_mp._grads import distributed
 from lightning_mp.errors import ConfigError
 from lightning_mp.fallback.filters import by_type, fp32_filter, pattern_misses, prefixed_suggestions
 from lightning_mp.fallback.islands import Scope, apply_fp32
@@ -107,6 +109,7 @@ class FallbackManager:
         self.promotions: dict[str, Promotion] = {}
         self.low_bit: Any = None  # the run's LowBitLayers: a low-bit layer is promoted to bf16 first
         self.low_dtype: torch.dtype | None = None  # low-precision weights: islands keep fp32 weights
+        self.refused: list[str] = []  # blamed, but not promoted (low-precision weights under DDP / FSDP2)
 
     def setup(
         self,
@@ -157,6 +160,18 @@ class FallbackManager:
         if self.low_bit is not None and scope == "module":  # a block whole in fp32: its low-bit layers too
             for inner in [name for name in self.low_bit.layers if name.startswith(f"{fqn}.")]:
                 self.low_bit.move_back(inner, Promotion(inner, Reason(reason), step, f"inside {fqn}", "low_bit"))
+        if self.low_dtype is not None and distributed() and fqn not in self.promotions:
+            # DDP's buckets and FSDP2's shards were built for the weights' dtype: an fp32 island made now would
+            # change a parameter's dtype under them. Static fp32_modules (converted before wrapping) are fine.
+            if fqn not in self.refused:
+                self.refused.append(fqn)
+                warnings.warn(
+                    f"AdaptiveMP: {fqn} was blamed enough to run in fp32, but with low-precision weights under a"
+                    " distributed strategy its weights cannot change dtype mid-run; it stays in the weights' dtype."
+                    f" Name it in fp32_modules to run it in fp32 from the start.",
+                    stacklevel=2,
+                )
+            return False
         if fqn in self.promotions or not apply_fp32(model, [fqn], device_type, scope, self.low_dtype):
             return False
         self.promotions[fqn] = Promotion(fqn, Reason(reason), step, detail, scope)

@@ -8,8 +8,9 @@ normal value is 6.1e-5 and its smallest subnormal 6e-8, so gradients computed an
 where a bf16 gradient (fp32's exponent range) keeps them. The scaler's guard and its rescue then work as in
 ``"16-mixed"``; the unscaled gradients stay in fp16 unless ``master_weights="fp32"`` moves them into fp32 first.
 
-What runs in fp32 by default is fp16's list (``formats/fp16.py``): the CPU LayerNorm and LogSoftmax kernels keep
-running sums in fp16. They keep fp32 weights, like every module promoted to fp32 in these formats.
+What runs in fp32 by default is each dtype's own list: nothing in bf16 (fp32's range), fp16's list in fp16
+(``formats/fp16.py``: the CPU LayerNorm and LogSoftmax kernels keep running sums in fp16). Those modules keep fp32
+weights, like every module promoted to fp32 in these formats.
 """
 
 import dataclasses

@@ -124,10 +124,11 @@ class PrecisionCore:
         defaults = fmt.fp32_defaults if self.options.fp32_defaults else ()
         to_low_precision(model, fmt.weights_dtype, self.decisions.fallback.selected(model, defaults))
 
-    def adopt_optimizers(self, optimizers: list[Optimizer], replaceable: bool = False) -> list[Optimizer]:
+    def adopt_optimizers(self, optimizers: list[Optimizer], keep: str | None = "with Fabric") -> list[Optimizer]:
         """Apply the weights' remedy to the run's optimizers and check their settings (``weights.RunWeights``);
-        returns the optimizers to use (the Trainer may get a library optimizer in place of a torch one)."""
-        return self.weights.adopt(optimizers, replaceable)
+        returns the optimizers to use. ``keep``: why they must not be replaced by a library's (the Trainer may
+        replace a torch one when this is ``None``)."""
+        return self.weights.adopt(optimizers, keep)
 
     def restart(self) -> PrecisionCore:
         """A core for a new fit with the same options: counts, events, promotions, the scale and its history,
@@ -307,7 +308,7 @@ class PrecisionCore:
         """An optimizer first seen at its step (Fabric's): its remedy and checks now."""
         if self.model is not None and not self.weights.knows(optimizer):
             try:
-                self.weights.adopt([optimizer], replaceable=False)
+                self.weights.adopt([optimizer], keep="with Fabric")
             except Exception:
                 self.teardown()  # refused at the first step: nothing of ours (sampling hooks) stays armed
                 raise
@@ -330,13 +331,17 @@ class PrecisionCore:
             self._promotions_seen = len(self.decisions.fallback.promotions)
             self.weights.reconcile()
 
-    def unguarded_step(self, step: Callable[[], Any]) -> Any:
-        """A step the plugin cannot look inside (LBFGS re-evaluates its closure in ``step()``): counted and
-        sampled, run as the framework runs it."""
+    def unguarded_step(self, step: Callable[[], Any], optimizer: Optimizer | None = None) -> Any:
+        """A step the plugin cannot look inside (LBFGS re-evaluates its closure in ``step()``; the guard turned
+        off): counted and sampled, run as the framework runs it; fp32 masters take the gradients just before
+        ``optimizer.step`` and give the weights back just after it."""
         self._open_step()
+        handles = self.weights.around_step(optimizer) if optimizer is not None else []
         try:
             return step()
         finally:
+            for handle in handles:
+                handle.remove()
             self.collect_statistics()
             self._end_step()
 

@@ -97,6 +97,7 @@ def shadow_step(
     """
     wanted = {id(p) for p in params}
     intended_state = {} if intended_state is None else intended_state
+    grad_scale = getattr(optimizer, "grad_scale", None)
     copies: dict[Tensor, Tensor] = {}
     groups = []
     for group in optimizer.param_groups:
@@ -107,6 +108,8 @@ def shadow_step(
         for p in members:
             copy = effective_weight(optimizer, p)
             copy.grad = p.grad.detach().float().clone()
+            if grad_scale is not None:  # a fused optimizer unscales inside its step (GradScaler's fused path)
+                copy.grad.div_(grad_scale.to(copy.grad.device))
             copies[p] = copy
             shadow_params.append(copy)
         settings = {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in group.items() if k != "params"}
@@ -128,6 +131,8 @@ def shadow_step(
                 shadow.state[copy] = {k: None if k == "kahan_comp" else _fp32_copy(v) for k, v in state.items()}
         with torch.no_grad():
             kind.step(shadow)
+    except torch.OutOfMemoryError:
+        raise  # not "unmeasurable": the fp32 copies did not fit, which the user must hear about
     except Exception:  # noqa: BLE001 - an optimizer we cannot copy is not measured, never a failed step
         return None
     for p, copy in copies.items():  # the state the step intends, for the state's own lost updates
@@ -147,9 +152,6 @@ class LostUpdates:
     snapshot the weights before the real step, and measure after it. ``collect()`` then folds the step's figures
     in and returns the modules that crossed ``LOST_LIMIT`` for ``PATIENCE`` samples in a row (each once).
 
-    Args:
-        stored: maps a parameter the optimizer updates to the model's name for it, and to the tensor whose change
-            is judged (the optimizer's own parameter: an fp32 master copy, or the low-precision weight).
     """
 
     def __init__(self) -> None:
@@ -165,7 +167,7 @@ class LostUpdates:
         self.state_history: list[tuple[int, float]] = []  # (optimizer step, the worst state tensor's share) per sample
         self.state_latest: dict[str, float] = {}  # state key (exp_avg, exp_avg_sq, ...) -> its lost share, last sample
         self._unmeasurable: set[str] = set()
-        self._sharded = False  # a measured parameter is a shard (FSDP2's DTensor): figures are summed over ranks
+        self._shards: tuple[list[str], list[str]] | None = None  # FSDP2: (modules, state keys) summed over ranks
 
     @property
     def armed(self) -> bool:
@@ -181,6 +183,11 @@ class LostUpdates:
         (``None``: not measured)."""
         if self._handles:
             return
+        optimizers = list(optimizers)
+        params = [p for optimizer in optimizers for g in optimizer.param_groups for p in g["params"]]
+        if any(hasattr(p, "full_tensor") for p in params):  # what every rank sums in collect, agreed up front
+            keys = {k for o in optimizers for p in o.state for k, v in o.state[p].items() if _moment(v, p)}
+            self._shards = (sorted({m for p in params if (m := names(p))}), sorted(keys))
         for optimizer in optimizers:
             before: dict[Tensor, tuple[Tensor, Tensor]] = {}  # param -> (stored weight, effective weight)
             intended: dict[Tensor, Tensor] = {}
@@ -218,7 +225,6 @@ class LostUpdates:
         """Fold one parameter in: ``start`` / ``intended`` / ``effective`` are the weight before, as the fp32 step
         would make it, and as stored after (plus its compensation); ``moved`` where the stored weight changed."""
         if hasattr(intended, "to_local"):  # a DTensor shard: this rank's elements (summed over ranks in collect)
-            self._sharded = True
             start, intended, effective, moved = (t.to_local() for t in (start, intended, effective, moved))
         u, d = intended - start, effective - start
         if module is None or not (torch.isfinite(u).all() and torch.isfinite(d).all()):
@@ -261,15 +267,17 @@ class LostUpdates:
         self.disarm()
         pending, self._pending = self._pending, {}
         state, self._pending_state = self._pending_state, {}
+        if self._shards is not None:  # FSDP2: each rank measured its own shards; sum them, the same on every rank
+            modules, keys = self._shards
+            flat = [v for m in modules for v in pending.get(m, [0.0] * 4)]
+            flat += [v for k in keys for v in state.get(k, [0.0] * 2)]
+            summed = all_reduce(flat, op="SUM")  # every rank calls it, with the same length (fixed at arm)
+            pending = {m: summed[4 * i : 4 * i + 4] for i, m in enumerate(modules) if summed[4 * i + 1] > 0}
+            offset = 4 * len(modules)
+            state = {k: summed[offset + 2 * j : offset + 2 * j + 2] for j, k in enumerate(keys)}
+            self._shards = None
         if not pending:
             return []
-        if self._sharded:  # each rank measured its own shards: one figure per module, the same on every rank
-            modules = sorted(pending)
-            summed = all_reduce([value for m in modules for value in pending[m]], op="SUM")
-            pending = {m: summed[4 * i : 4 * i + 4] for i, m in enumerate(modules)}
-            keys = sorted(state)
-            summed = all_reduce([value for k in keys for value in state[k]], op="SUM")
-            state = {k: summed[2 * i : 2 * i + 2] for i, k in enumerate(keys)}
         shares = {k: 1.0 - min(max(du / uu, 0.0), 1.0) for k, (du, uu) in state.items() if uu > 0}
         if shares:
             self.state_latest = shares
@@ -325,11 +333,18 @@ class LostUpdates:
             "losing": list(self.losing),
             "worst": dict(self.worst),
             "samples": self.samples,
-            "history": self.history,
+            "history": list(self.history),
+            "state_history": list(self.state_history),
+            "state_latest": dict(self.state_latest),
+            "streak": dict(self._streak),
+            "latest": {m: vars(s).copy() for m, s in self.latest.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = [tuple(point) for point in state.get("history", [])]
+        self.state_latest = dict(state.get("state_latest", {}))
+        self._streak = dict(state.get("streak", {}))
+        self.latest = {m: UpdateSample(**s) for m, s in state.get("latest", {}).items()}
         self.state_history = [tuple(point) for point in state.get("state_history", [])]
         self.losing = list(state.get("losing", []))
         self.worst = dict(state.get("worst", {}))

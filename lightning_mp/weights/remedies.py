@@ -139,6 +139,14 @@ def resolve_remedy(requested: Any, optimizer: Optimizer, weights_dtype: torch.dt
     Stochastic rounding is not chosen for you: at 50% of the bytes it was worse than fp32 by 0.023 accuracy there
     (its Adam moments stay in bf16 and round their updates away). fp16 weights get fp32 masters (the gradients are
     then unscaled in fp32). An explicit choice is returned as it is."""
+    if isinstance(optimizer, torch.optim.LBFGS):  # it keeps its own list of parameters and steps inside step()
+        if requested not in ("auto", None):
+            raise ConfigError(
+                f"AdaptiveMP(master_weights={requested!r}) is invalid with LBFGS: it keeps its own list of the"
+                " parameters and re-evaluates its closure inside step(), so no remedy can stand between; use"
+                " master_weights=None."
+            )
+        return None
     if requested != "auto":
         return requested
     if weights_dtype == torch.float16:
@@ -154,6 +162,13 @@ def resolve_remedy(requested: Any, optimizer: Optimizer, weights_dtype: torch.dt
             return "fp32"
         return "kahan"
     return "fp32"
+
+
+def _upcast(value: Any, param: Tensor) -> Any:
+    """A per-element state tensor of a low-precision weight, in fp32 (exactly) for its fp32 master."""
+    if isinstance(value, Tensor) and value.dtype in LOW and value.shape == param.shape:
+        return value.float()
+    return value
 
 
 class MasterCopies:
@@ -174,8 +189,9 @@ class MasterCopies:
                 if p.dtype in LOW:
                     master = p.detach().float().requires_grad_(p.requires_grad)
                     self.pairs.append((p, master))
-                    if p in optimizer.state:
-                        optimizer.state[master] = optimizer.state.pop(p)
+                    if p in optimizer.state:  # (Fabric: loaded before the first step, cast to the bf16 weight)
+                        state = optimizer.state.pop(p)
+                        optimizer.state[master] = {k: _upcast(v, p) for k, v in state.items()}
                     params.append(master)
                 else:
                     params.append(p)

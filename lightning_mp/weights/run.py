@@ -76,9 +76,11 @@ class RunWeights:
         return any(optimizer is known for known in self.optimizers)
 
     # ------------------------------------------------------------------------------------- optimizers
-    def adopt(self, optimizers: list[Optimizer], replaceable: bool) -> list[Optimizer]:
-        """Apply the remedy to each optimizer and check its settings; returns the optimizers to use (in the
-        Trainer, ``replaceable``, a torch optimizer may be replaced by the library one that applies the remedy)."""
+    def adopt(self, optimizers: list[Optimizer], keep: str | None) -> list[Optimizer]:
+        """Apply the remedy to each optimizer and check its settings; returns the optimizers to use. A torch
+        optimizer may be replaced by the library one that applies the remedy unless ``keep`` says why not
+        (Fabric hands the optimizer to the user before we see it; a scheduler cycles its momentum)."""
+        replaceable = keep is None
         adopted = []
         for index, optimizer in enumerate(optimizers):
             if self.knows(optimizer):
@@ -106,8 +108,9 @@ class RunWeights:
                     else:
                         replacement(optimizer, remedy)  # raises the message naming what to build, if impossible
                         raise ConfigError(
-                            f"AdaptiveMP(master_weights={remedy!r}) needs the optimizer to apply it: with Fabric,"
-                            f" build {_library_hint(remedy)} instead of {type(optimizer).__name__}."
+                            f"AdaptiveMP(master_weights={remedy!r}) needs the optimizer to apply it and cannot"
+                            f" replace {type(optimizer).__name__} ({keep}): build {_library_hint(remedy)} instead, or"
+                            " use master_weights='fp32'."
                         )
                 elif remedy == "fp32":
                     self.masters[id(optimizer)] = MasterCopies(optimizer)
@@ -142,6 +145,15 @@ class RunWeights:
         if self.masters and not distributed():
             for copies in self.masters.values():
                 copies.gather()
+
+    def around_step(self, optimizer: Optimizer) -> list[Any]:
+        """For a step taken without the guard: fp32 masters gather just before ``optimizer.step`` and scatter just
+        after it (optimizer step hooks; the caller removes the returned handles)."""
+        copies = self.masters.get(id(optimizer))
+        if copies is None:
+            return []
+        pre = optimizer.register_step_pre_hook(lambda *_: copies.gather())
+        return [pre, optimizer.register_step_post_hook(lambda *_: copies.scatter())]
 
     def after_step(self, optimizer: Optimizer) -> None:
         """After the step (taken or skipped): the masters rounded into the model's weights."""

@@ -1,5 +1,6 @@
 """The benchmarks' --quick modes run (CI keeps them from rotting); they print figures and assert no timing."""
 
+import json
 import math
 from pathlib import Path
 
@@ -181,3 +182,28 @@ def test_against_judges_a_committed_comparison_against_any_reference(capsys):
     assert by_bf16["int8"] == "within noise of bf16" and "| fp8 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--reference 'fp64' is not in"):
         against.main([path, "--reference", "fp64"])
+
+
+def test_lost_update_cost_smoke_runs_both_optimizers():
+    pytest.importorskip("torchao")
+    from benchmarks import lost_update_cost
+
+    result = lost_update_cost.main(["--dim", "32", "--layers", "1", "--repeats", "2"])
+    assert list(result) == ["AdamW", "stochastic"]
+    assert all(math.isfinite(v) and v > 0 for row in result.values() for k, v in row.items() if k != "sampled_extra_ms")
+
+
+def test_the_committed_low_precision_weights_runs_say_what_the_readme_says():
+    """``benchmarks/results/weights_nlp.json`` (``python -m benchmarks.weights_remedies``): plain bf16 weights are
+    worse than fp32 and lose updates; Kahan and fp32 masters keep them and are within noise."""
+    from lightning_mp.cli.compare import group_by_precision
+    from lightning_mp.cli.verdict import verdict
+
+    rows = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "weights_nlp.json").read_text())
+    groups = group_by_precision(rows)
+    assert verdict(groups["bf16-true"], groups["fp32"]).startswith("worse than fp32")
+    assert all(r["lost_update_share"] > 0.3 for r in groups["bf16-true"])
+    for remedy in ("kahan", "fp32 masters", "bf16 autocast"):
+        assert verdict(groups[remedy], groups["fp32"]) == "within noise of fp32"
+        assert all(r["lost_update_share"] < 0.01 for r in groups[remedy])
+    assert groups["kahan"][0]["state_bytes"]["share_of_fp32"] == pytest.approx(0.625, abs=0.01)

@@ -184,7 +184,7 @@ def test_fabric_wraps_the_users_optimizer_for_fp32_masters_and_asks_for_the_libr
     model, fabric = run("fp32", lambda p: torch.optim.AdamW(p, lr=1e-2))
     plugin = fabric._precision
     assert next(model.parameters()).dtype == torch.bfloat16 and plugin.core.weights.remedy == "fp32"
-    with pytest.raises(ConfigError, match=r"with Fabric, build torchao\.optim\._AdamW"):
+    with pytest.raises(ConfigError, match=r"cannot replace AdamW \(with Fabric\): build torchao\.optim\._AdamW"):
         run("stochastic", lambda p: torch.optim.AdamW(p, lr=1e-2))
     _, fabric = run("stochastic", lambda p: __import__("torchao").optim._AdamW(p, lr=1e-2))
     assert fabric._precision.core.weights.remedy == "stochastic"
@@ -241,3 +241,74 @@ def test_a_bad_step_under_bf16_true_is_skipped_without_a_trace_and_attributed(re
     # skipped means untouched: the same as a run that stops before the poisoned step
     clean, _ = fit(AdaptiveMP("bf16-true", master_weights=remedy), model_cls=TinyRegressor, max_steps=2)
     assert same_weights(poisoned, clean)
+
+
+class ScheduledRegressor(AdamWRegressor):
+    """AdamW under a warm-up then decay (SequentialLR) or a one-cycle schedule that cycles momentum."""
+
+    def __init__(self, schedule, **kwargs):
+        super().__init__(**kwargs)
+        self.schedule = schedule
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        sched = torch.optim.lr_scheduler
+        if self.schedule == "sequential":
+            warm = sched.LinearLR(optimizer, start_factor=0.1, total_iters=2)
+            scheduler = sched.SequentialLR(optimizer, [warm, sched.StepLR(optimizer, 1, 0.5)], milestones=[2])
+        else:
+            scheduler = sched.OneCycleLR(optimizer, max_lr=self.lr, total_steps=10)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_a_replaced_optimizer_is_followed_by_every_scheduler_of_a_sequence():
+    plugin = AdaptiveMP("bf16-true", master_weights="kahan")
+    _, t = fit(plugin, model_cls=lambda: ScheduledRegressor("sequential"), max_steps=6)
+    _, reference = fit(None, model_cls=lambda: ScheduledRegressor("sequential"), max_steps=6)  # fp32, torch's own
+    assert isinstance(t.optimizers[0], optimi.AdamW)
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(reference.optimizers[0].param_groups[0]["lr"])
+
+
+def test_a_schedule_that_cycles_momentum_keeps_the_users_optimizer():
+    plugin = AdaptiveMP("bf16-true")  # auto: optimi would rename betas, which OneCycleLR writes
+    _, t = fit(plugin, model_cls=lambda: ScheduledRegressor("one_cycle"), max_steps=4)
+    assert type(t.optimizers[0]) is torch.optim.AdamW and plugin.core.weights.remedies == ["fp32"]
+    with pytest.raises(ConfigError, match=r"cannot replace AdamW \(OneCycleLR cycles the optimizer's momentum"):
+        fit(AdaptiveMP("bf16-true", master_weights="kahan"), model_cls=lambda: ScheduledRegressor("one_cycle"))
+
+
+def test_lbfgs_under_bf16_true_takes_no_remedy_and_a_remedy_asked_for_is_refused():
+    plugin = AdaptiveMP("bf16-true")
+    fit(plugin, model_cls=lambda: TinyRegressor(optimizer="lbfgs"), max_steps=2)
+    assert plugin.core.weights.remedies == [None]
+    with pytest.raises(ConfigError, match="master_weights='fp32'.* is invalid with LBFGS"):
+        fit(AdaptiveMP("bf16-true", master_weights="fp32"), model_cls=lambda: TinyRegressor(optimizer="lbfgs"))
+
+
+def test_fp32_masters_step_the_weights_without_the_guard_too():
+    guarded, _ = fit(AdaptiveMP("bf16-true", master_weights="fp32"), model_cls=AdamWRegressor, max_steps=3)
+    plugin = AdaptiveMP("bf16-true", master_weights="fp32", guard_nonfinite=False)
+    unguarded, _ = fit(plugin, model_cls=AdamWRegressor, max_steps=3)
+    assert same_weights(unguarded, guarded)
+    torch.manual_seed(0)  # fit's seed: the initial weights
+    assert not same_weights(unguarded, AdamWRegressor().bfloat16())  # and they did move
+
+
+class EyeHead(torch.nn.Module):
+    """A head whose forward makes a tensor of the default dtype (a mask, an identity) and multiplies with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.linear(x @ torch.eye(x.shape[-1]))
+
+
+def test_an_fp32_island_makes_its_own_tensors_in_fp32_under_bf16_true():
+    torch.manual_seed(0)
+    model = AdamWRegressor()
+    model.net[2] = EyeHead()
+    plugin = AdaptiveMP("bf16-true", fp32_modules=["net.2"], master_weights=None)
+    trainer([plugin], max_steps=2).fit(model, loader())  # bf16 eye against fp32 input would raise in mm
+    assert model.net[2].linear.weight.dtype == torch.float32 and model.seen["train"][1] == torch.bfloat16

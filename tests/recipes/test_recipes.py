@@ -224,9 +224,14 @@ def test_num_classes_must_match_the_data(tmp_path):
 # ---------------------------------------------------------------------------------------- compare, CLI
 @pytest.mark.slow
 def test_compare_produces_the_table(tmp_path, capsys):
-    args = ["recipe=nlp", "precisions=fp32,bf16-mixed", "seeds=2", f"output_dir={tmp_path}/run", *COMMON, *TINY["nlp"]]
+    precisions = "precisions=fp32,bf16-mixed,bf16-true"
+    args = ["recipe=nlp", precisions, "seeds=2", f"output_dir={tmp_path}/run", *COMMON, *TINY["nlp"]]
     rows = compare(args)
-    assert [(r["precision"], r["seed"]) for r in rows] == [("fp32", 0), ("fp32", 1), ("bf16", 0), ("bf16", 1)]
+    assert [(r["precision"], r["seed"]) for r in rows] == [
+        ("fp32", 0), ("fp32", 1), ("bf16", 0), ("bf16", 1), ("bf16-true", 0), ("bf16-true", 1)
+    ]  # fmt: skip
+    low = [r for r in rows if r["precision"] == "bf16-true"]
+    rows = [r for r in rows if r["precision"] != "bf16-true"]
     assert all(r["best_val_acc"] is not None for r in rows), "the best validation accuracy is kept per run"
     table = (tmp_path / "compare" / "compare.md").read_text()
     assert "| precision | seeds | final val acc | vs fp32 (detectable) | best val acc |" in table
@@ -238,8 +243,13 @@ def test_compare_produces_the_table(tmp_path, capsys):
         assert row["history"] and row["history"][-1]["val_loss"] == pytest.approx(row["val_loss"])
         assert row["best_val_loss"] == min(p["val_loss"] for p in row["history"])
         assert row["state_bytes"]["weights"] == row["state_bytes"]["gradients"] == 4 * weights
-        assert row["state_bytes"]["optimizer_state"] > 2 * row["state_bytes"]["weights"]  # AdamW: two moments
+        assert row["state_bytes"]["optimizer_state"] == 2 * row["state_bytes"]["weights"]  # AdamW: two moments
         assert row["ms_per_step"] > 0
+    for row in low:  # bf16 weights, gradients and moments, optimi's bf16 Kahan buffer (master_weights="auto")
+        state = row["state_bytes"]
+        assert state["weights"] == state["gradients"] == state["compensation"] == 2 * weights
+        assert state["optimizer_state"] == 4 * weights and state["share_of_fp32"] == pytest.approx(10 / 16)
+    assert "| bf16-true |" in table and "| state vs fp32 |" in table and "| 62% |" in table
     assert (tmp_path / "compare" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "compare" / "compare.json").read_text()) == rows
     assert (tmp_path / "compare" / "fp32" / "seed=1" / "result.json").exists()
