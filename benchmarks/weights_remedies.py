@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--overrides", nargs="*", default=["model.lr=3e-4"])
     parser.add_argument("--stats-every", type=int, default=20)
     parser.add_argument("--name", default=None, help="results file stem (default weights_<recipe>)")
+    parser.add_argument("--replot", action="store_true", help="redraw the table and plot from the saved JSON")
     args = parser.parse_args(argv)
+    if args.replot:
+        rows = json.loads((RESULTS / f"{args.name or f'weights_{args.recipe}'}.json").read_text())
+        write(rows, args)
+        return rows
     rows = []
     common = [*args.overrides, f"+precision.stats_every={args.stats_every}"]
     with tempfile.TemporaryDirectory(prefix="lmp-weights-") as tmp:
@@ -127,15 +132,21 @@ def _plot(groups: dict[str, list[dict]], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, (ax, ax_lost) = plt.subplots(1, 2, figsize=(13, 5))
     for index, (name, runs) in enumerate(groups.items()):
         for k, run in enumerate(runs):
             points = [p for p in run["history"] if "val_loss" in p]
             ax.plot([p["step"] for p in points], [p["val_loss"] for p in points], color=f"C{index}",
                     alpha=0.8, label=name if k == 0 else None)  # fmt: skip
+            lost = run.get("lost_update_history") or []
+            ax_lost.plot([s for s, _ in lost], [100 * v for _, v in lost], color=f"C{index}", alpha=0.8,
+                         label=name if k == 0 else None)  # fmt: skip
     ax.set(xlabel="optimizer step", ylabel="held-out loss", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax_lost.set(xlabel="optimizer step", ylabel="% of the intended update lost (weights)",
+                title="lost updates on sampled steps (the LR warms up, then decays)")  # fmt: skip
+    for axes in (ax, ax_lost):
+        axes.grid(alpha=0.3)
+        axes.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
