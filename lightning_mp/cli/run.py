@@ -114,7 +114,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         "master_weights": plugin.core.weights.remedy,
         "lost_updates": plugin.core.weights.lost.summary(),
         "lost_update_share": plugin.core.weights.lost.mean(),  # over the run's samples
-        "lost_update_history": plugin.core.weights.lost.history,  # [[step, share], ...]
+        "lost_update_history": [list(point) for point in plugin.core.weights.lost.history],  # [[step, share]]
         # the same for the optimizer's per-element state (Adam's moments), over the run's samples
         "state_lost_update_share": plugin.core.weights.lost.state_mean(),
         "skipped_steps": plugin.skipped_steps,

@@ -251,7 +251,7 @@ def test_compare_produces_the_table(tmp_path, capsys):
         assert state["optimizer_state"] == 4 * weights and state["share_of_fp32"] == pytest.approx(10 / 16)
     assert "| bf16-true |" in table and "| state vs fp32 |" in table and "| 62% |" in table
     assert (tmp_path / "compare" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((tmp_path / "compare" / "compare.json").read_text()) == rows
+    assert json.loads((tmp_path / "compare" / "compare.json").read_text()) == [*rows, *low]
     assert (tmp_path / "compare" / "fp32" / "seed=1" / "result.json").exists()
     assert "precision comparison, 2 seed(s) each" in capsys.readouterr().out
     assert main(["compare", *args]) == 2, "an earlier comparison is not replaced without overwrite=true"
@@ -262,8 +262,8 @@ def test_compare_produces_the_table(tmp_path, capsys):
     capsys.readouterr()
     resumed = compare(args)
     out = capsys.readouterr().out
-    assert out.count("kept, finished earlier with the same config") == 3
-    assert "[4/4] nlp under bf16, seed 1 -> " in out
+    assert out.count("kept, finished earlier with the same config") == 5
+    assert "[4/6] nlp under bf16, seed 1 -> " in out
     assert resumed[:3] == rows[:3] and resumed[3]["val_loss"] == pytest.approx(rows[3]["val_loss"], abs=1e-6)
     # a run whose config differs in anything (here one data setting) is trained again, not mixed in
     run_dir = tmp_path / "compare" / "fp32" / "seed=0"
