@@ -85,7 +85,7 @@ def care_messages(optimizer: Optimizer, remedied: bool, name: str = "optimizer")
                 messages.append(
                     f"AdaptiveMP: {where} has lr={lr:g}, below half a unit in the last place of {share:.0%} of its"
                     f" {str(dtype)[6:]} weights: its first updates round away. Use master_weights='auto' (or"
-                    " 'stochastic', 'kahan', 'fp32'), or a larger lr."
+                    " 'kahan', 'fp32', 'stochastic'), or a larger lr (a warm-up's first rates are the smallest)."
                 )
         decay = float(group.get("weight_decay", 0.0))
         decoupled = kind == "AdamW" or group.get("decoupled_weight_decay") or group.get("decouple_wd")
