@@ -202,6 +202,12 @@ class RunWeights:
     # ------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"lost_updates": self.lost.state_dict(), "memory": dict(self.memory)}
+        if self.dtype is not None and self.model is not None:
+            # fp32 islands' weights, exactly: a resumed run converts the model before it re-applies the run-time
+            # promotions, which would round these once (fp32 -> bf16 -> fp32)
+            state["fp32_weights"] = {
+                name: p.detach().clone() for name, p in self.model.named_parameters() if p.dtype == torch.float32
+            }
         masters = {i: self.masters[id(o)].state_dict() for i, o in enumerate(self.optimizers) if id(o) in self.masters}
         if masters:
             state["master_weights"] = masters
@@ -213,6 +219,13 @@ class RunWeights:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lost.load_state_dict(state.get("lost_updates", {}))
+        if self.model is not None and state.get("fp32_weights"):
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, saved in state["fp32_weights"].items():
+                    param = params.get(name)
+                    if param is not None and param.dtype == torch.float32 and param.shape == saved.shape:
+                        param.copy_(saved)  # promoted again just before this (core.load_state_dict)
         self.memory = dict(state.get("memory", {})) or self.memory
         masters = state.get("master_weights", {})
         if masters and not self.optimizers:

@@ -312,3 +312,21 @@ def test_an_fp32_island_makes_its_own_tensors_in_fp32_under_bf16_true():
     plugin = AdaptiveMP("bf16-true", fp32_modules=["net.2"], master_weights=None)
     trainer([plugin], max_steps=2).fit(model, loader())  # bf16 eye against fp32 input would raise in mm
     assert model.net[2].linear.weight.dtype == torch.float32 and model.seen["train"][1] == torch.bfloat16
+
+
+def test_a_run_resumed_after_a_promotion_keeps_the_promoted_modules_exact_fp32_weights(tmp_path):
+    def run(max_epochs, ckpt_path=None, promote=True):
+        plugin = AdaptiveMP("bf16-true", master_weights=None)
+        torch.manual_seed(0)
+        model = AdamWRegressor()
+        callbacks = [PromoteAt(step=1)] if promote else []
+        t = trainer([plugin], max_steps=-1, max_epochs=max_epochs, callbacks=callbacks)
+        t.fit(model, loader(), ckpt_path=ckpt_path)
+        return model, t
+
+    straight, _ = run(2)
+    half, t = run(1)
+    t.save_checkpoint(tmp_path / "promoted.ckpt")
+    resumed, t2 = run(2, tmp_path / "promoted.ckpt", promote=False)  # the checkpoint re-applies the promotion
+    assert resumed.net[2].weight.dtype == torch.float32 and "net.2" in t2.precision_plugin.fp32_modules
+    assert same_weights(resumed, straight)
