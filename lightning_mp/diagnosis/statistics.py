@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_mp._compat import tensor_version
 from lightning_mp._grads import all_reduce, local
@@ -151,12 +152,14 @@ class Sampler:
             return True
         return False
 
-    def collect(self, model: nn.Module, scale: float, dtype: torch.dtype) -> float | None:
+    def collect(
+        self, model: nn.Module, scale: float, dtype: torch.dtype, grad_of: Callable[[Tensor], Any] | None = None
+    ) -> float | None:
         """Fold a sampled step in; the largest gradient measured inside its backward (agreed across ranks), or
         ``None`` on a step that was not sampled or did not measure it."""
         if not self.statistics.active:
             return None
-        self.statistics.collect(model, scale, dtype)
+        self.statistics.collect(model, scale, dtype, grad_of)
         value = self.statistics.backward_amax
         if value is None:
             return None
@@ -266,14 +269,19 @@ class ModuleStatistics:
         self._hooks.remove()
         self.discard()
 
-    def collect(self, model: nn.Module, scale: float, dtype: torch.dtype) -> None:
+    def collect(
+        self, model: nn.Module, scale: float, dtype: torch.dtype, grad_of: Callable[[Tensor], Any] | None = None
+    ) -> None:
         """After backward (before the optimizer step): fold this step's values into the running stats.
 
         Args:
             model: the model the hooks were armed on; its parameter gradients must be unscaled already.
             scale: the loss scale the backward ran with (1.0 without a scaler).
             dtype: the low-precision dtype headroom and underflow are judged against.
+            grad_of: where a parameter's gradient is (``p.grad`` when ``None``; an fp32 master's when the model's
+                gradients moved there: ``weights.RunWeights.grad_of``).
         """
+        grad_of = grad_of or (lambda p: p.grad)
         if not self.active:
             return
         self._hooks.remove()
@@ -282,7 +290,7 @@ class ModuleStatistics:
         measure_range = _max_exponent(dtype) < _max_exponent(torch.float32)  # fp16, not bf16 or fp32
         under_keys, under = [], []
         for fqn, module in model.named_modules() if measure_range or measure_underflow else ():
-            grads = [local(p.grad) for p in module.parameters(recurse=False) if p.grad is not None]
+            grads = [local(g) for p in module.parameters(recurse=False) if (g := grad_of(p)) is not None]
             if not fqn or not grads:
                 continue
             if measure_range:

@@ -395,7 +395,8 @@ class PrecisionCore:
             if not self.statistics.active:
                 return  # not a sampled step
             stepper = self.stepper
-            amax = self.sampler.collect(self.model, stepper.scale or 1.0, self.setting.stats_dtype)
+            grad_of = self.weights.grad_of if self.weights.masters else None  # fp32 masters hold the gradients
+            amax = self.sampler.collect(self.model, stepper.scale or 1.0, self.setting.stats_dtype, grad_of)
             if amax is not None and stepper.wants_backward_amax():
                 stepper.observe_backward_amax(amax)
 

@@ -62,6 +62,7 @@ class RunWeights:
         self.lost = LostUpdates()
         self.memory: dict[str, Any] = {}
         self._names: Callable[[torch.Tensor], str | None] | None = None
+        self._masters_by_param: dict[int, torch.Tensor] | None = None
         self._pending_state: dict[str, Any] | None = None  # loaded before the optimizers were known (Fabric)
 
     def setup(self, model: nn.Module, weights_dtype: torch.dtype | None) -> None:
@@ -119,7 +120,7 @@ class RunWeights:
             self.optimizers.append(optimizer)
             self.remedies.append(remedy)
             adopted.append(optimizer)
-        self._names = None
+        self._names = self._masters_by_param = None
         if self._pending_state is not None:
             self.load_state_dict(self._pending_state)
         return adopted
@@ -145,6 +146,18 @@ class RunWeights:
         if self.masters and not distributed():
             for copies in self.masters.values():
                 copies.gather()
+
+    def grad_of(self, param: torch.Tensor) -> torch.Tensor | None:
+        """A model parameter's gradient where it is now: its fp32 master's once moved there (unscaled with it)."""
+        if param.grad is not None:
+            return param.grad
+        master = self._master_of().get(id(param))
+        return master.grad if master is not None else None
+
+    def _master_of(self) -> dict[int, torch.Tensor]:
+        if self._masters_by_param is None:
+            self._masters_by_param = {id(p): m for copies in self.masters.values() for p, m in copies.pairs}
+        return self._masters_by_param
 
     def around_step(self, optimizer: Optimizer) -> list[Any]:
         """For a step taken without the guard: fp32 masters gather just before ``optimizer.step`` and scatter just

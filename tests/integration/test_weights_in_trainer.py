@@ -116,6 +116,8 @@ def test_16_true_scales_the_loss_so_gradients_under_fp16s_range_still_train():
     plugin = AdaptiveMP("16-true")
     ours, _ = fit(plugin, model_cls=lambda: TinyGradients(lr=1e4))
     assert plugin.scaler is not None and plugin.core.weights.remedy == "fp32"
+    gradients = plugin.statistics.summary(plugin.stats_dtype)["net.0"]  # read from the masters, where they moved
+    assert gradients["grad_amax"] is not None and gradients["underflow_fraction"] is not None
     for p, r, s in zip(ours.parameters(), reference.parameters(), start):
         moved, wanted = (p.float() - s).abs().sum(), (r - s).abs().sum()
         assert moved > 0.5 * wanted  # it learns what fp32 learns (fp16 rounding apart)
