@@ -49,7 +49,6 @@ from typing_extensions import override
 
 from lightning_mp._compat import convert_fp_tensor, optimizer_handles_unscaling
 from lightning_mp.formats import PrecisionName
-from lightning_mp.formats.base import default_dtype
 from lightning_mp.options import FABRIC_KNOBS, PluginOptions, args_doc
 from lightning_mp.reporting.report import (
     build_report,
@@ -128,13 +127,11 @@ class AdaptiveMP(CoreView, Precision):
 
     @override
     def tensor_init_context(self) -> contextlib.AbstractContextManager:
-        """``fabric.init_module()``: low-precision weights are created in their dtype (as ``HalfPrecision``)."""
-        dtype = self.core.setting.weights_dtype
-        return default_dtype(dtype) if dtype is not None else contextlib.nullcontext()
+        return self.core.setting.init_context()  # ``fabric.init_module()``
 
     @override
     def module_init_context(self) -> contextlib.AbstractContextManager:
-        return self.tensor_init_context()
+        return self.core.setting.init_context()
 
     def _ensure_set_up(self) -> None:
         if not self._set_up and self._module is not None:

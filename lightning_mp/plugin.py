@@ -39,7 +39,6 @@ from lightning_mp._compat import (
     wrap_training_step,
 )
 from lightning_mp.formats import PrecisionName, cpu_has_native_bf16, resolve_auto_precision
-from lightning_mp.formats.base import default_dtype
 from lightning_mp.options import KNOBS, PluginOptions, args_doc
 from lightning_mp.reporting.warnings import EventWarnings
 from lightning_mp.scaling import AdaptiveLossScaler
@@ -122,13 +121,11 @@ class AdaptiveMP(CoreView, Precision):
 
     @override
     def tensor_init_context(self) -> contextlib.AbstractContextManager:
-        """``Trainer.init_module()``: low-precision weights are created in their dtype (as ``HalfPrecision``)."""
-        dtype = self.core.setting.weights_dtype
-        return default_dtype(dtype) if dtype is not None else contextlib.nullcontext()
+        return self.core.setting.init_context()  # ``Trainer.init_module()``
 
     @override
     def module_init_context(self) -> contextlib.AbstractContextManager:
-        return self.tensor_init_context()
+        return self.core.setting.init_context()
 
     @override
     def connect(

@@ -17,6 +17,7 @@ import torch
 from lightning_mp._compat import scaler_device
 from lightning_mp.errors import ConfigError
 from lightning_mp.formats import Format, default_device, format_of, resolve_auto_precision
+from lightning_mp.formats.base import default_dtype
 from lightning_mp.options import PluginOptions
 from lightning_mp.scaling import AdaptiveLossScaler
 from lightning_mp.scaling.stepper import GuardedStep, ScaledStep
@@ -122,6 +123,12 @@ class RunPrecision:
     @property
     def autocast_dtype(self) -> Any:
         return self.format.autocast_dtype if self.format is not None else None
+
+    def init_context(self) -> contextlib.AbstractContextManager:
+        """Where a model is built (``Trainer.init_module()``, ``fabric.init_module()``): low-precision weights are
+        created in their dtype, as Lightning's ``HalfPrecision`` does; nothing otherwise."""
+        dtype = self.weights_dtype
+        return default_dtype(dtype) if dtype is not None else contextlib.nullcontext()
 
     @property
     def input_dtype(self) -> Any:
