@@ -332,3 +332,12 @@ def test_a_run_resumed_after_a_promotion_keeps_the_promoted_modules_exact_fp32_w
     resumed, t2 = run(2, tmp_path / "promoted.ckpt", promote=False)  # the checkpoint re-applies the promotion
     assert resumed.net[2].weight.dtype == torch.float32 and "net.2" in t2.precision_plugin.fp32_modules
     assert same_weights(resumed, straight)
+
+
+def test_init_module_creates_low_precision_weights_in_their_dtype():
+    t = trainer([AdaptiveMP("bf16-true")])
+    with t.init_module():
+        layer = torch.nn.Linear(2, 2)
+    assert layer.weight.dtype == torch.bfloat16 and torch.get_default_dtype() == torch.float32
+    with trainer([AdaptiveMP("bf16-mixed")]).init_module():
+        assert torch.nn.Linear(2, 2).weight.dtype == torch.float32  # autocast keeps fp32 weights
