@@ -200,6 +200,13 @@ class PluginOptions:
             require_torchao(precision)
         if self.master_weights not in MASTER_WEIGHTS:
             raise _invalid("master_weights", self.master_weights, f"must be one of {MASTER_WEIGHTS}.")
+        if self.master_weights != "auto" and precision not in ("bf16-true", "16-true"):
+            raise _invalid(
+                "master_weights",
+                self.master_weights,
+                f"precision={precision!r} keeps fp32 weights: only 'bf16-true' and '16-true' have low-precision weights"
+                " to remedy; leave it 'auto'.",
+            )
         if self.master_weights == "stochastic" and precision == "16-true":
             raise _invalid(
                 "master_weights",

@@ -88,6 +88,7 @@ class PrecisionCore:
         self.scales = ScaleHistory()  # the loss scale after every optimizer step (fp16), for the report's plot
         self.weights = RunWeights(options.master_weights, self.warn)  # remedies, lost updates, optimizer care
         self._promotions_seen = 0  # promotions whose weights' optimizer state was reconciled
+        self._sampled_batch = False  # this batch's statistics were sampled: its optimizer steps measure lost updates
         self.model: nn.Module | None = None
         self._step_open = False  # an optimizer step has begun (counted) and not ended
         self._unscaled: set[int] = set()  # id(optimizer): unscaled in this step
@@ -196,6 +197,7 @@ class PrecisionCore:
             if self.guard.pending is not None:
                 self.settle_pending()
             self.batch.begin_if_due(self.model, self.setting.device, self.rescue_enabled)
+            self._sampled_batch = False  # a new batch: sampled or not is decided by its first micro-batch
         if not self._step_open:
             self._open_step()
 
@@ -290,7 +292,6 @@ class PrecisionCore:
         self._adopt(optimizer)
         try:
             result = self.run_closure(closure) if closure is not None else None
-            sampled = self.statistics.active  # the closure's forward began the micro-batch (Lightning's)
             skip_backward = closure is not None and automatic and result is None
             if not skip_backward:
                 rescued = self._unscale(optimizer, rerun if automatic else None)
@@ -300,7 +301,7 @@ class PrecisionCore:
                 before_update()
             if skip_backward:
                 return StepOutcome(result, None, stepped=False)
-            return StepOutcome(result, self._step(optimizer, kwargs, sampled), stepped=True)
+            return StepOutcome(result, self._step(optimizer, kwargs), stepped=True)
         finally:
             self._end_step()
 
@@ -313,18 +314,20 @@ class PrecisionCore:
                 self.teardown()  # refused at the first step: nothing of ours (sampling hooks) stays armed
                 raise
 
-    def _step(self, optimizer: Optimizer, kwargs: dict[str, Any], sampled: bool) -> Any:
+    def _step(self, optimizer: Optimizer, kwargs: dict[str, Any]) -> Any:
         """Step or skip, with the weights' side around it: promoted weights' state in fp32, lost updates measured
-        on a sampled step, masters rounded into the model's weights after it."""
+        on a sampled batch (every optimizer it steps; again on the next step when it measured nothing, e.g. a
+        warm-up at lr 0), masters rounded into the model's weights after it."""
         self._reconcile()
-        if sampled and (self.weights.dtype is not None or not self.weights.lost.samples):
+        lost = self.weights.lost
+        if (self._sampled_batch or lost.retry) and (self.weights.dtype is not None or not lost.samples):
             # Every sampled step with low-precision weights; with fp32 weights (autocast) the first only, where
             # it reads ~0 (the check that the measure is right) and costs nothing after (1% of step time at every
             # 100th step otherwise: python -m benchmarks.lost_update_cost).
             self.weights.arm(optimizer)
         output = self.guard.step_or_skip(optimizer, kwargs)
         self.weights.after_step(optimizer)
-        self.weights.measure_memory()
+        self.weights.measure_memory(optimizer)
         self._reconcile()
         return output
 
@@ -394,6 +397,7 @@ class PrecisionCore:
         if self.model is not None:
             if not self.statistics.active:
                 return  # not a sampled step
+            self._sampled_batch = True  # every optimizer step of this batch measures its lost updates
             stepper = self.stepper
             grad_of = self.weights.grad_of if self.weights.masters else None  # fp32 masters hold the gradients
             amax = self.sampler.collect(self.model, stepper.scale or 1.0, self.setting.stats_dtype, grad_of)

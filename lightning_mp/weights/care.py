@@ -76,15 +76,17 @@ def care_messages(optimizer: Optimizer, remedied: bool, name: str = "optimizer")
         if remedied or not low:
             continue
         dtype = low[0].dtype
-        lr = float(group.get("lr", 0.0))
+        lr, lr_name = float(group.get("lr", 0.0)), "lr"
+        if lr == 0 and group.get("initial_lr"):  # a warm-up from 0 (Hugging Face's schedules): its peak rate
+            lr, lr_name = float(group["initial_lr"]), "initial_lr (the schedule's peak; it warms up from 0)"
         adaptive = "betas" in group or "beta1" in group  # Adam-style: a per-element step of about lr
         if adaptive and lr > 0:
             weights = torch.cat([p.detach().flatten() for p in low])
             share = half_ulp_share(weights, lr)
             if share >= LOST_LIMIT:
                 messages.append(
-                    f"AdaptiveMP: {where} has lr={lr:g}, below half a unit in the last place of {share:.0%} of its"
-                    f" {str(dtype)[6:]} weights: its first updates round away. Use master_weights='auto' (or"
+                    f"AdaptiveMP: {where} has {lr_name}={lr:g}, below half a unit in the last place of {share:.0%}"
+                    f" of its {str(dtype)[6:]} weights: its first updates round away. Use master_weights='auto' (or"
                     " 'kahan', 'fp32', 'stochastic'), or a larger lr (a warm-up's first rates are the smallest)."
                 )
         decay = float(group.get("weight_decay", 0.0))

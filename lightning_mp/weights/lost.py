@@ -159,6 +159,7 @@ class LostUpdates:
         self.worst: dict[str, float] = {}  # module -> highest lost share seen
         self.losing: list[str] = []  # modules that crossed the limit for PATIENCE samples, in order
         self.samples = 0
+        self.retry = False  # the last armed step measured nothing: arm the next one too
         self.history: list[tuple[int, float]] = []  # (optimizer step, overall lost share) per sample
         self._streak: dict[str, int] = {}
         self._handles: list[Any] = []
@@ -276,15 +277,16 @@ class LostUpdates:
             offset = 4 * len(modules)
             state = {k: summed[offset + 2 * j : offset + 2 * j + 2] for j, k in enumerate(keys)}
             self._shards = None
-        if not pending:
+        if not any(asked > 0 and uu > 0 for _, asked, _, uu in pending.values()):
+            self.retry = True  # nothing asked to move (a warm-up at lr 0, a skipped step): measure the next step
             return []
+        self.retry = False
         shares = {k: 1.0 - min(max(du / uu, 0.0), 1.0) for k, (du, uu) in state.items() if uu > 0}
         if shares:
             self.state_latest = shares
             self.state_history.append((step, max(shares.values())))
         self.samples += 1
-        self.latest = {}
-        new = []
+        new = []  # (latest keeps each module's last sample: a batch's optimizers each fold their modules in)
         for module, (unchanged, asked, du, uu) in pending.items():
             if asked == 0 or uu == 0:
                 continue

@@ -61,6 +61,7 @@ class RunWeights:
         self.masters: dict[int, MasterCopies] = {}  # id(optimizer) -> its fp32 masters
         self.lost = LostUpdates()
         self.memory: dict[str, Any] = {}
+        self._measured: list[Optimizer] = []  # optimizers whose first step the memory figures include
         self._names: Callable[[torch.Tensor], str | None] | None = None
         self._masters_by_param: dict[int, torch.Tensor] | None = None
         self._pending_state: dict[str, Any] | None = None  # loaded before the optimizers were known (Fabric)
@@ -115,6 +116,12 @@ class RunWeights:
                         )
                 elif remedy == "fp32":
                     self.masters[id(optimizer)] = MasterCopies(optimizer)
+                    if self.requested == "auto" and not replaceable and _has_kahan(optimizer):
+                        self.warn(
+                            f"AdaptiveMP(master_weights='auto') keeps your {type(optimizer).__name__} with fp32 master"
+                            f" copies (more bytes than fp32 training) because it cannot replace it ({keep}); build"
+                            f" {_library_hint('kahan')} for Kahan summation at 62% of fp32's bytes."
+                        )
             for message in care_messages(optimizer, remedied=remedy is not None, name=f"optimizer {index}"):
                 self.warn(message)
             self.optimizers.append(optimizer)
@@ -205,12 +212,20 @@ class RunWeights:
         if losing:
             self.warn(losing_message(losing, self.lost, self.remedy, self.dtype))
 
-    def measure_memory(self) -> None:
-        """The training state's bytes (once, at the first step: gradients and optimizer state exist then)."""
-        if self.model is None or self.memory:
+    def measure_memory(self, optimizer: Optimizer) -> None:
+        """The training state's bytes, after each optimizer's first step (its state exists then; a GAN's second
+        optimizer steps after the first): the gradients are the most held at any of those steps."""
+        if self.model is None or any(optimizer is seen for seen in self._measured):
             return
+        self._measured.append(optimizer)
         masters = [m for copies in self.masters.values() for _, m in copies.pairs]
-        self.memory = training_state_bytes(self.model, self.optimizers, masters)
+        figures = training_state_bytes(self.model, self.optimizers, masters)
+        gradients = max(figures["gradients"], self.memory.get("gradients", 0))
+        figures["total"] += gradients - figures["gradients"]
+        figures["fp32_total"] = max(figures["fp32_total"], self.memory.get("fp32_total", 0))
+        figures["gradients"] = gradients
+        figures["share_of_fp32"] = figures["total"] / figures["fp32_total"] if figures["fp32_total"] else 1.0
+        self.memory = figures
 
     # ------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -260,7 +275,16 @@ class RunWeights:
 def _library_hint(remedy: str) -> str:
     if remedy == "stochastic":
         return "torchao.optim._AdamW(..., bf16_stochastic_round=True)"
-    return "an optimi optimizer (pip install torch-optimi: optimi.AdamW, optimi.SGD, ...)"
+    return "the optimi equivalent (optimi.AdamW, optimi.Adam, optimi.SGD, ...)"
+
+
+def _has_kahan(optimizer: Optimizer) -> bool:
+    """optimi has an equivalent of ``optimizer`` (what ``"kahan"`` would use if it could replace it)."""
+    try:
+        replacement(optimizer, "kahan")
+    except (ConfigError, ImportError):
+        return False
+    return True
 
 
 def losing_message(modules: list[str], lost: LostUpdates, remedy: Any, dtype: torch.dtype | None) -> str:

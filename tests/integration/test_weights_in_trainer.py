@@ -183,6 +183,8 @@ def test_fabric_wraps_the_users_optimizer_for_fp32_masters_and_asks_for_the_libr
             optimizer.step()
         return model, fabric
 
+    with pytest.warns(UserWarning, match=r"keeps your AdamW with fp32 master copies .* \(with Fabric\); build the"):
+        run("auto", lambda p: torch.optim.AdamW(p, lr=1e-2))  # says what would save the memory
     model, fabric = run("fp32", lambda p: torch.optim.AdamW(p, lr=1e-2))
     plugin = fabric._precision
     assert next(model.parameters()).dtype == torch.bfloat16 and plugin.core.weights.remedy == "fp32"
@@ -341,3 +343,73 @@ def test_init_module_creates_low_precision_weights_in_their_dtype():
     assert layer.weight.dtype == torch.bfloat16 and torch.get_default_dtype() == torch.float32
     with trainer([AdaptiveMP("bf16-mixed")]).init_module():
         assert torch.nn.Linear(2, 2).weight.dtype == torch.float32  # autocast keeps fp32 weights
+
+
+class WarmFromZero(AdamWRegressor):
+    """Hugging Face's schedules: the learning rate warms up from 0 (the first step moves nothing)."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(step / 3, 1.0))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def test_a_warm_up_from_zero_is_measured_on_the_next_step_and_checked_at_its_peak():
+    plugin = AdaptiveMP("bf16-true", master_weights=None)  # samples every 100th step: only the first here
+    with pytest.warns(UserWarning, match=r"initial_lr \(the schedule's peak; it warms up from 0\)=1e-05"):
+        fit(plugin, model_cls=lambda: WarmFromZero(lr=1e-5), max_steps=4)
+    assert [step for step, _ in plugin.core.weights.lost.history] == [2]  # step 1 moved nothing: measured step 2
+    assert plugin.core.weights.lost.mean() > 0.5
+
+
+class TwoOptimizers(TinyRegressor):
+    """Manual optimization stepping two networks' optimizers in one batch (a GAN's shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.other = torch.nn.Linear(4, 4)
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        x, y = batch
+        for opt, loss in (
+            (first, F.mse_loss(self(x).float(), y.float())),
+            (second, self.other(x).float().pow(2).mean()),
+        ):
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.net.parameters(), lr=1e-5), torch.optim.AdamW(self.other.parameters(), lr=1e-5)
+
+
+def test_every_optimizer_of_a_sampled_batch_is_measured_and_counted():
+    plugin = AdaptiveMP("bf16-true", master_weights=None)
+    fit(plugin, model_cls=TwoOptimizers, max_steps=2)
+    assert {"net.0", "net.2", "other"} <= set(plugin.core.weights.lost.summary())
+    memory = plugin.core.weights.memory
+    assert memory["share_of_fp32"] == pytest.approx(0.5)  # bf16 weights, gradients and both AdamWs' moments
+    assert memory["optimizer_state"] == 2 * memory["weights"]
+
+
+def test_fabric_measures_a_step_whose_gradients_were_clipped_first():
+    from lightning_mp.fabric import AdaptiveMP as FabricMP
+
+    plugin = FabricMP("bf16-true", master_weights="fp32")
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[plugin])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    model, optimizer = fabric.setup(model, torch.optim.AdamW(model.parameters(), lr=1e-2))
+    for x, y in loader():
+        optimizer.zero_grad()
+        fabric.backward(F.mse_loss(model(x).float(), y))
+        fabric.clip_gradients(model, optimizer, max_norm=1.0)
+        optimizer.step()
+    assert plugin.core.weights.lost.samples == 1 and plugin.core.weights.lost.mean() == 0.0
+
+
+def test_master_weights_is_refused_where_the_weights_are_fp32():
+    with pytest.raises(ConfigError, match=r"master_weights='fp32'\) is invalid: precision='bf16-mixed' keeps fp32"):
+        AdaptiveMP("bf16-mixed", master_weights="fp32")
