@@ -52,11 +52,9 @@ from lightning_mp.formats import PrecisionName
 from lightning_mp.options import FABRIC_KNOBS, PluginOptions, args_doc
 from lightning_mp.reporting.report import (
     build_report,
-    headroom_metrics,
-    lost_update_metrics,
-    low_bit_metrics,
     render_table,
     run_metrics,
+    sampled_metrics,
     write_report,
 )
 from lightning_mp.reporting.warnings import EventWarnings
@@ -249,12 +247,7 @@ class AdaptiveMP(CoreView, Precision):
         ``precision/skipped_steps``, ``precision/overflow_events``, ``precision/fp32_modules`` and, once
         statistics were sampled, ``precision/headroom_bits/<fqn>`` and ``precision/underflow/<fqn>`` for the
         ``top_k`` modules with the least headroom. Host numbers only: no device sync."""
-        metrics = run_metrics(self)
-        if self.core.statistics.samples_taken:
-            metrics.update(headroom_metrics(self.core.statistics.summary(self.stats_dtype), top_k))
-        metrics.update(lost_update_metrics(self, top_k))
-        metrics.update(low_bit_metrics(self))  # fp8/int8: each layer's latest signal-to-noise and underflow
-        return metrics
+        return {**run_metrics(self), **sampled_metrics(self, top_k)}
 
     def report(self, directory: str | Path = ".", console: bool = False) -> dict[str, Path]:
         """Write ``precision_report.{json,md,png}`` into ``directory`` (what the Trainer's ``PrecisionReport``

@@ -24,11 +24,9 @@ from lightning_mp.plugin import adaptive_plugin as _plugin
 from lightning_mp.reporting.history import ScaleHistory
 from lightning_mp.reporting.report import (
     build_report,
-    headroom_metrics,
-    lost_update_metrics,
-    low_bit_metrics,
     render_table,
     run_metrics,
+    sampled_metrics,
     write_report,
 )
 
@@ -119,9 +117,7 @@ class OverflowDiagnostics(pl.Callback):
         self._samples_seen = samples
         if not trainer.loggers:
             return  # nothing to log to: do not build the figures
-        metrics = headroom_metrics(plugin.statistics.summary(plugin.stats_dtype), self.top_k)
-        metrics.update(low_bit_metrics(plugin))
-        metrics.update(lost_update_metrics(plugin, self.top_k))
+        metrics = sampled_metrics(plugin, self.top_k)
         if metrics:
             _log(trainer, metrics)
 

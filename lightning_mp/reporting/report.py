@@ -50,6 +50,7 @@ __all__ = [
     "headroom_metrics",
     "low_bit_metrics",
     "lost_update_metrics",
+    "sampled_metrics",
     "low_bit_summary",
     "run_metrics",
     "render_markdown",
@@ -117,6 +118,17 @@ def _weights_section(plugin: Any) -> dict[str, Any]:
         "state_lost_update_mean": weights.lost.state_mean(),
         "losing": list(weights.lost.losing),
     }
+
+
+def sampled_metrics(plugin: Any, top_k: int) -> dict[str, float]:
+    """What a sampled step adds to the logs: headroom and underflow of the ``top_k`` modules with the least
+    headroom (once statistics were sampled), fp8/int8 layers' figures, and lost updates."""
+    metrics = {}
+    if plugin.statistics.samples_taken:
+        metrics.update(headroom_metrics(plugin.statistics.summary(plugin.stats_dtype), top_k))
+    metrics.update(lost_update_metrics(plugin, top_k))
+    metrics.update(low_bit_metrics(plugin))  # fp8/int8: each layer's latest signal-to-noise and underflow
+    return metrics
 
 
 def lost_update_metrics(plugin: Any, top_k: int) -> dict[str, float]:
