@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lightning_mp.fallback.filters import ModuleFilter
-from lightning_mp.formats.base import default_dtype
+from lightning_mp.formats.base import cast_own_tensors, default_dtype
 
 __all__ = ["SCOPES", "Scope", "apply_fp32", "fp32", "is_fp32_island", "island_scope", "remove_fp32"]
 
@@ -245,25 +245,11 @@ def apply_fp32(
                 module.forward = _OwnCodeForward(module.forward, device_type, module, low_dtype)
             else:
                 module.forward = _Fp32Forward(module.forward, device_type, low_dtype)
-            if low_dtype is not None:
-                _weights_to_fp32(module, recurse=scope == "module")
+            if low_dtype is not None:  # fp32 weights: all of a module island's, an own-code island's own only
+                for each in module.modules() if scope == "module" else [module]:
+                    cast_own_tensors(each, torch.float32)
             converted.append(fqn)
     return converted
-
-
-def _weights_to_fp32(module: nn.Module, recurse: bool) -> None:
-    """The module's floating parameters and buffers in fp32, in place (``.data``: the optimizer keeps its
-    ``Parameter`` objects); its own only when ``recurse`` is False (an own-code island's children stay low)."""
-    modules = module.modules() if recurse else [module]
-    with torch.no_grad():
-        for each in modules:
-            for tensors in (each._parameters, each._buffers):
-                for tensor in tensors.values():
-                    if tensor is not None and tensor.is_floating_point() and tensor.dtype != torch.float64:
-                        grad, tensor.grad = tensor.grad, None  # a gradient must match its tensor's dtype
-                        tensor.data = tensor.data.float()
-                        if grad is not None:
-                            tensor.grad = grad.float()
 
 
 def remove_fp32(model: nn.Module, fqns: Iterable[str] | None = None) -> list[str]:

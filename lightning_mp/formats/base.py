@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Format"]
+__all__ = ["Format", "cast_own_tensors", "default_dtype"]
 
 
 @dataclass(frozen=True)
@@ -72,3 +72,15 @@ def default_dtype(dtype: torch.dtype):  # noqa: ANN201 - a generator context man
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def cast_own_tensors(module: nn.Module, dtype: torch.dtype) -> None:
+    """``module``'s own floating parameters and buffers (fp64 left alone) in ``dtype``, in place, as
+    ``module.to(dtype)`` does for them: the same ``Parameter`` objects (an optimizer keeps them), gradients
+    follow, FSDP2's DTensor shards are swapped. ``nn.Module``'s own ``_apply``: subclasses such as torchmetrics'
+    ``Metric`` override it without ``recurse``."""
+
+    def cast(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != torch.float64 else tensor
+
+    nn.Module._apply(module, cast, recurse=False)

@@ -87,7 +87,6 @@ class PrecisionCore:
         self.decisions = Decisions(options, self.setting, self.batch, self.tracker, self.rescue, self.warn)
         self.scales = ScaleHistory()  # the loss scale after every optimizer step (fp16), for the report's plot
         self.weights = RunWeights(options.master_weights, self.warn)  # remedies, lost updates, optimizer care
-        self._promotions_seen = 0  # promotions whose weights' optimizer state was reconciled
         self._sampled_batch = False  # this batch's statistics were sampled: its optimizer steps measure lost updates
         self.model: nn.Module | None = None
         self._step_open = False  # an optimizer step has begun (counted) and not ended
@@ -333,9 +332,7 @@ class PrecisionCore:
 
     def _reconcile(self) -> None:
         """After a promotion made fp32 weights out of low-precision ones: their optimizer state follows."""
-        if self.weights.dtype is not None and len(self.decisions.fallback.promotions) != self._promotions_seen:
-            self._promotions_seen = len(self.decisions.fallback.promotions)
-            self.weights.reconcile()
+        self.weights.follow_promotions(len(self.decisions.fallback.promotions))
 
     def unguarded_step(self, step: Callable[[], Any], optimizer: Optimizer | None = None) -> Any:
         """A step the plugin cannot look inside (LBFGS re-evaluates its closure in ``step()``; the guard turned

@@ -31,7 +31,7 @@ from torch.optim import Optimizer
 
 from lightning_mp.errors import ConfigError
 
-__all__ = ["MASTER_WEIGHTS", "MasterCopies", "applies_remedy", "replacement", "resolve_remedy"]
+__all__ = ["MASTER_WEIGHTS", "MasterCopies", "applies_remedy", "has_replacement", "replacement", "resolve_remedy"]
 
 MASTER_WEIGHTS: tuple[Any, ...] = ("auto", "fp32", "kahan", "stochastic", None)
 LOW = (torch.bfloat16, torch.float16)
@@ -155,13 +155,16 @@ def resolve_remedy(requested: Any, optimizer: Optimizer, weights_dtype: torch.dt
         return "kahan"
     if applies_remedy(optimizer, "stochastic"):
         return "stochastic"  # the user built torchao's rounding optimizer: theirs to keep
-    if replaceable:
-        try:
-            replacement(optimizer, "kahan")
-        except (ConfigError, ImportError):
-            return "fp32"
-        return "kahan"
-    return "fp32"
+    return "kahan" if replaceable and has_replacement(optimizer, "kahan") else "fp32"
+
+
+def has_replacement(optimizer: Optimizer, remedy: str) -> bool:
+    """A library optimizer can apply ``remedy`` in place of ``optimizer`` (``replacement`` would build it)."""
+    try:
+        replacement(optimizer, remedy)
+    except (ConfigError, ImportError):
+        return False
+    return True
 
 
 def _upcast(value: Any, param: Tensor) -> Any:

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from lightning_mp._grads import distributed
 from lightning_mp.errors import ConfigError
+from lightning_mp.formats.base import cast_own_tensors
 from lightning_mp.weights.care import care_messages
 from lightning_mp.weights.lost import LOST_LIMIT, PATIENCE, LostUpdates, module_names
 from lightning_mp.weights.memory import training_state_bytes
@@ -21,6 +22,7 @@ from lightning_mp.weights.remedies import (
     MasterCopies,
     applies_remedy,
     enable,
+    has_replacement,
     replacement,
     resolve_remedy,
 )
@@ -33,15 +35,9 @@ def to_low_precision(model: nn.Module, dtype: torch.dtype, keep: list[str]) -> N
     ``Parameter`` objects, so an optimizer built before keeps them. Modules in ``keep`` and their children are
     left in their dtype (fp32 islands: converting them down and back would round their weights)."""
     kept = tuple(f"{fqn}." for fqn in keep)
-
-    def convert(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.to(dtype) if tensor.is_floating_point() and tensor.dtype != torch.float64 else tensor
-
     for fqn, module in model.named_modules():
         if fqn not in keep and not (fqn + ".").startswith(kept):
-            # What module.to(dtype) does, for this module's own tensors (FSDP2's DTensor shards are swapped in place);
-            # nn.Module's own _apply: subclasses such as torchmetrics' Metric override it without ``recurse``.
-            nn.Module._apply(module, convert, recurse=False)
+            cast_own_tensors(module, dtype)
 
 
 class RunWeights:
@@ -61,6 +57,7 @@ class RunWeights:
         self.masters: dict[int, MasterCopies] = {}  # id(optimizer) -> its fp32 masters
         self.lost = LostUpdates()
         self.memory: dict[str, Any] = {}
+        self._promotions_seen = 0  # fp32 promotions whose weights' optimizer state was reconciled
         self._measured: list[Optimizer] = []  # optimizers whose first step the memory figures include
         self._names: Callable[[torch.Tensor], str | None] | None = None
         self._masters_by_param: dict[int, torch.Tensor] | None = None
@@ -116,7 +113,7 @@ class RunWeights:
                         )
                 elif remedy == "fp32":
                     self.masters[id(optimizer)] = MasterCopies(optimizer)
-                    if self.requested == "auto" and not replaceable and _has_kahan(optimizer):
+                    if self.requested == "auto" and not replaceable and has_replacement(optimizer, "kahan"):
                         self.warn(
                             f"AdaptiveMP(master_weights='auto') keeps your {type(optimizer).__name__} with fp32 master"
                             f" copies (more bytes than fp32 training) because it cannot replace it ({keep}); build"
@@ -180,6 +177,12 @@ class RunWeights:
         copies = self.masters.get(id(optimizer))
         if copies is not None:
             copies.scatter()
+
+    def follow_promotions(self, promotions: int) -> None:
+        """``reconcile`` once the number of fp32 promotions changed (low-precision weights only)."""
+        if self.dtype is not None and promotions != self._promotions_seen:
+            self._promotions_seen = promotions
+            self.reconcile()
 
     def reconcile(self) -> None:
         """After a promotion in a low-precision-weights format: a parameter now fp32 gets its optimizer state in
@@ -276,15 +279,6 @@ def _library_hint(remedy: str) -> str:
     if remedy == "stochastic":
         return "torchao.optim._AdamW(..., bf16_stochastic_round=True)"
     return "the optimi equivalent (optimi.AdamW, optimi.Adam, optimi.SGD, ...)"
-
-
-def _has_kahan(optimizer: Optimizer) -> bool:
-    """optimi has an equivalent of ``optimizer`` (what ``"kahan"`` would use if it could replace it)."""
-    try:
-        replacement(optimizer, "kahan")
-    except (ConfigError, ImportError):
-        return False
-    return True
 
 
 def losing_message(modules: list[str], lost: LostUpdates, remedy: Any, dtype: torch.dtype | None) -> str:
