@@ -223,9 +223,6 @@ class MasterCopies:
             for p, master in self.pairs:
                 p.copy_(master)
 
-    def nbytes(self) -> int:
-        return sum(m.numel() * m.element_size() for _, m in self.pairs)
-
     def state_dict(self) -> list[Tensor]:
         return [m.detach().clone() for _, m in self.pairs]
 
